@@ -1,0 +1,103 @@
+"""The index job's configuration: one dataclass that the CLI fills and every stage reads.
+
+Resources are declared here, beside the defaults that size them, so that a cluster operator can see
+in one place what each stage asks Ray for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class StageResources:
+    """What one stage asks Ray for. `concurrency` is the actor-pool size (min, max)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 1
+    concurrency: tuple[int, int] = (1, 1)
+
+
+@dataclasses.dataclass
+class IndexConfig:
+    source: str
+    output: str
+    model: str = "tiny"
+    tracker: str = "tiny"
+    mode: str = "lite"
+    fps: float | None = 1.0
+    num_frames: int | None = None
+    max_frames: int = 32
+    max_side: int | None = 1920
+    prompts: str | None = None
+    questions: str | None = None
+    address: str | None = None
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_objects: int = 8
+    keyframe_interval_s: float = 2.0
+    max_new_tokens: int = 64
+    decode_timeout_s: float = 120.0
+    upstream_local_crop: bool = False
+    retry_failed: bool = False
+    run_id: str | None = None
+    rows_per_file: int = 100_000
+    decode: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))
+    track: StageResources = dataclasses.field(default_factory=StageResources)
+    refer: StageResources = dataclasses.field(default_factory=StageResources)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("lite", "full"):
+            raise ValueError(f"--mode must be 'lite' or 'full', got {self.mode!r}")
+        if self.num_frames is not None:
+            if self.num_frames <= 0:
+                raise ValueError(f"--num-frames must be positive, got {self.num_frames}")
+            self.fps = None
+        elif self.fps is None or self.fps <= 0:
+            raise ValueError(f"--fps must be positive, got {self.fps}")
+        if self.max_objects <= 0:
+            raise ValueError(f"--max-objects must be positive, got {self.max_objects}")
+
+    @property
+    def model_label(self) -> str:
+        """The `model` column: says which weights and which framework produced a row."""
+        return f"tiny-{self.mode}" if self.model == "tiny" else f"{self.model}:{self.mode}"
+
+    @property
+    def tracker_label(self) -> str:
+        return "tiny-sam2" if self.tracker == "tiny" else self.tracker
+
+    def fit_resources(self, cluster_cpus: float, cluster_gpus: float) -> None:
+        """Pick per-stage resources for the cluster at hand.
+
+        With GPUs, each model actor takes one GPU. Without, the model actors declare half a CPU each
+        so that, even on a 2-core machine, both pools and at least one decode task fit at once (a
+        pool that cannot be placed stalls the whole stream). The declared CPU counts also differ
+        from the decode task's, which keeps Ray from fusing decoding into the model actors.
+        """
+        if cluster_gpus >= 1:
+            pool = max(1, int(cluster_gpus // 2)) if cluster_gpus >= 2 else 1
+            for stage in (self.track, self.refer):
+                stage.num_gpus = 1.0 if cluster_gpus >= 2 else 0.5
+                stage.num_cpus = 2.0
+                stage.concurrency = (1, pool)
+        else:
+            for stage in (self.track, self.refer):
+                stage.num_gpus = 0.0
+                stage.num_cpus = 0.5
+                stage.concurrency = (1, 1)
+        self.decode.num_cpus = 1.0
+
+    @staticmethod
+    def parse_storage_options(text: str | None) -> dict[str, Any]:
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--storage-options is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError("--storage-options must be a JSON object")
+        return value

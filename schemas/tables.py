@@ -1,0 +1,143 @@
+"""Arrow schemas of every output table, and the one validation every writer goes through.
+
+The schemas are the contract with readers (DuckDB, pyarrow.dataset, the query CLI), so they are
+declared once here and never inferred from data: an inferred schema would drift with the first
+batch that happens to hold a null or an empty list.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+
+RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+OBJECT_FRAME = pa.struct(
+    [
+        ("frame_index", pa.int32()),
+        ("ts", pa.float64()),
+        ("bbox", pa.list_(pa.float32())),
+        ("area", pa.int64()),
+        ("score", pa.float32()),
+        ("rle", RLE),
+    ]
+)
+
+VIDEOS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        ("size_bytes", pa.int64()),
+        ("etag", pa.string()),
+        ("duration_s", pa.float64()),
+        ("fps", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("sampled_ts", pa.list_(pa.float64())),
+        pa.field("status", pa.string(), nullable=False),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("tracker", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        ("indexed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+OBJECTS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("object_id", pa.int32(), nullable=False),
+        ("source", pa.string()),
+        ("first_ts", pa.float64()),
+        ("last_ts", pa.float64()),
+        ("frames", pa.list_(OBJECT_FRAME)),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+CAPTIONS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("object_id", pa.int32(), nullable=False),
+        ("ts_start", pa.float64()),
+        ("ts_end", pa.float64()),
+        ("caption", pa.string()),
+        ("mode", pa.string()),
+        ("model", pa.string()),
+        ("num_tokens", pa.int32()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+QA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        ("object_ids", pa.list_(pa.int32())),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("mode", pa.string()),
+        ("model", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"videos": VIDEOS, "objects": OBJECTS, "captions": CAPTIONS, "qa": QA}
+
+VIDEO_STATUSES = ("ok", "failed")
+MODES = ("lite", "full")
+OBJECT_SOURCES = ("prompt", "auto")
+
+
+class SchemaError(ValueError):
+    """A batch does not fit its table's schema; the message names the table, column and row."""
+
+
+def to_table(name: str, rows: Iterable[Mapping[str, Any]] | pa.Table) -> pa.Table:
+    """Build (or cast) a batch for table `name` and validate it.
+
+    Raising here, before anything is written, is what keeps a bad batch out of a committed run.
+    """
+    schema = TABLES[name]
+    if isinstance(rows, pa.Table):
+        missing = [f.name for f in schema if f.name not in rows.column_names]
+        extra = [c for c in rows.column_names if c not in schema.names]
+        if missing or extra:
+            raise SchemaError(f"table {name!r}: missing columns {missing}, unexpected columns {extra}")
+        try:
+            table = rows.select(schema.names).cast(schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(f"table {name!r}: {exc}") from exc
+    else:
+        rows = list(rows)
+        for i, row in enumerate(rows):
+            extra = set(row) - set(schema.names)
+            if extra:
+                raise SchemaError(f"table {name!r} row {i}: unexpected columns {sorted(extra)}")
+        try:
+            table = pa.Table.from_pylist(rows, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SchemaError(f"table {name!r}: {exc}") from exc
+    validate(name, table)
+    return table
+
+
+def validate(name: str, table: pa.Table) -> None:
+    """Check schema equality, non-null columns and the enumerated values."""
+    schema = TABLES[name]
+    if not table.schema.equals(schema, check_metadata=False):
+        raise SchemaError(f"table {name!r}: schema differs:\n{table.schema}\nexpected:\n{schema}")
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"table {name!r}: column {field.name!r} has nulls")
+    checks = {
+        "videos": ("status", VIDEO_STATUSES),
+        "captions": ("mode", MODES),
+        "qa": ("mode", MODES),
+        "objects": ("source", OBJECT_SOURCES),
+    }
+    column, allowed = checks[name]
+    bad = set(table.column(column).to_pylist()) - set(allowed) - {None}
+    if bad:
+        raise SchemaError(f"table {name!r}: column {column!r} has values {sorted(bad)}, allowed {allowed}")
