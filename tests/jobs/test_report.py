@@ -1,0 +1,239 @@
+"""`pixelrefer report`: the page's content, its overlays (in the file and as Chromium draws them)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import report as r
+from pipeline.samples import make_video
+
+IndexInfo = Any  # tests/jobs/conftest.py: IndexInfo
+RUN1, RUN2 = "1700000000", "run-2024-02"  # as in tests/jobs/conftest.py
+
+pytestmark = pytest.mark.timeout(120)
+
+IMG_RE = re.compile(r'<figure data-ts="([0-9.]+)"><img src="data:image/(jpeg|png);base64,([^"]+)"')
+
+
+def run_report(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = r.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def embedded_frames(page: str) -> list[tuple[float, np.ndarray]]:
+    return [
+        (float(ts), np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")))
+        for ts, _fmt, data in IMG_RE.findall(page)
+    ]
+
+
+def expected_overlay(shape_color: tuple[int, int, int], object_id: int) -> np.ndarray:
+    """What a mask pixel over a solid shape must look like: the documented alpha blend."""
+    color = np.array(r.object_color(object_id), float)
+    return (1 - r.MASK_ALPHA) * np.array(shape_color, float) + r.MASK_ALPHA * color
+
+
+def overlapped(truth: Any, i: int, ts: float) -> bool:
+    """Whether shape i's mask touches another shape's mask at ts (its pixels are then not solid)."""
+    mask = truth.mask(i, ts)
+    others = (truth.mask(j, ts) for j in range(len(truth.shapes)) if j != i)
+    return any(other is not None and (other & mask).any() for other in others)
+
+
+def interior(mask: np.ndarray, scale: int, margin: int = 4) -> np.ndarray:
+    """The mask at display scale, shrunk so box outlines, labels and codec edges stay out of it."""
+    big = cv2.resize(mask.astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    return cv2.erode(big, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)).astype(bool)
+
+
+@pytest.fixture(scope="module")
+def local_report(local_index: IndexInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "a.html"
+    assert r.main([local_index.output, "--video", local_index.video_ids["a"], "--out", str(out)]) == 0
+    return out
+
+
+def test_report_is_one_self_contained_page(local_report: Path) -> None:
+    page = local_report.read_text()
+    assert page.startswith("<!doctype html>")
+    # No fetch of anything: every image is inline and no attribute points elsewhere.
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+    assert len(IMG_RE.findall(page)) == 10  # every sampled frame that holds an object (<= max frames)
+    # The latest ok run (RUN2): its captions, its answers, its model.
+    for text in ("a red truck with a red cabin moving right", "a yellow square falling slowly",
+                 "the red truck is faster than the blue ball", "What color is the truck?", "tiny-b"):  # fmt: skip
+        assert text in page
+    assert "a small yellow box" not in page  # RUN1's caption
+    # Timeline: object 3 (yellow) enters at 1.0 s, the others are there throughout.
+    spans = re.findall(r'data-object-id="(\d+)" data-start="([0-9.]+)" data-end="([0-9.]+)"', page)
+    assert [(int(o), float(a), float(b)) for o, a, b in spans] == [(1, 0.0, 1.8), (2, 0.0, 1.8), (3, 1.0, 1.8)]
+    for oid in (1, 2, 3):
+        assert r.hex_color(r.object_color(oid)) in page
+
+
+def test_embedded_frames_carry_masks_at_ground_truth_positions(local_report: Path, local_index: IndexInfo) -> None:
+    truth = local_index.truths["a"]
+    frames = embedded_frames(local_report.read_text())
+    for ts, image in frames[::3]:
+        scale = image.shape[1] // truth.width
+        assert image.shape[:2] == (truth.height * scale, truth.width * scale)
+        for i, shape in enumerate(truth.shapes):
+            mask = truth.mask(i, ts)
+            if mask is None or overlapped(truth, i, ts):
+                continue
+            inside = interior(mask, scale)
+            got = np.median(image[inside].astype(float), axis=0)
+            assert np.abs(got - expected_overlay(shape.color, i + 1)).max() < 20, (ts, i, got)
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def screenshot(page: Path, png: Path, profile: Path, size: tuple[int, int] = (1400, 1000)) -> np.ndarray:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium not found (Debian: apt-get install -y chromium); cannot render the report")
+    cmd = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={size[0]},{size[1]}",
+        "--force-device-scale-factor=1", "--force-color-profile=srgb", "--hide-scrollbars",
+        page.resolve().as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert png.exists(), done.stderr[-2000:]
+    return np.asarray(Image.open(png).convert("RGB"))
+
+
+def test_chromium_shows_overlay_colours_where_the_masks_are(
+    local_report: Path, local_index: IndexInfo, tmp_path: Path
+) -> None:
+    shot = screenshot(local_report, tmp_path / "report.png", tmp_path / "profile")
+    truth = local_index.truths["a"]
+    ts, first = embedded_frames(local_report.read_text())[0]
+    # Where did Chromium draw the first frame? Exact template match (drawn 1:1, no scaling).
+    result = cv2.matchTemplate(shot, first, cv2.TM_SQDIFF_NORMED)
+    _, _, (x, y), _ = cv2.minMaxLoc(result)
+    assert result[y, x] < 0.01
+    drawn = shot[y : y + first.shape[0], x : x + first.shape[1]].astype(float)
+    scale = first.shape[1] // truth.width
+    checked = 0
+    for i, shape in enumerate(truth.shapes):
+        mask = truth.mask(i, ts)
+        if mask is None or overlapped(truth, i, ts):
+            continue
+        checked += 1
+        inside = interior(mask, scale)
+        got = np.median(drawn[inside], axis=0)
+        assert np.abs(got - expected_overlay(shape.color, i + 1)).max() < 20, (i, got)
+        # ... and only there: the background around the shape has no such colour.
+        ring = interior(~mask, scale, margin=6) & cv2.dilate(inside.astype(np.uint8), np.ones((41, 41))).astype(bool)
+        far = np.abs(drawn[ring] - expected_overlay(shape.color, i + 1)).max(axis=1) < 20
+        assert far.mean() < 0.02
+    assert checked == 2
+
+
+def test_report_from_s3(s3_index: IndexInfo, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "b.html"
+    code, err = run_report(capsys, *s3_index.cli(), "--video", s3_index.uris["b"], "--out", str(out),
+                           "--image-format", "png", "--max-frames", "3")  # fmt: skip
+    assert code == 0, err
+    page = out.read_text()
+    frames = embedded_frames(page)
+    assert [ts for ts, _ in frames] == [0.0, 0.8, 1.8] and "data:image/png" in page
+    truth = s3_index.truths["b"]
+    ts, image = frames[1]
+    scale = image.shape[1] // truth.width
+    inside = interior(truth.mask(0, ts), scale)
+    got = np.median(image[inside].astype(float), axis=0)
+    assert np.abs(got - expected_overlay(truth.shapes[0].color, 1)).max() < 12
+    assert "a green car parked by the road" in page and s3_index.uris["b"] in page
+
+
+def test_older_run_and_failed_video(local_index: IndexInfo, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "old.html"
+    code, err = run_report(capsys, local_index.output, "--video", local_index.video_ids["a"], "--run", RUN1,
+                           "--out", str(out), "--max-frames", "2")  # fmt: skip
+    assert code == 0, err
+    assert "a small yellow box" in out.read_text()
+    # A video that never indexed: no frames to decode, the page says why.
+    out = tmp_path / "c.html"
+    code, err = run_report(capsys, local_index.output, "--video", local_index.uris["c"], "--out", str(out))
+    assert code == 0, err
+    assert "moov atom not found" in out.read_text()
+
+
+def test_missing_source_video(private_local_index: IndexInfo, tmp_path: Path, capsys) -> None:
+    Path(private_local_index.uris["a"]).unlink()
+    out = tmp_path / "a.html"
+    code, err = run_report(capsys, private_local_index.output, "--video", private_local_index.video_ids["a"],
+                           "--out", str(out))  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert "source video" in err and "gone" in err and private_local_index.uris["a"] in err
+    assert not out.exists()
+
+
+def test_unreadable_source_video(private_local_index: IndexInfo, tmp_path: Path, capsys) -> None:
+    Path(private_local_index.uris["a"]).write_bytes(b"\x00" * 4096)
+    code, err = run_report(capsys, private_local_index.output, "--video", private_local_index.video_ids["a"],
+                           "--out", str(tmp_path / "a.html"))  # fmt: skip
+    assert code == 1 and "Traceback" not in err and "cannot decode" in err
+
+
+def test_unknown_video_and_bad_out(local_index: IndexInfo, tmp_path: Path, capsys) -> None:
+    code, err = run_report(capsys, local_index.output, "--video", "nope", "--out", str(tmp_path / "x.html"))
+    assert code == 1 and "no video 'nope'" in err and "Traceback" not in err
+    code, err = run_report(capsys, local_index.output, "--video", local_index.video_ids["b"],
+                           "--out", str(tmp_path / "missing-dir" / "x.html"), "--max-frames", "1")  # fmt: skip
+    assert code == 2 and "does not exist" in err
+
+
+def test_subparser_wiring(local_index: IndexInfo, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="pixelrefer")
+    r.add_report_arguments(parser.add_subparsers(dest="command").add_parser("report"))
+    out = tmp_path / "b.html"
+    args = parser.parse_args(["report", local_index.output, "--video", local_index.video_ids["b"],
+                              "--out", str(out), "--max-frames", "1"])  # fmt: skip
+    assert r.report_main(args) == 0 and out.stat().st_mode & 0o044  # readable by others, like any page
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report", local_index.output, "--out", str(out)])  # --video is required
+
+
+def test_object_colours_are_stable_and_distinct() -> None:
+    colours = [r.object_color(i) for i in range(12)]
+    assert colours == [r.object_color(i) for i in range(12)]
+    assert len(set(colours)) == 12
+    for a in range(12):
+        for b in range(a + 1, a + 3):  # neighbours in id are far apart in colour
+            assert np.abs(np.subtract(colours[a], r.object_color(b))).max() > 60
+
+
+def test_decoder_picks_nearest_presentation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a variable frame rate clip, a time between frames gets the nearest frame, not index/fps."""
+    truth = make_video(tmp_path / "vfr.mp4", duration_s=2.0, vfr=True, gop=5)
+    wanted = [0.0, 0.31, 0.94, 1.2, 1.29, 1.51, 1.8, 5.0]
+    got = r.decode_frames(truth.path, wanted, {})
+    nearest = {t: min(truth.timestamps, key=lambda f: abs(f - t)) for t in wanted}
+    assert {t: round(v[0], 3) for t, v in got.items()} == nearest
+    assert all(v[1].shape == (truth.height, truth.width, 3) for v in got.values())
+    monkeypatch.setattr(r, "SEEK_GAP_S", 0.0)  # seek for every time: the same frames
+    again = r.decode_frames(truth.path, wanted, {})
+    assert all(np.array_equal(again[t][1], got[t][1]) for t in wanted)
