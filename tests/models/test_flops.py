@@ -38,7 +38,7 @@ from models.flops import (
     vision_encoder_macs,
 )
 
-PARITY = Path(__file__).resolve().parents[3] / "shared" / "parity"
+PARITY = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
 
 
 def _measure(fn) -> int:
@@ -258,7 +258,7 @@ def test_from_hf_config_variants() -> None:
         LLMDims(hidden=64, layers=1, heads=4, kv_heads=3, intermediate=8)
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="shared parity fixtures not present")
+@pytest.mark.skipif(not PARITY.is_dir(), reason="parity fixtures not present")
 @pytest.mark.parametrize("fixture", ["lite-tiny", "full-tiny"])
 def test_load_dims_parity_checkpoint(fixture: str) -> None:
     dims = load_dims(PARITY / fixture)
@@ -285,7 +285,7 @@ def test_bench_rows_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert by[("2B", "full", "video")]["tflops"] / by[("2B", "lite", "video")]["tflops"] >= 50
 
 
-@pytest.mark.skipif(not (PARITY / "lite-tiny").is_dir(), reason="shared parity fixtures not present")
+@pytest.mark.skipif(not (PARITY / "lite-tiny").is_dir(), reason="parity fixtures not present")
 def test_tiny_lite_model_matches_formula() -> None:
     """The product's own tiny Lite model (random weights, the parity fixture's config and prompt).
 

@@ -1,0 +1,530 @@
+"""Native PixelRefer (Vision-Object) and PixelRefer-Lite (Object-Only) on transformers' building blocks.
+
+Modules (state-dict prefixes of the released checkpoints in brackets; ``released_to_internal`` maps them):
+
+* ``vision``: ``transformers.VideoLlama3VisionModel`` [``model.vision_encoder.vision_encoder.``], the
+  same network as upstream's VL3-SigLIP-NaViT tower. Every image of a call (object crops, Lite's 336
+  frames and 224 local crops, full's video frames) goes through it in one packed call; merge size 1
+  everywhere except full's video frames (``spatial_merge_size``), whose 2x2 mean is the tower's own
+  ``pixel_unshuffle`` (upstream's ``spatial_downsampling``).
+* ``projector``: ``VideoLlama3Projector`` [``model.mm_projector.``] (``mlp2x_gelu``), full only at run time;
+  Lite keeps the weights (they are in its checkpoint) and never calls it.
+* ``region_encoder``: :class:`RegionEncoder` [``model.region_encoder.``], upstream's ``MaskExtractor``.
+* ``llm``: ``transformers.Qwen2ForCausalLM`` [``model.layers.``, ``model.embed_tokens``, ``model.norm``, ``lm_head``].
+
+Object tokens (SAOT), per mask: tower features of the crop (gh, gw, C) + ``pos_linear`` of a position
+grid built from the crop box; then, when smart_resize changed the crop's size, bilinear resize of the
+features to the mask grid; the cells where the grid mask is > 0 in row-major order; k-means to
+``mask_num`` tokens when more remain. Lite zero-pads to ``mask_num`` and applies Object-Centric
+Infusion (OCI) over all masks of a sequence; full keeps ``min(mask_num, cells)`` tokens and runs the
+pooling in float32 (upstream casts to the mask's dtype). Both end in ``feat_linear``.
+
+Quirks reproduced because the released weights were trained with them:
+
+* **L2** the position grid gets the (top, left, bottom, right) box read as (x0, y0, x1, y1): channel 0
+  runs along the width as ``(j/gw*(bottom-top)+top)/(W-1)`` and channel 1 along the height as
+  ``(i/gh*(right-left)+left)/(H-1)`` (values may exceed 1 on non-square frames).
+* **L3** (a bug, off by default): upstream caches Lite's 224x224 local crop per frame, so a second
+  object on a frame attends to the *first* object's crop. ``upstream_local_crop=True`` reproduces it
+  (needed for the parity fixtures); by default each mask uses its own crop.
+* k-means: upstream draws ``torch.randperm`` from the global RNG. We draw from a fresh
+  ``torch.Generator().manual_seed(kmeans_seed)`` per *sequence*, one ``randperm(N)`` per mask with
+  ``N > mask_num`` in mask order, which reproduces upstream's draws after ``torch.manual_seed`` and makes
+  every sequence independent of what else is in the batch. Distances are ``sum((t - c)**2)`` (quirk L7:
+  the expanded form loses precision); the loop stops when ``allclose(old, new, atol=1e-6)`` and then
+  returns the *old* centroids; an empty cluster keeps its centroid; Lite runs 3 iterations, full 5.
+* Lite on CUDA in bf16 runs the region encoder under bf16 autocast, as upstream's
+  ``torch.autocast("cuda")`` does (on CPU that autocast is inactive, quirk L6).
+
+The other quirks of the parity README and how they are handled:
+
+* L1 (``<video>``/``<image>`` crash Lite): Lite drops the tags (``processing_pixelrefer.lite_user_content``).
+* L4 (mask resized straight to the patch grid, fringe cells count): reproduced in ``processing_pixelrefer``.
+* L5 (Lite forces bf16 casts; an fp32 Lite model crashes upstream): we run in the model's dtype; fp32 equals
+  upstream with those casts made no-ops (``reference_fp32``), bf16 equals the faithful run.
+* L6 (autocast only on CUDA): see the bf16-autocast point above.
+* L9 (upstream's eager/sdpa tower attention is broken): transformers' tower works with sdpa, eager and
+  flash_attention_2 alike.
+* L10 (upstream's own chat template), L11 (greedy decoding, stop at eos): ``chat_prompt``, :meth:`generate`.
+
+Full's frame-difference compression (upstream arch 270-290): for each merged token, the mean absolute
+difference of its normalised pixels (model dtype) to the previous frame, times 255, must exceed 0.1;
+frame 0 is kept whole and a frame with nothing kept keeps its first token. Dropped ``<image>`` tokens
+leave the sequence, so the LLM positions are those of the compressed sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import PixelReferConfig
+from .processing_pixelrefer import EncoderImage, EncoderPlan, FrameInput, SequenceInput
+
+# ---------------------------------------------------------------------------------------------------
+# State-dict layout
+# ---------------------------------------------------------------------------------------------------
+_PREFIX_MAP: tuple[tuple[str, str], ...] = (
+    ("model.vision_encoder.vision_encoder.", "vision."),
+    ("model.mm_projector.", "projector."),
+    ("model.region_encoder.", "region_encoder."),
+    ("lm_head.", "llm.lm_head."),
+    ("model.", "llm.model."),
+)
+
+
+def released_to_internal(key: str) -> str:
+    """Map a released state-dict key onto this module tree (first matching prefix wins)."""
+    for released, internal in _PREFIX_MAP:
+        if key.startswith(released):
+            return internal + key[len(released) :]
+    raise KeyError(f"unexpected key outside the released layout: {key!r}")
+
+
+def internal_to_released(key: str) -> str:
+    """Inverse of :func:`released_to_internal` (used when saving in the released layout)."""
+    for released, internal in _PREFIX_MAP:
+        if key.startswith(internal):
+            return released + key[len(internal) :]
+    raise KeyError(f"internal key has no released name: {key!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Region encoder (upstream MaskExtractor)
+# ---------------------------------------------------------------------------------------------------
+def box_position_grid(grid_hw: tuple[int, int], box: Sequence[int], frame_hw: tuple[int, int]) -> torch.Tensor:
+    """Upstream's ``generate_position_tensor`` with its box-order quirk L2, as a (gh, gw, 2) float32 grid.
+
+    The arithmetic order (``arange/w``, ``*extent + offset``, ``/(size-1)``) follows upstream so the
+    float32 values are bit-identical.
+    """
+    gh, gw = grid_hw
+    frame_h, frame_w = frame_hw
+    x0, y0, x1, y1 = (int(v) for v in box)  # really (top, left, bottom, right): read as upstream does
+    xs = (torch.arange(gw, dtype=torch.float32) / gw).repeat(gh, 1)
+    xs = (xs * (x1 - x0) + x0) / (frame_w - 1)
+    ys = (torch.arange(gh, dtype=torch.float32) / gh).unsqueeze(1).repeat(1, gw)
+    ys = (ys * (y1 - y0) + y0) / (frame_h - 1)
+    return torch.stack([xs, ys], dim=2)
+
+
+def kmeans_centroids(
+    tokens: torch.Tensor, num_clusters: int, iterations: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's ``kmeans_fast`` with an explicit generator; returns (centroids, initial indices).
+
+    Written out rather than taken from a library because its exact semantics are part of the trained
+    model: random-permutation init, squared distances summed per token (not the expanded form), first
+    index on ties, empty clusters keep their centroid, and an early stop that returns the centroids
+    *before* the converged update. Cluster means use ``tokens[labels == i].mean(0)`` like upstream so
+    the float rounding is identical.
+    """
+    n = tokens.shape[0]
+    init = torch.randperm(n, generator=generator)[:num_clusters]
+    centroids = tokens[init.to(tokens.device)]
+    for _ in range(iterations):
+        distances = ((tokens.unsqueeze(1) - centroids.unsqueeze(0)) ** 2).sum(dim=2)
+        labels = distances.argmin(dim=1)
+        counts = torch.bincount(labels, minlength=num_clusters).tolist()
+        new_centroids = torch.stack(
+            [tokens[labels == i].mean(dim=0) if counts[i] > 0 else centroids[i] for i in range(num_clusters)]
+        )
+        if torch.allclose(centroids, new_centroids, atol=1e-6):
+            break
+        centroids = new_centroids
+    return centroids, init
+
+
+class RegionEncoder(nn.Module):
+    """Upstream's ``MaskExtractor``: SAOT pooling (+ Lite's OCI) and ``feat_linear``.
+
+    ``mask_embedding`` exists only because Lite's checkpoints contain it (upstream never calls it);
+    keeping it lets loading stay strict.
+    """
+
+    def __init__(self, vision_hidden: int, llm_hidden: int, *, lite: bool, num_heads: int = 8) -> None:
+        super().__init__()
+        self.lite = lite
+        self.feat_linear = nn.Sequential(
+            nn.Linear(vision_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden)
+        )
+        self.pos_linear = nn.Linear(2, vision_hidden)
+        if lite:
+            self.mask_embedding = nn.Conv2d(1, vision_hidden, kernel_size=1)
+            self.fusion_attention_local = nn.MultiheadAttention(vision_hidden, num_heads, batch_first=True)
+            self.fusion_attention_global = nn.MultiheadAttention(vision_hidden, num_heads, batch_first=True)
+            self.ln_local = nn.LayerNorm(vision_hidden)
+            self.ln_global = nn.LayerNorm(vision_hidden)
+
+    def add_position(self, feat: torch.Tensor, box: Sequence[int], frame_hw: tuple[int, int]) -> torch.Tensor:
+        """``feat + pos_linear(grid)`` for features (gh, gw, C) of a crop with ``box`` (quirk L2)."""
+        grid = box_position_grid((feat.shape[0], feat.shape[1]), box, frame_hw).to(device=feat.device, dtype=feat.dtype)
+        return feat + self.pos_linear(grid)
+
+    def masked_tokens(self, feat: torch.Tensor, mask_grid: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, C) of the grid cells inside the mask, row-major (upstream ``MaskPooling``).
+
+        Features are resized bilinearly to the mask grid when their grid differs (smart_resize shrank
+        the crop). Full computes in float32 and keeps cells where ``feat * mask`` is nonzero anywhere.
+        """
+        x = feat.permute(2, 0, 1).unsqueeze(0)  # 1, C, gh, gw
+        if not self.lite:
+            x = x.float()
+        if tuple(x.shape[-2:]) != tuple(mask_grid.shape):
+            x = F.interpolate(x, size=tuple(mask_grid.shape), mode="bilinear", align_corners=False)
+        mask_grid = mask_grid.to(x.device)
+        if self.lite:
+            valid = mask_grid > 0
+            return x[0][:, valid].transpose(0, 1)
+        masked = x * (mask_grid > 0).to(x.dtype)
+        valid = (masked != 0).any(dim=1)[0]
+        return masked[0][:, valid].transpose(0, 1)
+
+    def pool(
+        self, tokens: torch.Tensor, num_tokens: int, iterations: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k-means to ``num_tokens`` when more cells remain; Lite zero-pads to ``num_tokens``."""
+        init = None
+        if tokens.shape[0] > num_tokens:
+            tokens, init = kmeans_centroids(tokens, num_tokens, iterations, generator)
+        if self.lite and tokens.shape[0] < num_tokens:
+            tokens = F.pad(tokens, (0, 0, 0, num_tokens - tokens.shape[0]))
+        return tokens, init
+
+    def infuse(self, queries: torch.Tensor, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+        """Lite's OCI: ``q + MHA(LN_local q, F_local)`` then ``+ MHA(LN_global q, F_global)`` (K/V raw)."""
+        queries = queries + self.fusion_attention_local(self.ln_local(queries), local, local)[0]
+        return queries + self.fusion_attention_global(self.ln_global(queries), global_, global_)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs of one call
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class SequenceEmbeds:
+    """What the LLM receives for one sequence, plus the object tokens that were written into it."""
+
+    input_ids: torch.Tensor  # (L',) after compression; <image> positions keep the image token id
+    inputs_embeds: torch.Tensor  # (L', D)
+    region_tokens: torch.Tensor  # (R, D)
+
+
+@dataclass
+class Trace:
+    """Intermediate tensors of one call, for tests and the parity tool (filled only when given)."""
+
+    vision: dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    position_features: list[list[torch.Tensor]] = field(default_factory=list)
+    kmeans_inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    kmeans_init: list[list[torch.Tensor | None]] = field(default_factory=list)
+    pooled: list[list[torch.Tensor]] = field(default_factory=list)
+    frame_tokens: torch.Tensor | None = None
+    frame_keep: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+class PixelReferModel(nn.Module):
+    """PixelRefer / PixelRefer-Lite inference model (see the module docstring for the data flow)."""
+
+    def __init__(self, config: PixelReferConfig, *, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        from transformers import Qwen2ForCausalLM
+        from transformers.models.video_llama_3.configuration_video_llama_3 import VideoLlama3Config
+        from transformers.models.video_llama_3.modeling_video_llama_3 import (
+            VideoLlama3Projector,
+            VideoLlama3VisionModel,
+        )
+
+        self.config = config
+        vision_cfg = config.vision.to_hf(attn_implementation)
+        text_cfg = config.to_qwen2(attn_implementation)
+        self.vision = VideoLlama3VisionModel(vision_cfg)
+        self.projector = VideoLlama3Projector(
+            VideoLlama3Config(vision_config=vision_cfg.to_dict(), text_config=text_cfg.to_dict())
+        )
+        self.region_encoder = RegionEncoder(config.vision.hidden_size, config.hidden_size, lite=config.is_lite)
+        self.llm = Qwen2ForCausalLM(text_cfg)
+        self.region_token_id = config.region_token_index
+        self.image_token_id = config.image_token_index
+        self.max_patches_per_call = 1 << 17
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.llm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.lm_head.weight.dtype
+
+    def released_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict under the released key names (every parameter; no buffers are persistent)."""
+        return {internal_to_released(k): v for k, v in self.state_dict().items()}
+
+    # -- vision ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[EncoderImage]) -> list[torch.Tensor]:
+        """Run the tower on many images in packed calls; returns (gh/m, gw/m, C) per image.
+
+        Packing (block-diagonal attention over ``cu_seqlens``) is what the tower is built for; calls are
+        split only beyond ``max_patches_per_call`` patches to bound memory.
+        """
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(images):
+            end, patches = start, 0
+            while end < len(images) and (
+                end == start or patches + len(images[end].patches) <= self.max_patches_per_call
+            ):
+                patches += len(images[end].patches)
+                end += 1
+            chunk = images[start:end]
+            pixels = torch.from_numpy(np.concatenate([im.patches for im in chunk])).to(self.device)
+            grid = torch.tensor(
+                [[1, im.grid_hw[0], im.grid_hw[1]] for im in chunk], dtype=torch.long, device=self.device
+            )
+            merges = torch.tensor([im.merge for im in chunk], dtype=torch.long, device=self.device)
+            feats = self.vision(pixel_values=pixels, grid_thw=grid, merge_sizes=merges).last_hidden_state
+            sizes = [(im.grid_hw[0] // im.merge) * (im.grid_hw[1] // im.merge) for im in chunk]
+            for im, feat in zip(chunk, feats.split(sizes)):
+                out.append(feat.view(im.grid_hw[0] // im.merge, im.grid_hw[1] // im.merge, -1))
+            start = end
+        return out
+
+    def frame_keep_mask(self, frames: FrameInput) -> torch.Tensor:
+        """Full's frame-difference compressor over merged tokens; (T, tokens_per_frame) bool."""
+        t = len(frames.images)
+        n = frames.tokens_per_frame
+        if not frames.video or t == 1:
+            return torch.ones(t, n, dtype=torch.bool, device=self.device)
+        pixels = torch.stack([torch.from_numpy(im.patches) for im in frames.images]).to(self.device, self.dtype)
+        pixels = pixels.view(t, n, -1)
+        diff = (pixels[1:] - pixels[:-1]).abs().mean(dim=-1) * 255
+        threshold = 0.1
+        keep = torch.cat([torch.ones(1, n, dtype=torch.bool, device=self.device), diff > threshold], dim=0)
+        empty = keep.sum(dim=1) < 1
+        keep[empty, :1] = True
+        return keep
+
+    # -- object tokens -----------------------------------------------------------------------------
+    def _region_dtype_context(self):
+        on_cuda_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16 and self.config.is_lite
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_cuda_bf16)
+
+    @torch.no_grad()
+    def object_tokens(
+        self,
+        sequences: Sequence[SequenceInput],
+        crop_feats: Sequence[Sequence[torch.Tensor]],
+        local_feats: Sequence[Sequence[torch.Tensor]] | None,
+        global_feats: Sequence[Sequence[torch.Tensor]] | None,
+        *,
+        kmeans_seed: int,
+        trace: Trace | None = None,
+    ) -> list[torch.Tensor]:
+        """Region tokens (R_i, D) per sequence, each sequence with its own k-means generator."""
+        enc = self.region_encoder
+        n_tok = self.config.mask_num
+        pooled_all: list[list[torch.Tensor]] = []
+        with self._region_dtype_context():
+            for s, seq in enumerate(sequences):
+                generator = torch.Generator().manual_seed(kmeans_seed)
+                pooled: list[torch.Tensor] = []
+                if trace is not None:
+                    trace.position_features.append([])
+                    trace.kmeans_inputs.append([])
+                    trace.kmeans_init.append([])
+                for region, feat in zip(seq.regions, crop_feats[s]):
+                    x = enc.add_position(feat, region.crop.box, region.crop.frame_hw)
+                    grid = torch.from_numpy(np.ascontiguousarray(region.crop.mask_grid))
+                    if self.config.is_lite:
+                        grid = grid.to(x.dtype)
+                    tokens = enc.masked_tokens(x, grid)
+                    out, init = enc.pool(tokens, n_tok, self.config.kmeans_iterations, generator)
+                    if not self.config.is_lite and out.shape[0] != region.crop.num_tokens:
+                        raise RuntimeError(
+                            f"mask pooled to {out.shape[0]} tokens but the prompt holds "
+                            f"{region.crop.num_tokens} <REGION> tokens"
+                        )
+                    pooled.append(out)
+                    if trace is not None:
+                        trace.position_features[-1].append(x)
+                        trace.kmeans_inputs[-1].append(tokens)
+                        trace.kmeans_init[-1].append(init)
+                pooled_all.append(pooled)
+                if trace is not None:
+                    trace.pooled.append(pooled)
+
+            if self.config.is_lite:
+                assert local_feats is not None and global_feats is not None
+                fused = self._infuse_all(pooled_all, local_feats, global_feats)
+            else:
+                fused = [
+                    torch.cat(p, dim=0).to(self.dtype)
+                    if p
+                    else torch.zeros(0, self.config.vision.hidden_size, device=self.device, dtype=self.dtype)
+                    for p in pooled_all
+                ]
+            lengths = [f.shape[0] for f in fused]
+            projected = (
+                enc.feat_linear(torch.cat(fused, dim=0))
+                if sum(lengths)
+                else torch.zeros(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
+            )
+        return [t.to(self.dtype) for t in projected.split(lengths)]
+
+    def _infuse_all(
+        self,
+        pooled: Sequence[Sequence[torch.Tensor]],
+        local_feats: Sequence[Sequence[torch.Tensor]],
+        global_feats: Sequence[Sequence[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """OCI for every mask of every sequence, batched over masks whose context grids have equal sizes."""
+        rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for s, (p, loc, glob) in enumerate(zip(pooled, local_feats, global_feats)):
+            for q, loc_i, glob_i in zip(p, loc, glob):
+                rows.append((s, q, loc_i.reshape(-1, loc_i.shape[-1]), glob_i.reshape(-1, glob_i.shape[-1])))
+        results: list[torch.Tensor | None] = [None] * len(rows)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, _, loc_i, glob_i) in enumerate(rows):
+            groups.setdefault((loc_i.shape[0], glob_i.shape[0]), []).append(i)
+        enc = self.region_encoder
+        for idx in groups.values():
+            q = torch.stack([rows[i][1] for i in idx])
+            local = torch.stack([rows[i][2] for i in idx])
+            g = torch.stack([rows[i][3] for i in idx])
+            fused = enc.infuse(q, local, g)
+            for j, i in enumerate(idx):
+                results[i] = fused[j]
+        out: list[list[torch.Tensor]] = [[] for _ in pooled]
+        for (s, *_), r in zip(rows, results):
+            out[s].append(r)  # type: ignore[arg-type]
+        c = self.config.vision.hidden_size
+        return [torch.cat(o, dim=0) if o else torch.zeros(0, c, device=self.device, dtype=self.dtype) for o in out]
+
+    # -- LLM inputs --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def build_embeds(
+        self,
+        sequences: Sequence[SequenceInput],
+        plan: EncoderPlan,
+        *,
+        frames: FrameInput | None,
+        kmeans_seed: int,
+        trace: Trace | None = None,
+    ) -> list[SequenceEmbeds]:
+        """Encode every distinct image of the call once (one packed tower call), make the object tokens of
+        every sequence, project full's frames once, and write everything into each sequence's embeddings."""
+        keys = list(plan.images)
+        all_images = [plan.images[k] for k in keys]
+        if frames is not None:
+            all_images += frames.images
+        feats = self.encode_images(all_images)
+        by_key = dict(zip(keys, feats[: len(keys)]))
+        if trace is not None:
+            trace.vision.update(by_key)
+        crop_feats = [[by_key[k[0]] for k in seq_keys] for seq_keys in plan.region_keys]
+        local_feats = global_feats = None
+        if self.config.is_lite:
+            local_feats = [[by_key[k[1]] for k in seq_keys] for seq_keys in plan.region_keys]
+            global_feats = [[by_key[k[2]] for k in seq_keys] for seq_keys in plan.region_keys]
+        region_tokens = self.object_tokens(
+            sequences, crop_feats, local_feats, global_feats, kmeans_seed=kmeans_seed, trace=trace
+        )
+
+        frame_tokens = keep = None
+        if frames is not None:
+            merged = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats[len(keys) :]], dim=0)
+            frame_tokens = self.projector(merged.to(self.dtype))
+            keep = self.frame_keep_mask(frames)
+            if trace is not None:
+                trace.frame_tokens = frame_tokens
+                trace.frame_keep = keep
+            frame_tokens = frame_tokens[keep.flatten()]
+
+        embed = self.llm.get_input_embeddings()
+        out: list[SequenceEmbeds] = []
+        for seq, tokens in zip(sequences, region_tokens):
+            ids = torch.tensor(seq.input_ids, dtype=torch.long, device=self.device)
+            if frames is not None:
+                assert keep is not None and frame_tokens is not None
+                image_pos = ids == self.image_token_id
+                if int(image_pos.sum()) != keep.numel():
+                    raise RuntimeError(
+                        f"sequence holds {int(image_pos.sum())} <image> tokens, frames give {keep.numel()}"
+                    )
+                keep_ids = torch.ones_like(ids, dtype=torch.bool)
+                keep_ids[image_pos] = keep.flatten()
+                ids = ids[keep_ids]
+            region_pos = ids == self.region_token_id
+            if int(region_pos.sum()) != tokens.shape[0]:
+                raise RuntimeError(
+                    f"sequence holds {int(region_pos.sum())} <REGION> tokens, the region encoder gave {tokens.shape[0]}"
+                )
+            lookup = ids.clone()
+            image_pos = ids == self.image_token_id if frames is not None else None
+            if image_pos is not None:
+                lookup[image_pos] = 0  # upstream zeroes <image> ids before the lookup (arch 377)
+            emb = embed(lookup).clone()
+            emb[region_pos] = tokens.to(emb.dtype)
+            if image_pos is not None:
+                emb[image_pos] = frame_tokens.to(emb.dtype)
+            out.append(SequenceEmbeds(ids, emb, tokens))
+        return out
+
+    # -- LLM ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, embeds: SequenceEmbeds) -> torch.Tensor:
+        """One forward pass over one sequence: (1, L', V) logits."""
+        return self.llm(inputs_embeds=embeds.inputs_embeds.unsqueeze(0)).logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        embeds: Sequence[SequenceEmbeds],
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        pad_token_id: int | None,
+        batch_size: int = 16,
+    ) -> list[list[int]]:
+        """Greedy decoding of many sequences: left-padded batches through ``Qwen2ForCausalLM.generate``.
+
+        Sequences are grouped by length to limit padding; positions come from the attention mask
+        (transformers derives them), so a sequence decodes the same alone or in a batch. Returned ids
+        stop at (and include) the first eos.
+        """
+        from transformers import GenerationConfig
+
+        if not embeds:
+            return []
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad
+        )
+        order = sorted(range(len(embeds)), key=lambda i: -embeds[i].inputs_embeds.shape[0])
+        results: list[list[int]] = [[] for _ in embeds]
+        for start in range(0, len(order), max(1, batch_size)):
+            idx = order[start : start + max(1, batch_size)]
+            length = max(embeds[i].inputs_embeds.shape[0] for i in idx)
+            dim = embeds[idx[0]].inputs_embeds.shape[1]
+            batch = torch.zeros(len(idx), length, dim, dtype=self.dtype, device=self.device)
+            mask = torch.zeros(len(idx), length, dtype=torch.long, device=self.device)
+            for row, i in enumerate(idx):
+                e = embeds[i].inputs_embeds
+                batch[row, length - e.shape[0] :] = e.to(self.dtype)
+                mask[row, length - e.shape[0] :] = 1
+            out = self.llm.generate(inputs_embeds=batch, attention_mask=mask, generation_config=gen_cfg)
+            for row, i in enumerate(idx):
+                ids = out[row].tolist()
+                if eos_token_id is not None and eos_token_id in ids:
+                    ids = ids[: ids.index(eos_token_id) + 1]
+                results[i] = ids
+        return results

@@ -1,0 +1,378 @@
+"""Public entry point: :class:`Referrer` answers prompts about tracked objects of one video.
+
+``Referrer.generate`` takes the sampled frames of one video, their timestamps, the objects (per-frame
+binary masks, possibly on a subset of the frames) and many :class:`Request` s, and decodes all of them
+in one batched pass:
+
+* every distinct encoder image is computed once (each frame's 336 image for Lite, the frames for full,
+  each (object, frame) crop) in one packed vision-tower call, and shared by every request using it;
+* each request gets its own k-means generator (``kmeans_seed``), so its output does not depend on the
+  other requests of the batch; the LLM decodes left-padded batches of ``batch_size`` greedily, and a
+  request gives the same tokens alone or batched.
+
+Prompts hold one ``<region>`` per referenced object, in the order of ``Request.object_indices``.
+Lite expands an object to ``[Time t:<REGION>*32,...]`` (one entry per frame with a mask; ``[<REGION>*32]``
+for a single image). Full, as upstream, takes one ``<region>`` per *mask*: an object with masks on n
+frames becomes n groups ``[<REGION>*k]`` joined by ``,`` at its placeholder, and the frames go first
+as ``Time t s:<image>...`` (or wherever the prompt has its ``<video>`` tag).
+
+A single frame is treated as an image (Lite: no times; full: image path with merge 1, no compression).
+
+Empty masks: a frame where an object's mask is empty is a frame where the object is not visible, so it
+is skipped. A request referring to an object with no non-empty mask at all does not fail the call: its
+:class:`Generation` has ``text == ""``, ``num_tokens == 0`` and ``error`` saying which object is empty;
+the other requests run normally. Everything else that is wrong with the input (no frames, non-RGB
+frames, frames of different sizes, mask shape != frame, masks on frames that do not exist, a
+``<region>`` count that differs from ``object_indices``, unknown object indices) raises
+:class:`InputError` naming the problem before any compute.
+
+Quirk L3 (upstream caches Lite's 224 local crop per frame, so the 2nd object on a frame attends to the
+1st object's crop) is fixed by default; ``upstream_local_crop=True`` reproduces it. Quirk L2 (box order
+swap in the position embedding) is always reproduced; see ``modeling_pixelrefer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .config import REGION_PLACEHOLDER, ConfigError
+from .loading import LoadedCheckpoint, load_checkpoint
+from .processing_pixelrefer import (
+    EncoderPlan,
+    InputError,
+    PromptBuilder,
+    RegionInput,
+    SequenceInput,
+    count_regions,
+    make_crop,
+    normalise_mask,
+    plan_encoder_inputs,
+    prepare_frames,
+)
+from .tiny import tiny_checkpoint
+
+__all__ = ["DEFAULT_CAPTION_PROMPT", "Generation", "InputError", "Referrer", "Request", "pick_device"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CAPTION_PROMPT = (
+    "There is one object in the video: <region>.\nPlease describe in detail the marked object in the video."
+)
+TINY_NAMES = {"tiny": None, "tiny-lite": "lite", "tiny-full": "full"}
+
+
+@dataclass
+class Request:
+    """A prompt with one ``<region>`` per referenced object, in ``object_indices`` order."""
+
+    prompt: str
+    object_indices: list[int]
+
+
+@dataclass
+class Generation:
+    """Decoded answer; ``error`` is set (and ``text`` empty) when the request could not run.
+
+    ``num_tokens`` counts generated tokens without the final eos; ``token_ids`` are the raw ids (with it).
+    """
+
+    text: str
+    num_tokens: int
+    error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+def pick_device(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype, str]:
+    """CUDA + bf16 + flash_attention_2 when available (flash-attn is optional), else CPU + fp32 + sdpa."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    attn = "sdpa"
+    if dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    return dev, dtype, attn
+
+
+class Referrer:
+    """PixelRefer-Lite (``mode="lite"``) or PixelRefer (``mode="full"``) ready to answer requests."""
+
+    def __init__(
+        self, checkpoint: LoadedCheckpoint, name: str, *, upstream_local_crop: bool = False, kmeans_seed: int = 1234
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.tokenizer = checkpoint.tokenizer
+        self.config = checkpoint.config
+        self.mode: str = checkpoint.config.mode
+        self.name: str = name
+        self.upstream_local_crop = upstream_local_crop
+        self.kmeans_seed = kmeans_seed
+        self._prompts = PromptBuilder(
+            self.config.mode, self.tokenizer, self.config.region_token_index, self.config.image_token_index
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        mode: str | None = None,
+        device: str | None = None,
+        dtype: "torch.dtype | None" = None,
+        upstream_local_crop: bool = False,
+        kmeans_seed: int = 1234,
+    ) -> "Referrer":
+        """Load a checkpoint folder, a hub id, or the built-in ``tiny`` (``tiny-lite``/``tiny-full``).
+
+        ``tiny`` is created deterministically in ``$PIXELREFER_CACHE`` (default
+        ``~/.cache/pixelrefer-pipeline``) and loaded through the same loader as a real folder. For a
+        real checkpoint ``mode`` is optional and must match its config.
+        """
+        if mode is not None and mode not in ("lite", "full"):
+            raise ValueError(f"mode must be 'lite' or 'full', got {mode!r}")
+        dev, dt, attn = pick_device(device, dtype)
+        key = str(name_or_path)
+        if key in TINY_NAMES:
+            tiny_mode = TINY_NAMES[key] or mode or "lite"
+            if mode is not None and mode != tiny_mode:
+                raise ValueError(f"{key!r} is a {tiny_mode} model but mode={mode!r} was requested")
+            path, name = tiny_checkpoint(tiny_mode), f"tiny-{tiny_mode}"
+        else:
+            path, name = key, (key if _is_hub_id(key) else Path(key).expanduser().resolve().name)
+        ckpt = load_checkpoint(path, device=dev, dtype=dt, attn_implementation=attn)
+        if mode is not None and ckpt.config.mode != mode:
+            raise ConfigError(
+                f"{name_or_path} is a {ckpt.config.mode} checkpoint ({ckpt.config.model_type}) "
+                f"but mode={mode!r} was requested"
+            )
+        return cls(ckpt, name, upstream_local_crop=upstream_local_crop, kmeans_seed=kmeans_seed)
+
+    # -- public API --------------------------------------------------------------------------------
+    def generate(
+        self,
+        frames: Sequence[np.ndarray],
+        timestamps: Sequence[float],
+        objects: Sequence[Mapping[int, np.ndarray]],
+        requests: Sequence[Request],
+        *,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+    ) -> list[Generation]:
+        """Answer every request about the objects of one video (see the module docstring)."""
+        frames = _check_frames(frames)
+        times = _check_timestamps(timestamps, len(frames))
+        masks = _check_objects(objects, frames)
+        _check_requests(requests, len(masks))
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not requests:
+            return []
+        video = len(frames) > 1
+        results: list[Generation | None] = [None] * len(requests)
+        region_of: dict[tuple[int, int], RegionInput] = {}  # one crop per (object, frame) for the whole call
+
+        def regions_of_object(k: int) -> list[RegionInput]:
+            out = []
+            for f in sorted(masks[k]):
+                if (k, f) not in region_of:
+                    crop = make_crop(self.mode, frames[f], masks[k][f], self.config.mask_num)  # type: ignore[arg-type]
+                    region_of[(k, f)] = RegionInput(crop, f, (k, f))
+                out.append(region_of[(k, f)])
+            return out
+
+        frame_input = None
+        if self.mode == "full":
+            frame_input = prepare_frames(
+                frames, times, self.config.image_processor, self.config.spatial_merge_size, video=video
+            )
+        sequences: list[SequenceInput] = []
+        index: list[int] = []
+        for i, req in enumerate(requests):
+            empty = [k for k in req.object_indices if not masks[k]]
+            if empty:
+                msg = "; ".join(f"object {k} has no non-empty mask" for k in empty)
+                results[i] = Generation("", 0, msg)
+                continue
+            per_object = [regions_of_object(k) for k in req.object_indices]
+            if self.mode == "lite":
+                seq = self._prompts.lite(req.prompt, per_object, times if video else None)
+            else:
+                assert frame_input is not None
+                flat = [r for regions in per_object for r in regions]
+                seq = self._prompts.full(req.prompt, flat, frame_input, groups=[len(r) for r in per_object])
+            sequences.append(seq)
+            index.append(i)
+
+        if sequences:
+            plan, failed = self._plan(sequences, frames)
+            for j, msg in failed.items():
+                results[index[j]] = Generation("", 0, msg)
+            ok = [j for j in range(len(sequences)) if j not in failed]
+            if ok:
+                if failed:
+                    plan, _ = self._plan([sequences[j] for j in ok], frames)
+                gens = self._run([sequences[j] for j in ok], plan, frame_input, max_new_tokens, batch_size)
+                for j, gen in zip(ok, gens):
+                    results[index[j]] = gen
+        return [r if r is not None else Generation("", 0, "not run") for r in results]
+
+    def caption(
+        self,
+        frames: Sequence[np.ndarray],
+        timestamps: Sequence[float],
+        objects: Sequence[Mapping[int, np.ndarray]],
+        prompt: str = DEFAULT_CAPTION_PROMPT,
+        **kw,
+    ) -> list[str]:
+        """One caption per object, each asked with its own single-``<region>`` prompt, batched.
+
+        An object without any non-empty mask gets ``""`` (``generate`` reports why).
+        """
+        if count_regions(prompt) != 1:
+            raise InputError(f"a caption prompt needs exactly one {REGION_PLACEHOLDER}, got {count_regions(prompt)}")
+        gens = self.generate(frames, timestamps, objects, [Request(prompt, [k]) for k in range(len(objects))], **kw)
+        return [g.text for g in gens]
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _plan(self, sequences: list[SequenceInput], frames: list[np.ndarray]) -> tuple[EncoderPlan, dict[int, str]]:
+        """Encoder plan of all sequences; a sequence whose crops cannot be encoded (e.g. a crop with an
+        aspect ratio above 200 on an extreme frame) is reported instead of failing the others."""
+
+        def plan_of(seqs: list[SequenceInput]) -> EncoderPlan:
+            return plan_encoder_inputs(
+                self.mode,
+                seqs,
+                frames,
+                self.config.image_processor,  # type: ignore[arg-type]
+                upstream_local_crop=self.upstream_local_crop,
+            )
+
+        try:
+            return plan_of(sequences), {}
+        except InputError:
+            failed = {}
+            for j, seq in enumerate(sequences):
+                try:
+                    plan_of([seq])
+                except InputError as exc:
+                    failed[j] = f"cannot encode this request's object crops: {exc}"
+            if not failed:
+                raise
+            return EncoderPlan(), failed
+
+    def _run(
+        self, sequences: list[SequenceInput], plan: EncoderPlan, frame_input, max_new_tokens: int, batch_size: int
+    ) -> list[Generation]:
+        embeds = self.model.build_embeds(sequences, plan, frames=frame_input, kmeans_seed=self.kmeans_seed)
+        eos = self.config.eos_token_id
+        outs = self.model.generate(
+            embeds,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id,
+            batch_size=batch_size,
+        )
+        gens = []
+        for ids in outs:
+            n = len(ids) - (1 if ids and ids[-1] == eos else 0)
+            gens.append(Generation(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), n, None, ids))
+        return gens
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------------
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
+
+
+def _check_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if frames is None or len(frames) == 0:
+        raise InputError("no frames: at least one HxWx3 uint8 RGB frame is needed")
+    out = []
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray):
+            raise InputError(f"frame {i} is a {type(frame).__name__}, not a numpy array")
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise InputError(f"frame {i} has shape {frame.shape}; frames must be HxWx3 RGB")
+        if frame.dtype != np.uint8:
+            raise InputError(f"frame {i} has dtype {frame.dtype}; frames must be uint8")
+        if frame.shape[0] < 2 or frame.shape[1] < 2:
+            raise InputError(f"frame {i} of {frame.shape[0]}x{frame.shape[1]} is too small")
+        if frame.shape != frames[0].shape:
+            raise InputError(
+                f"frame {i} is {frame.shape[:2]} but frame 0 is {frames[0].shape[:2]}; all frames must "
+                "have the same size"
+            )
+        out.append(np.ascontiguousarray(frame))
+    h, w = out[0].shape[:2]
+    if max(h, w) / min(h, w) > 200:
+        raise InputError(f"frames of {h}x{w} have an aspect ratio above 200")
+    return out
+
+
+def _check_timestamps(timestamps: Sequence[float], n: int) -> list[float]:
+    if timestamps is None or len(timestamps) != n:
+        raise InputError(f"{0 if timestamps is None else len(timestamps)} timestamps for {n} frames")
+    out = []
+    for i, t in enumerate(timestamps):
+        try:
+            value = float(t)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"timestamp {i} ({t!r}) is not a number") from exc
+        if not math.isfinite(value):
+            raise InputError(f"timestamp {i} is {value}")
+        out.append(value)
+    return out
+
+
+def _check_objects(
+    objects: Sequence[Mapping[int, np.ndarray]], frames: list[np.ndarray]
+) -> list[dict[int, np.ndarray]]:
+    """Validate and normalise masks to 0/1 uint8; empty masks are dropped (object not visible there)."""
+    hw = frames[0].shape[:2]
+    out: list[dict[int, np.ndarray]] = []
+    for k, obj in enumerate(objects):
+        if not isinstance(obj, Mapping):
+            raise InputError(f"object {k} must map frame index -> mask, got {type(obj).__name__}")
+        kept: dict[int, np.ndarray] = {}
+        for f, mask in obj.items():
+            if isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, np.integer)):
+                raise InputError(f"object {k}: frame index {f!r} is not an integer")
+            if not 0 <= int(f) < len(frames):
+                raise InputError(f"object {k}: mask on frame {int(f)} but there are only {len(frames)} frames")
+            m = normalise_mask(mask, hw, f"object {k}, frame {int(f)}")
+            if m.any():
+                kept[int(f)] = m
+        out.append(kept)
+    return out
+
+
+def _check_requests(requests: Sequence[Request], num_objects: int) -> None:
+    for i, req in enumerate(requests):
+        if not isinstance(req.prompt, str):
+            raise InputError(f"request {i}: prompt must be a string")
+        indices = list(req.object_indices)
+        if not indices:
+            raise InputError(f"request {i}: refers to no object")
+        for k in indices:
+            if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) < num_objects:
+                raise InputError(f"request {i}: object index {k!r} is not one of the {num_objects} objects")
+        n = count_regions(req.prompt)
+        if n != len(indices):
+            raise InputError(
+                f"request {i}: prompt has {n} {REGION_PLACEHOLDER} but refers to {len(indices)} "
+                f"object(s): {req.prompt!r}"
+            )

@@ -1,0 +1,266 @@
+"""Deterministic tiny PixelRefer-Lite / PixelRefer checkpoints in the released layout.
+
+``tiny`` is the built-in model name of the pipeline: the real architecture with small dimensions and
+seeded random weights, written in exactly the released layout (``config.json``, ``model.safetensors`` in
+bf16, ``generation_config.json``, the tokenizer files and the vision tower sub-folder) and then loaded
+through the same strict loader as a real checkpoint. Nothing is downloaded: the tokenizer is a
+byte-level BPE trained offline with ``tokenizers`` on a fixed corpus.
+
+Determinism: the corpus, the BPE trainer settings, the config and the weight draws
+(``torch.Generator().manual_seed(seed)`` over the parameters sorted by released name) are fixed, so the
+same version always produces the same files. Folders are built in a temporary directory next to the
+cache entry and renamed into place, so concurrent workers (Ray actors) never see half-written
+checkpoints.
+
+Dims: LLM hidden 64, 2 layers, 4 heads / 2 KV heads; vision tower hidden 64, 2 layers, 4 heads, patch
+14. ``mm_max_length`` is 1024 (released: 8192) so that the per-image pixel budget keeps small objects'
+up-scaled crops cheap on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import (
+    FULL_MODEL_TYPE,
+    IMAGE_TOKEN,
+    LITE_MODEL_TYPE,
+    REGION_TOKEN,
+    ImageProcessorSettings,
+    PixelReferConfig,
+    VisionSettings,
+)
+
+TINY_VERSION = "v1"  # bump when anything below changes the files
+TINY_SEED = 0
+VISION_FOLDER = "VL3-SigLIP-NaViT-tiny"
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    IMAGE_TOKEN,
+    "<|stream_start|>",
+    "<|stream_end|>",
+    REGION_TOKEN,
+]
+# Qwen2's pre-tokenizer split (public regex of the Qwen2 tokenizer).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CORPUS = (
+    "There is one object in the video: the marked object.",
+    "Please describe in detail the marked object in the video.",
+    "A red car drives along the road and turns left at the corner.",
+    "A person in a blue shirt walks across the room and sits on a chair.",
+    "The small white dog runs on the grass next to the large tree.",
+    "Describe the region in the image in detail. Do not describe anything else.",
+    "What is the object doing? It is moving from the left to the right side of the frame.",
+    "A green square and a yellow circle move slowly over a dark background.",
+    "The cat is sleeping on the sofa while the light changes in the window.",
+    "Time 0.0: Time 1.0: the object appears, then it disappears behind the wall.",
+)
+NUM_MERGES = 160
+
+
+def cache_root() -> Path:
+    """``$PIXELREFER_CACHE`` or ``~/.cache/pixelrefer-pipeline``."""
+    env = os.environ.get("PIXELREFER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pixelrefer-pipeline"
+
+
+def build_tokenizer(folder: Path) -> None:
+    """Train the tiny byte-level BPE offline and write the tokenizer files of a Qwen2 checkpoint."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + NUM_MERGES,
+        initial_alphabet=alphabet,
+        special_tokens=[],
+        min_frequency=2,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(CORPUS), trainer=trainer)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as the released folders hold them
+    added = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2, sort_keys=True))
+    decoder = {
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t, i in added.items()
+    }
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "added_tokens_decoder": decoder,
+                "additional_special_tokens": SPECIAL_TOKENS[1:],
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "padding_side": "right",  # upstream's processor needs the key (quirk L10)
+                "model_max_length": 32768,
+                "clean_up_tokenization_spaces": False,
+                "errors": "replace",
+                "split_special_tokens": False,
+                "chat_template": (
+                    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+                    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+                    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+                ),
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "additional_special_tokens": SPECIAL_TOKENS[1:],
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
+
+
+def tiny_config(mode: Literal["lite", "full"], vocab_size: int, token_ids: dict[str, int]) -> PixelReferConfig:
+    vision = VisionSettings(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": vocab_size,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 2,
+        "attention_dropout": 0.0,
+    }
+    mm_max_length = 1024
+    return PixelReferConfig(
+        mode=mode,
+        model_type=LITE_MODEL_TYPE if mode == "lite" else FULL_MODEL_TYPE,
+        text=text,
+        vision=vision,
+        image_processor=ImageProcessorSettings.from_sources(None, 2, mm_max_length, 14),
+        mask_num=32,
+        spatial_merge_size=2,
+        mm_projector_type="mlp2x_gelu",
+        mm_max_length=mm_max_length,
+        region_token_index=token_ids[REGION_TOKEN],
+        image_token_index=token_ids[IMAGE_TOKEN],
+        eos_token_id=token_ids["<|im_end|>"],
+        vision_folder=VISION_FOLDER,
+    )
+
+
+def seeded_init(model: torch.nn.Module, names: dict[str, str], seed: int) -> None:
+    """Fill every parameter from one generator, in the sorted order of the released names.
+
+    Weights and biases ~ N(0, 0.02^2), norm scales ~ 1 + N(0, 0.1^2) (norm biases N(0, 0.02^2)),
+    token embeddings and ``lm_head`` ~ N(0, 0.1^2) so the logits are not flat, and the weights of
+    ``feat_linear`` / ``mm_projector`` ~ N(0, 0.1^2) so object and frame tokens reach the size of token
+    embeddings (with 0.02 they are ~100x smaller and every object gets the same caption).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    for released in sorted(names):
+        internal = names[released]
+        p = params[internal]
+        noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+        is_norm = any(part in released for part in ("norm", "ln_local", "ln_global", "layer_norm"))
+        if is_norm and released.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        elif "embed_tokens" in released or released.startswith("lm_head"):
+            value = 0.1 * noise
+        elif released.endswith("weight") and ("feat_linear" in released or "mm_projector" in released):
+            value = 0.1 * noise
+        else:
+            value = 0.02 * noise
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+
+
+def create_tiny_checkpoint(
+    folder: str | os.PathLike[str], mode: Literal["lite", "full"] = "lite", seed: int = TINY_SEED
+) -> Path:
+    """Write a tiny checkpoint of ``mode`` into ``folder`` (created; must not hold another checkpoint)."""
+    from .loading import build_model, save_checkpoint
+    from .modeling_pixelrefer import internal_to_released
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(folder)
+    ids = json.loads((folder / "added_tokens.json").read_text())
+    vocab_size = ((max(ids.values()) + 1 + 63) // 64) * 64
+    config = tiny_config(mode, vocab_size, ids)
+    model = build_model(
+        config, device=torch.device("cpu"), dtype=torch.float32, attn_implementation="sdpa", init_weights=True
+    )
+    names = {internal_to_released(k): k for k, _ in model.named_parameters()}
+    seeded_init(model, names, seed)
+    save_checkpoint(model, folder)
+    (folder / "tiny.json").write_text(json.dumps({"mode": mode, "seed": seed, "version": TINY_VERSION}))
+    return folder
+
+
+def tiny_checkpoint(
+    mode: Literal["lite", "full"] = "lite", *, cache_dir: str | os.PathLike[str] | None = None, seed: int = TINY_SEED
+) -> Path:
+    """Path of the cached tiny checkpoint of ``mode``, creating it atomically on first use."""
+    if mode not in ("lite", "full"):
+        raise ValueError(f"tiny mode must be 'lite' or 'full', got {mode!r}")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    final = root / f"tiny-{mode}-{TINY_VERSION}-seed{seed}"
+    if (final / "tiny.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        create_tiny_checkpoint(tmp, mode, seed)
+        try:
+            os.replace(tmp, final) if not final.exists() else None
+        except OSError:
+            pass  # another worker won the race; its folder is identical
+        if not (final / "tiny.json").is_file():
+            raise RuntimeError(f"could not create the tiny checkpoint at {final}")
+        return final
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
