@@ -31,7 +31,8 @@ Quirks reproduced because the released weights were trained with them:
   ``torch.Generator().manual_seed(kmeans_seed)`` per *sequence*, one ``randperm(N)`` per mask with
   ``N > mask_num`` in mask order, which reproduces upstream's draws after ``torch.manual_seed`` and makes
   every sequence independent of what else is in the batch. Distances are ``sum((t - c)**2)`` (quirk L7:
-  the expanded form loses precision); the loop stops when ``allclose(old, new, atol=1e-6)`` and then
+  the expanded form loses precision; on CPU evaluated in row blocks, bit-identically, see
+  :func:`squared_distances`); the loop stops when ``allclose(old, new, atol=1e-6)`` and then
   returns the *old* centroids; an empty cluster keeps its centroid; Lite runs 3 iterations, full 5.
 * Lite on CUDA in bf16 runs the region encoder under bf16 autocast, as upstream's
   ``torch.autocast("cuda")`` does (on CPU that autocast is inactive, quirk L6).
@@ -55,8 +56,9 @@ leave the sequence, so the LLM positions are those of the compressed sequence.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +66,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import PixelReferConfig
+from .perf import PerfOptions
 from .processing_pixelrefer import EncoderImage, EncoderPlan, FrameInput, SequenceInput
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,8 +116,70 @@ def box_position_grid(grid_hw: tuple[int, int], box: Sequence[int], frame_hw: tu
     return torch.stack([xs, ys], dim=2)
 
 
+#: Elements per row block of :func:`squared_distances` on CPU (~256 KB of float32: stays in L2).
+DISTANCE_BLOCK_ELEMENTS = 65536
+
+
+def squared_distances(tokens: torch.Tensor, centroids: torch.Tensor, *, blocked: bool | None = None) -> torch.Tensor:
+    """``((tokens[:, None] - centroids[None]) ** 2).sum(2)``, the exact form upstream's k-means uses (quirk L7).
+
+    Why blocked: the direct expression materialises an (N, K, C) tensor three times (N = mask cells,
+    K = 32, C = 1152 for the released tower: ~44 MB per mask and iteration), which on CPU is
+    memory-bound. Evaluating the *same expression* on blocks of at least two rows keeps each block
+    cache-resident and is several times faster on a 2-core CPU. It is bit-identical: ATen lays out each
+    block's difference tensor like the whole one (it follows the strides of ``tokens``; masked cells
+    arrive as a transposed view, which makes C the outer dimension, and a one-row block would lose that,
+    hence the two-row minimum), and reduces each output element over the same C values in the same order
+    whatever the number of outputs (``tests/models/test_referrer_perf.py`` checks both layouts).
+    ``blocked=None`` blocks on CPU only: on CUDA the direct form is one kernel each and cheap, and
+    CUDA's reduction order may depend on the launch shape.
+    """
+    if blocked is None:
+        blocked = tokens.device.type == "cpu"
+    n = tokens.shape[0]
+    step = max(2, DISTANCE_BLOCK_ELEMENTS // max(1, centroids.shape[0] * tokens.shape[1]))
+    if not blocked or n < 2 * step:
+        return ((tokens.unsqueeze(1) - centroids.unsqueeze(0)) ** 2).sum(dim=2)
+    bounds = list(range(0, n, step))
+    if n - bounds[-1] < 2:
+        bounds.pop()  # the last block must keep two rows (see above)
+    bounds.append(n)
+    parts = [
+        ((tokens[a:b].unsqueeze(1) - centroids.unsqueeze(0)) ** 2).sum(dim=2) for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts, dim=0)
+
+
+def cluster_means(
+    tokens: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """``stack([tokens[labels == i].mean(0) if counts[i] else centroids[i] for i ...])`` with fewer ops, on CPU.
+
+    Why: upstream's per-cluster boolean indexing is ~100 small ops per k-means iteration, which on CPU is
+    mostly dispatch overhead. Here the rows are sorted by label once (stable, so each cluster keeps its
+    rows in index order, exactly as boolean indexing gathers them), each cluster's contiguous (k, C)
+    block is summed over dim 0 with the same kernel, and the sums are divided by k, which is what ATen's
+    CPU ``mean`` computes (``sum(...).div_(k)``): bit-identical on CPU (tested on random inputs).
+    """
+    order = torch.sort(labels, stable=True).indices
+    grouped = tokens.index_select(0, order)
+    parts = grouped.split(counts)
+    sums = torch.stack([part.sum(dim=0) if n else centroids[i] for i, (part, n) in enumerate(zip(parts, counts))])
+    filled = [i for i, n in enumerate(counts) if n]
+    if filled:
+        index = torch.tensor(filled, dtype=torch.long, device=tokens.device)
+        divisor = torch.tensor([float(counts[i]) for i in filled], dtype=sums.dtype, device=tokens.device)
+        sums[index] = sums[index] / divisor.unsqueeze(1)
+    return sums
+
+
 def kmeans_centroids(
-    tokens: torch.Tensor, num_clusters: int, iterations: int, generator: torch.Generator
+    tokens: torch.Tensor,
+    num_clusters: int,
+    iterations: int,
+    generator: torch.Generator,
+    *,
+    fast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Upstream's ``kmeans_fast`` with an explicit generator; returns (centroids, initial indices).
 
@@ -122,22 +187,60 @@ def kmeans_centroids(
     model: random-permutation init, squared distances summed per token (not the expanded form), first
     index on ties, empty clusters keep their centroid, and an early stop that returns the centroids
     *before* the converged update. Cluster means use ``tokens[labels == i].mean(0)`` like upstream so
-    the float rounding is identical.
+    the float rounding is identical. ``fast`` (default: on CPU) computes the same numbers with blocked
+    distances (:func:`squared_distances`) and sorted-segment means (:func:`cluster_means`), both
+    bit-identical on CPU; on CUDA the direct expressions are used.
     """
+    if fast is None:
+        fast = tokens.device.type == "cpu"
     n = tokens.shape[0]
     init = torch.randperm(n, generator=generator)[:num_clusters]
-    centroids = tokens[init.to(tokens.device)]
+    if fast:
+        with single_thread():
+            return _kmeans_loop(tokens, tokens[init], num_clusters, iterations, fast=True), init
+    return _kmeans_loop(tokens, tokens[init.to(tokens.device)], num_clusters, iterations, fast=False), init
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed CPU ops on one intra-op thread, restoring the previous count afterwards.
+
+    Why: k-means is hundreds of small ops per mask (a (32, 1152) ``allclose``, blocks of 32K elements);
+    an OpenMP parallel region costs more than such an op, and on a shared or oversubscribed CPU much more
+    (measured on this project's 2-vCPU CI machine: an elementwise op on 400K floats takes 0.3 ms on one
+    thread and 1-4 ms on two). The ops used here reduce each output element on one thread either way,
+    so the result does not depend on the thread count. ``torch.set_num_threads`` is process-wide: the
+    model is driven by one thread per process (Ray actor, CLI), which is the only supported use.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _kmeans_loop(
+    tokens: torch.Tensor, centroids: torch.Tensor, num_clusters: int, iterations: int, *, fast: bool
+) -> torch.Tensor:
+    """The Lloyd iterations of :func:`kmeans_centroids` (see there for the exact semantics)."""
     for _ in range(iterations):
-        distances = ((tokens.unsqueeze(1) - centroids.unsqueeze(0)) ** 2).sum(dim=2)
+        distances = squared_distances(tokens, centroids, blocked=fast)
         labels = distances.argmin(dim=1)
         counts = torch.bincount(labels, minlength=num_clusters).tolist()
-        new_centroids = torch.stack(
-            [tokens[labels == i].mean(dim=0) if counts[i] > 0 else centroids[i] for i in range(num_clusters)]
-        )
+        if fast:
+            new_centroids = cluster_means(tokens, labels, centroids, counts)
+        else:
+            new_centroids = torch.stack(
+                [tokens[labels == i].mean(dim=0) if counts[i] > 0 else centroids[i] for i in range(num_clusters)]
+            )
         if torch.allclose(centroids, new_centroids, atol=1e-6):
             break
         centroids = new_centroids
-    return centroids, init
+    return centroids
 
 
 class RegionEncoder(nn.Module):
@@ -186,12 +289,18 @@ class RegionEncoder(nn.Module):
         return masked[0][:, valid].transpose(0, 1)
 
     def pool(
-        self, tokens: torch.Tensor, num_tokens: int, iterations: int, generator: torch.Generator
+        self,
+        tokens: torch.Tensor,
+        num_tokens: int,
+        iterations: int,
+        generator: torch.Generator,
+        *,
+        fast: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k-means to ``num_tokens`` when more cells remain; Lite zero-pads to ``num_tokens``."""
         init = None
         if tokens.shape[0] > num_tokens:
-            tokens, init = kmeans_centroids(tokens, num_tokens, iterations, generator)
+            tokens, init = kmeans_centroids(tokens, num_tokens, iterations, generator, fast=fast)
         if self.lite and tokens.shape[0] < num_tokens:
             tokens = F.pad(tokens, (0, 0, 0, num_tokens - tokens.shape[0]))
         return tokens, init
@@ -328,86 +437,115 @@ class PixelReferModel(nn.Module):
         *,
         kmeans_seed: int,
         trace: Trace | None = None,
+        region_keys: Sequence[Sequence[tuple[Hashable, Hashable | None, Hashable | None]]] | None = None,
+        perf: PerfOptions | None = None,
     ) -> list[torch.Tensor]:
-        """Region tokens (R_i, D) per sequence, each sequence with its own k-means generator."""
+        """Region tokens (R_i, D) per sequence, each sequence with its own k-means generator.
+
+        With ``region_keys`` (the encoder plan's image keys of every mask) and ``perf.share_object_tokens``,
+        work that two sequences share is done once (see :mod:`models.perf`): a mask's pooled tokens are a
+        function of the masks before it in its sequence (they decide the generator's draws), so the key
+        of a pooled result is the tuple of crop keys up to and including it, and it is stored with the
+        generator state after it. OCI rows are keyed by (that tuple, local key, global key).
+        """
+        perf = perf or PerfOptions()
         enc = self.region_encoder
         n_tok = self.config.mask_num
-        pooled_all: list[list[torch.Tensor]] = []
+        lite = self.config.is_lite
+        share = perf.share_object_tokens and region_keys is not None
+        fast_kmeans = None if perf.fast_kmeans else False
+        # A unit is one mask's pooled tokens that reach OCI / feat_linear; sequences point at units.
+        unit_pooled: list[torch.Tensor] = []
+        unit_context: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        unit_of_key: dict[Hashable, int] = {}
+        seq_units: list[list[int]] = []
+        # (crop keys up to a mask) -> (pooled, k-means init, position features, cells, generator state after it)
+        pooled_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]]
+        pooled_cache = {}
         with self._region_dtype_context():
             for s, seq in enumerate(sequences):
                 generator = torch.Generator().manual_seed(kmeans_seed)
-                pooled: list[torch.Tensor] = []
+                chain: tuple = ()
+                units: list[int] = []
+                pooled_seq: list[torch.Tensor] = []
                 if trace is not None:
                     trace.position_features.append([])
                     trace.kmeans_inputs.append([])
                     trace.kmeans_init.append([])
-                for region, feat in zip(seq.regions, crop_feats[s]):
-                    x = enc.add_position(feat, region.crop.box, region.crop.frame_hw)
-                    grid = torch.from_numpy(np.ascontiguousarray(region.crop.mask_grid))
-                    if self.config.is_lite:
-                        grid = grid.to(x.dtype)
-                    tokens = enc.masked_tokens(x, grid)
-                    out, init = enc.pool(tokens, n_tok, self.config.kmeans_iterations, generator)
-                    if not self.config.is_lite and out.shape[0] != region.crop.num_tokens:
+                for j, (region, feat) in enumerate(zip(seq.regions, crop_feats[s])):
+                    keys = region_keys[s][j] if share else None
+                    hit = None
+                    if keys is not None:
+                        chain = chain + (keys[0],)
+                        hit = pooled_cache.get(chain)
+                    if hit is not None:
+                        out, init, x, tokens, state = hit
+                        generator.set_state(state)
+                    else:
+                        x = enc.add_position(feat, region.crop.box, region.crop.frame_hw)
+                        grid = torch.from_numpy(np.ascontiguousarray(region.crop.mask_grid))
+                        if lite:
+                            grid = grid.to(x.dtype)
+                        tokens = enc.masked_tokens(x, grid)
+                        out, init = enc.pool(tokens, n_tok, self.config.kmeans_iterations, generator, fast=fast_kmeans)
+                        if keys is not None:
+                            pooled_cache[chain] = (out, init, x, tokens, generator.get_state())
+                    if not lite and out.shape[0] != region.crop.num_tokens:
                         raise RuntimeError(
                             f"mask pooled to {out.shape[0]} tokens but the prompt holds "
                             f"{region.crop.num_tokens} <REGION> tokens"
                         )
-                    pooled.append(out)
+                    unit_key: Hashable = (chain, keys[1], keys[2]) if keys is not None else ("seq", s, j)
+                    if unit_key not in unit_of_key:
+                        unit_of_key[unit_key] = len(unit_pooled)
+                        unit_pooled.append(out)
+                        context = (local_feats[s][j], global_feats[s][j]) if lite else None  # type: ignore[index]
+                        unit_context.append(context)
+                    units.append(unit_of_key[unit_key])
+                    pooled_seq.append(out)
                     if trace is not None:
                         trace.position_features[-1].append(x)
                         trace.kmeans_inputs[-1].append(tokens)
                         trace.kmeans_init[-1].append(init)
-                pooled_all.append(pooled)
+                seq_units.append(units)
                 if trace is not None:
-                    trace.pooled.append(pooled)
+                    trace.pooled.append(pooled_seq)
 
-            if self.config.is_lite:
-                assert local_feats is not None and global_feats is not None
-                fused = self._infuse_all(pooled_all, local_feats, global_feats)
+            if lite:
+                fused = self._infuse_units(unit_pooled, unit_context)  # type: ignore[arg-type]
             else:
-                fused = [
-                    torch.cat(p, dim=0).to(self.dtype)
-                    if p
-                    else torch.zeros(0, self.config.vision.hidden_size, device=self.device, dtype=self.dtype)
-                    for p in pooled_all
-                ]
+                fused = [p.to(self.dtype) for p in unit_pooled]
             lengths = [f.shape[0] for f in fused]
             projected = (
-                enc.feat_linear(torch.cat(fused, dim=0))
+                enc.feat_linear(torch.cat(fused, dim=0)).to(self.dtype)
                 if sum(lengths)
                 else torch.zeros(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
             )
-        return [t.to(self.dtype) for t in projected.split(lengths)]
+        per_unit = projected.split(lengths) if lengths else []
+        empty = torch.zeros(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
+        return [torch.cat([per_unit[u] for u in units], dim=0) if units else empty for units in seq_units]
 
-    def _infuse_all(
-        self,
-        pooled: Sequence[Sequence[torch.Tensor]],
-        local_feats: Sequence[Sequence[torch.Tensor]],
-        global_feats: Sequence[Sequence[torch.Tensor]],
+    def _infuse_units(
+        self, pooled: Sequence[torch.Tensor], context: Sequence[tuple[torch.Tensor, torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """OCI for every mask of every sequence, batched over masks whose context grids have equal sizes."""
-        rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for s, (p, loc, glob) in enumerate(zip(pooled, local_feats, global_feats)):
-            for q, loc_i, glob_i in zip(p, loc, glob):
-                rows.append((s, q, loc_i.reshape(-1, loc_i.shape[-1]), glob_i.reshape(-1, glob_i.shape[-1])))
+        """OCI for every unit, batched over units whose context grids have equal sizes (one MHA call each)."""
+        rows = [
+            (q, loc.reshape(-1, loc.shape[-1]), glob.reshape(-1, glob.shape[-1]))
+            for q, (loc, glob) in zip(pooled, context)
+        ]
         results: list[torch.Tensor | None] = [None] * len(rows)
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (_, _, loc_i, glob_i) in enumerate(rows):
+        for i, (_, loc_i, glob_i) in enumerate(rows):
             groups.setdefault((loc_i.shape[0], glob_i.shape[0]), []).append(i)
         enc = self.region_encoder
         for idx in groups.values():
-            q = torch.stack([rows[i][1] for i in idx])
-            local = torch.stack([rows[i][2] for i in idx])
-            g = torch.stack([rows[i][3] for i in idx])
+            q = torch.stack([rows[i][0] for i in idx])
+            local = torch.stack([rows[i][1] for i in idx])
+            g = torch.stack([rows[i][2] for i in idx])
             fused = enc.infuse(q, local, g)
             for j, i in enumerate(idx):
                 results[i] = fused[j]
-        out: list[list[torch.Tensor]] = [[] for _ in pooled]
-        for (s, *_), r in zip(rows, results):
-            out[s].append(r)  # type: ignore[arg-type]
-        c = self.config.vision.hidden_size
-        return [torch.cat(o, dim=0) if o else torch.zeros(0, c, device=self.device, dtype=self.dtype) for o in out]
+        return results  # type: ignore[return-value]
 
     # -- LLM inputs --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -419,6 +557,7 @@ class PixelReferModel(nn.Module):
         frames: FrameInput | None,
         kmeans_seed: int,
         trace: Trace | None = None,
+        perf: PerfOptions | None = None,
     ) -> list[SequenceEmbeds]:
         """Encode every distinct image of the call once (one packed tower call), make the object tokens of
         every sequence, project full's frames once, and write everything into each sequence's embeddings."""
@@ -436,7 +575,14 @@ class PixelReferModel(nn.Module):
             local_feats = [[by_key[k[1]] for k in seq_keys] for seq_keys in plan.region_keys]
             global_feats = [[by_key[k[2]] for k in seq_keys] for seq_keys in plan.region_keys]
         region_tokens = self.object_tokens(
-            sequences, crop_feats, local_feats, global_feats, kmeans_seed=kmeans_seed, trace=trace
+            sequences,
+            crop_feats,
+            local_feats,
+            global_feats,
+            kmeans_seed=kmeans_seed,
+            trace=trace,
+            region_keys=plan.region_keys,
+            perf=perf,
         )
 
         frame_tokens = keep = None
@@ -494,17 +640,51 @@ class PixelReferModel(nn.Module):
         eos_token_id: int | None,
         pad_token_id: int | None,
         batch_size: int = 16,
+        perf: PerfOptions | None = None,
     ) -> list[list[int]]:
-        """Greedy decoding of many sequences: left-padded batches through ``Qwen2ForCausalLM.generate``.
+        """Greedy decoding of many sequences in left-padded batches; ids stop at (and include) the first eos.
 
-        Sequences are grouped by length to limit padding; positions come from the attention mask
-        (transformers derives them), so a sequence decodes the same alone or in a batch. Returned ids
-        stop at (and include) the first eos.
+        By default through :func:`models.decoding.greedy_decode` (shared-prefix KV cache, no per-step
+        framework overhead; see :mod:`models.perf`); ``perf.native_decode=False`` uses
+        ``Qwen2ForCausalLM.generate`` instead, the reference the native loop is tested against.
+        Sequences are grouped by length to limit padding, and a sequence decodes the same alone or in a
+        batch.
         """
-        from transformers import GenerationConfig
-
+        perf = perf or PerfOptions()
         if not embeds:
             return []
+        if perf.native_decode:
+            from .decoding import DecodeInput, greedy_decode
+
+            return greedy_decode(
+                self.llm,
+                [DecodeInput(e.input_ids, e.inputs_embeds) for e in embeds],
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                batch_size=batch_size,
+                share_prefix=perf.share_prefix,
+                min_shared_prefix=perf.min_shared_prefix,
+            )
+        return self._generate_hf(
+            embeds,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            batch_size=batch_size,
+        )
+
+    def _generate_hf(
+        self,
+        embeds: Sequence[SequenceEmbeds],
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        pad_token_id: int | None,
+        batch_size: int,
+    ) -> list[list[int]]:
+        """Left-padded batches through ``Qwen2ForCausalLM.generate`` (positions from the attention mask)."""
+        from transformers import GenerationConfig
+
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad

@@ -26,6 +26,10 @@ frames, frames of different sizes, mask shape != frame, masks on frames that do 
 ``<region>`` count that differs from ``object_indices``, unknown object indices) raises
 :class:`InputError` naming the problem before any compute.
 
+Inference optimisations (shared-prefix KV cache, object tokens computed once per object, a native greedy
+loop, fast k-means on CPU) are on by default and can be switched off with ``perf=PerfOptions(...)``;
+each keeps greedy outputs identical (``models.perf``).
+
 Quirk L3 (upstream caches Lite's 224 local crop per frame, so the 2nd object on a frame attends to the
 1st object's crop) is fixed by default; ``upstream_local_crop=True`` reproduces it. Quirk L2 (box order
 swap in the position embedding) is always reproduced; see ``modeling_pixelrefer``.
@@ -44,6 +48,7 @@ import torch
 
 from .config import REGION_PLACEHOLDER, ConfigError
 from .loading import LoadedCheckpoint, load_checkpoint
+from .perf import PerfOptions
 from .processing_pixelrefer import (
     EncoderPlan,
     InputError,
@@ -58,7 +63,7 @@ from .processing_pixelrefer import (
 )
 from .tiny import tiny_checkpoint
 
-__all__ = ["DEFAULT_CAPTION_PROMPT", "Generation", "InputError", "Referrer", "Request", "pick_device"]
+__all__ = ["DEFAULT_CAPTION_PROMPT", "Generation", "InputError", "PerfOptions", "Referrer", "Request", "pick_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +114,15 @@ class Referrer:
     """PixelRefer-Lite (``mode="lite"``) or PixelRefer (``mode="full"``) ready to answer requests."""
 
     def __init__(
-        self, checkpoint: LoadedCheckpoint, name: str, *, upstream_local_crop: bool = False, kmeans_seed: int = 1234
+        self,
+        checkpoint: LoadedCheckpoint,
+        name: str,
+        *,
+        upstream_local_crop: bool = False,
+        kmeans_seed: int = 1234,
+        perf: PerfOptions | None = None,
     ) -> None:
+        self.perf = perf or PerfOptions()
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
@@ -133,12 +145,16 @@ class Referrer:
         dtype: "torch.dtype | None" = None,
         upstream_local_crop: bool = False,
         kmeans_seed: int = 1234,
+        perf: PerfOptions | None = None,
+        attn_implementation: str | None = None,
     ) -> "Referrer":
         """Load a checkpoint folder, a hub id, or the built-in ``tiny`` (``tiny-lite``/``tiny-full``).
 
         ``tiny`` is created deterministically in ``$PIXELREFER_CACHE`` (default
         ``~/.cache/pixelrefer-pipeline``) and loaded through the same loader as a real folder. For a
-        real checkpoint ``mode`` is optional and must match its config.
+        real checkpoint ``mode`` is optional and must match its config. ``perf`` selects the inference
+        optimisations (all on by default, see :mod:`models.perf`); ``attn_implementation`` overrides the
+        device's default (``eager`` lets ``FlopCounterMode`` see the attention matmuls on CPU).
         """
         if mode is not None and mode not in ("lite", "full"):
             raise ValueError(f"mode must be 'lite' or 'full', got {mode!r}")
@@ -151,13 +167,13 @@ class Referrer:
             path, name = tiny_checkpoint(tiny_mode), f"tiny-{tiny_mode}"
         else:
             path, name = key, (key if _is_hub_id(key) else Path(key).expanduser().resolve().name)
-        ckpt = load_checkpoint(path, device=dev, dtype=dt, attn_implementation=attn)
+        ckpt = load_checkpoint(path, device=dev, dtype=dt, attn_implementation=attn_implementation or attn)
         if mode is not None and ckpt.config.mode != mode:
             raise ConfigError(
                 f"{name_or_path} is a {ckpt.config.mode} checkpoint ({ckpt.config.model_type}) "
                 f"but mode={mode!r} was requested"
             )
-        return cls(ckpt, name, upstream_local_crop=upstream_local_crop, kmeans_seed=kmeans_seed)
+        return cls(ckpt, name, upstream_local_crop=upstream_local_crop, kmeans_seed=kmeans_seed, perf=perf)
 
     # -- public API --------------------------------------------------------------------------------
     def generate(
@@ -275,7 +291,9 @@ class Referrer:
     def _run(
         self, sequences: list[SequenceInput], plan: EncoderPlan, frame_input, max_new_tokens: int, batch_size: int
     ) -> list[Generation]:
-        embeds = self.model.build_embeds(sequences, plan, frames=frame_input, kmeans_seed=self.kmeans_seed)
+        embeds = self.model.build_embeds(
+            sequences, plan, frames=frame_input, kmeans_seed=self.kmeans_seed, perf=self.perf
+        )
         eos = self.config.eos_token_id
         outs = self.model.generate(
             embeds,
@@ -283,6 +301,7 @@ class Referrer:
             eos_token_id=eos,
             pad_token_id=self.tokenizer.pad_token_id,
             batch_size=batch_size,
+            perf=self.perf,
         )
         gens = []
         for ids in outs:

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -153,15 +154,69 @@ def build_tokenizer(folder: Path) -> None:
     )
 
 
-def tiny_config(mode: Literal["lite", "full"], vocab_size: int, token_ids: dict[str, int]) -> PixelReferConfig:
-    vision = VisionSettings(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+@dataclass(frozen=True)
+class CheckpointDims:
+    """Network dimensions of a generated checkpoint (random weights, real architecture).
+
+    ``TINY_DIMS`` is the built-in ``tiny`` model. :func:`real_2b_dims` keeps the widths of the released
+    2B models (Qwen2.5-1.5B: hidden 1536, 12 heads, 2 KV heads, intermediate 8960; VL3-SigLIP-NaViT:
+    hidden 1152, 16 heads, intermediate 4304, patch 14) with only a few layers, so that per-token and
+    per-patch costs (FLOPs, memory traffic, kernel shapes) are those of the real model while a CPU can
+    still run it. The vocabulary stays the tiny tokenizer's (the released 151936-entry embedding would
+    be ~0.9 GB of random fp32 weights and only matters for the lm_head of each decode step).
+    """
+
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_intermediate: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    mm_max_length: int = 1024
+
+    def slug(self) -> str:
+        """A short stable name for cache folders (every field, in order)."""
+        return "d" + "-".join(str(getattr(self, f.name)) for f in fields(self))
+
+
+TINY_DIMS = CheckpointDims()
+
+
+def real_2b_dims(layers: int = 2, vision_layers: int = 2, mm_max_length: int = 8192) -> CheckpointDims:
+    """The released 2B widths with ``layers`` LLM and ``vision_layers`` tower layers (released: 28 / 27)."""
+    return CheckpointDims(
+        hidden=1536,
+        intermediate=8960,
+        layers=layers,
+        heads=12,
+        kv_heads=2,
+        vision_hidden=1152,
+        vision_intermediate=4304,
+        vision_layers=vision_layers,
+        vision_heads=16,
+        mm_max_length=mm_max_length,
+    )
+
+
+def tiny_config(
+    mode: Literal["lite", "full"], vocab_size: int, token_ids: dict[str, int], dims: CheckpointDims = TINY_DIMS
+) -> PixelReferConfig:
+    vision = VisionSettings(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=dims.vision_intermediate,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.vision_heads,
+    )
     text = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.intermediate,
+        "num_hidden_layers": dims.layers,
+        "num_attention_heads": dims.heads,
         "vocab_size": vocab_size,
-        "num_key_value_heads": 2,
+        "num_key_value_heads": dims.kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
@@ -169,10 +224,10 @@ def tiny_config(mode: Literal["lite", "full"], vocab_size: int, token_ids: dict[
         "tie_word_embeddings": False,
         "use_sliding_window": False,
         "sliding_window": None,
-        "max_window_layers": 2,
+        "max_window_layers": dims.layers,
         "attention_dropout": 0.0,
     }
-    mm_max_length = 1024
+    mm_max_length = dims.mm_max_length
     return PixelReferConfig(
         mode=mode,
         model_type=LITE_MODEL_TYPE if mode == "lite" else FULL_MODEL_TYPE,
@@ -218,9 +273,13 @@ def seeded_init(model: torch.nn.Module, names: dict[str, str], seed: int) -> Non
 
 
 def create_tiny_checkpoint(
-    folder: str | os.PathLike[str], mode: Literal["lite", "full"] = "lite", seed: int = TINY_SEED
+    folder: str | os.PathLike[str],
+    mode: Literal["lite", "full"] = "lite",
+    seed: int = TINY_SEED,
+    dims: CheckpointDims = TINY_DIMS,
 ) -> Path:
-    """Write a tiny checkpoint of ``mode`` into ``folder`` (created; must not hold another checkpoint)."""
+    """Write a checkpoint of ``mode`` with ``dims`` (default: the tiny model) into ``folder`` (created; must
+    not hold another checkpoint), in the released layout that the normal loader reads."""
     from .loading import build_model, save_checkpoint
     from .modeling_pixelrefer import internal_to_released
 
@@ -229,31 +288,39 @@ def create_tiny_checkpoint(
     build_tokenizer(folder)
     ids = json.loads((folder / "added_tokens.json").read_text())
     vocab_size = ((max(ids.values()) + 1 + 63) // 64) * 64
-    config = tiny_config(mode, vocab_size, ids)
+    config = tiny_config(mode, vocab_size, ids, dims)
     model = build_model(
         config, device=torch.device("cpu"), dtype=torch.float32, attn_implementation="sdpa", init_weights=True
     )
     names = {internal_to_released(k): k for k, _ in model.named_parameters()}
     seeded_init(model, names, seed)
     save_checkpoint(model, folder)
-    (folder / "tiny.json").write_text(json.dumps({"mode": mode, "seed": seed, "version": TINY_VERSION}))
+    meta = {"mode": mode, "seed": seed, "version": TINY_VERSION}
+    if dims != TINY_DIMS:
+        meta["dims"] = asdict(dims)
+    (folder / "tiny.json").write_text(json.dumps(meta))
     return folder
 
 
 def tiny_checkpoint(
-    mode: Literal["lite", "full"] = "lite", *, cache_dir: str | os.PathLike[str] | None = None, seed: int = TINY_SEED
+    mode: Literal["lite", "full"] = "lite",
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = TINY_SEED,
+    dims: CheckpointDims = TINY_DIMS,
 ) -> Path:
-    """Path of the cached tiny checkpoint of ``mode``, creating it atomically on first use."""
+    """Path of the cached checkpoint of ``mode`` (and ``dims``), creating it atomically on first use."""
     if mode not in ("lite", "full"):
         raise ValueError(f"tiny mode must be 'lite' or 'full', got {mode!r}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"tiny-{mode}-{TINY_VERSION}-seed{seed}"
+    suffix = "" if dims == TINY_DIMS else f"-{dims.slug()}"
+    final = root / f"tiny-{mode}-{TINY_VERSION}-seed{seed}{suffix}"
     if (final / "tiny.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
-        create_tiny_checkpoint(tmp, mode, seed)
+        create_tiny_checkpoint(tmp, mode, seed, dims)
         try:
             os.replace(tmp, final) if not final.exists() else None
         except OSError:

@@ -42,6 +42,9 @@ class IndexConfig:
     decode_timeout_s: float = 120.0
     upstream_local_crop: bool = False
     retry_failed: bool = False
+    max_attempts: int = 3
+    task_retries: int = 2
+    command: str = "index"
     run_id: str | None = None
     rows_per_file: int = 100_000
     decode: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 STAGING = "_staging"
 COMMIT_MARKER = "_COMMIT"
-# Publish order: `videos` last, so a reader never sees a video whose objects are not there yet.
-PUBLISH_ORDER = ("objects", "captions", "qa", "videos")
+# Publish order: `videos` after the rows that hang off it, so a reader never sees a video whose
+# objects are not there yet; `runs` last, as the record that the run is complete.
+PUBLISH_ORDER = ("objects", "captions", "qa", "videos", "runs")
 
 
 class OutputError(RuntimeError):
@@ -179,6 +180,17 @@ def read_table(
         return empty.select(columns) if columns else empty
     dataset = pads.dataset(folder, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
     return dataset.to_table(columns=columns)
+
+
+def retry_counts(output: str, model: str, tracker: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """How many committed runs of this model and tracker lost each video to a worker crash."""
+    runs = read_table(output, "runs", storage_options, columns=["model", "tracker", "retry_video_ids"])
+    counts: dict[str, int] = {}
+    for row in runs.to_pylist():
+        if row["model"] == model and row["tracker"] == tracker:
+            for video_id in row["retry_video_ids"] or []:
+                counts[video_id] = counts.get(video_id, 0) + 1
+    return counts
 
 
 def indexed_video_ids(

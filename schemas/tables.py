@@ -83,11 +83,37 @@ QA = pa.schema(
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"videos": VIDEOS, "objects": OBJECTS, "captions": CAPTIONS, "qa": QA}
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        ("command", pa.string()),
+        ("source", pa.string()),
+        ("model", pa.string()),
+        ("tracker", pa.string()),
+        ("mode", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("ended_at", pa.timestamp("us", tz="UTC")),
+        pa.field("status", pa.string(), nullable=False),
+        ("videos_listed", pa.int64()),
+        ("videos_skipped", pa.int64()),
+        ("videos_ok", pa.int64()),
+        ("videos_failed", pa.int64()),
+        ("videos_quarantined", pa.int64()),
+        ("objects", pa.int64()),
+        ("captions", pa.int64()),
+        ("answers", pa.int64()),
+        # Videos whose workers crashed in this run: not recorded in `videos`, so the next run
+        # retries them; after `max_attempts` such runs they are quarantined.
+        ("retry_video_ids", pa.list_(pa.string())),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"videos": VIDEOS, "objects": OBJECTS, "captions": CAPTIONS, "qa": QA, "runs": RUNS}
 
 VIDEO_STATUSES = ("ok", "failed")
 MODES = ("lite", "full")
 OBJECT_SOURCES = ("prompt", "auto")
+RUN_STATUSES = ("committed",)
 
 
 class SchemaError(ValueError):
@@ -136,6 +162,7 @@ def validate(name: str, table: pa.Table) -> None:
         "captions": ("mode", MODES),
         "qa": ("mode", MODES),
         "objects": ("source", OBJECT_SOURCES),
+        "runs": ("status", RUN_STATUSES),
     }
     column, allowed = checks[name]
     bad = set(table.column(column).to_pylist()) - set(allowed) - {None}

@@ -264,27 +264,6 @@ def private_local_index(tmp_path: Path, sample_videos: dict[str, GroundTruth]) -
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Any:
-    """A real S3 API on loopback (moto server mode), with dummy credentials."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():  # fmt: skip
-            mp.setenv(key, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
-@pytest.fixture(scope="session")
 def s3_storage_options(s3_endpoint: str) -> dict[str, Any]:
     import boto3
 

@@ -1,0 +1,135 @@
+"""The PixelRefer stage: per video, a detailed caption of every tracked object and the answers to
+the user's questions, in batched generate calls on one actor that loads the model once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+log = logging.getLogger(__name__)
+
+REGION = "<region>"
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (counts as str) to a bool (H, W) mask."""
+    return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
+
+
+def expand_questions(specs: Sequence[dict], object_ids: Sequence[int]) -> tuple[list[tuple[str, list[int]]], list[str]]:
+    """Turn question specs into (question, object ids) pairs for this video's objects.
+
+    One placeholder and no explicit objects: asked of every object. k placeholders and no explicit
+    objects: the first k objects. Returns the pairs and a list of readable reasons for skipped ones.
+    """
+    pairs: list[tuple[str, list[int]]] = []
+    skipped: list[str] = []
+    known = list(object_ids)
+    for spec in specs:
+        question, explicit = spec["question"], spec.get("objects")
+        count = question.count(REGION)
+        if explicit is not None:
+            missing = [o for o in explicit if o not in known]
+            if missing:
+                skipped.append(f"question {question!r}: objects {missing} were not tracked")
+                continue
+            pairs.append((question, list(explicit)))
+        elif count == 1:
+            pairs += [(question, [o]) for o in known]
+        elif len(known) >= count:
+            pairs.append((question, known[:count]))
+        else:
+            skipped.append(f"question {question!r}: needs {count} objects, video has {len(known)}")
+    return pairs, skipped
+
+
+def is_error(value: Any) -> bool:
+    """Ray Data turns an all-None string column into NaN floats: only a non-empty string is an error."""
+    return isinstance(value, str) and value != ""
+
+
+class ReferrerStage:
+    """Callable class for `map_batches`: loads PixelRefer once per actor, then serves batches.
+
+    Input columns: `frames`, `timestamps`, `tracks_json`, `questions_json`, `error`. Output: the
+    same row without `frames` (they must not travel further), plus `captions_json` and `qa_json`.
+    A failure on one video becomes that video's `error`; the other videos of the batch go on.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        mode: str = "lite",
+        *,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        upstream_local_crop: bool = False,
+        caption_prompt: str | None = None,
+    ) -> None:
+        from models.referrer import DEFAULT_CAPTION_PROMPT, Referrer
+
+        self.referrer = Referrer.from_pretrained(model, mode=mode, upstream_local_crop=upstream_local_crop)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.caption_prompt = caption_prompt or DEFAULT_CAPTION_PROMPT
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items() if k != "frames"}
+        captions, answers = [], []
+        for i in range(len(batch["video_id"])):
+            if is_error(batch["error"][i]):
+                captions.append("[]")
+                answers.append("[]")
+                continue
+            try:
+                cap, qa, notes = self._one_video(batch["frames"][i], batch["timestamps"][i], batch["tracks_json"][i], batch["questions_json"][i])
+            except Exception as exc:  # noqa: BLE001 - one video's failure must not take the batch down
+                log.exception("referrer failed on %s", batch["video_id"][i])
+                out["error"][i] = f"referrer: {type(exc).__name__}: {exc}"
+                cap, qa = [], []
+            else:
+                if notes:
+                    log.warning("video %s: %s", batch["video_id"][i], "; ".join(notes))
+            captions.append(json.dumps(cap))
+            answers.append(json.dumps(qa))
+        out["captions_json"] = captions
+        out["qa_json"] = answers
+        return {k: np.asarray(v, dtype=object) for k, v in out.items()}
+
+    def _one_video(self, frames: np.ndarray, timestamps: np.ndarray, tracks_json: str, questions_json: str) -> tuple[list, list, list[str]]:
+        from models.referrer import Request
+
+        tracks = json.loads(tracks_json or "[]")
+        if not tracks:
+            return [], [], []
+        objects = [{f["frame_index"]: decode_rle(f["rle"]) for f in t["frames"]} for t in tracks]
+        ids = [int(t["object_id"]) for t in tracks]
+        index_of = {oid: k for k, oid in enumerate(ids)}
+        pairs, notes = expand_questions(json.loads(questions_json or "[]"), ids)
+        requests = [Request(prompt=self.caption_prompt, object_indices=[k]) for k in range(len(tracks))]
+        requests += [Request(prompt=q, object_indices=[index_of[o] for o in objs]) for q, objs in pairs]
+        results = self.referrer.generate(
+            list(frames), [float(t) for t in timestamps], objects, requests,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+        )
+        captions = []
+        for track, result in zip(tracks, results[: len(tracks)]):
+            ts = [f["ts"] for f in track["frames"]]
+            captions.append({
+                "object_id": int(track["object_id"]),
+                "ts_start": min(ts) if ts else None,
+                "ts_end": max(ts) if ts else None,
+                "caption": None if result.error else result.text,
+                "num_tokens": int(result.num_tokens),
+            })
+        qa = [
+            {"object_ids": [int(o) for o in objs], "question": q, "answer": None if r.error else r.text}
+            for (q, objs), r in zip(pairs, results[len(tracks):])
+        ]
+        notes += [f"object {r.error}" for r in results if r.error]
+        return captions, qa, notes

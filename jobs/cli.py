@@ -1,0 +1,59 @@
+"""The `pixelrefer` command: one parser, one subcommand per job (see DESIGN.md, "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs.demo import add_demo_arguments, demo_main
+    from jobs.index import add_index_arguments, index_main
+    from jobs.query import add_query_arguments, query_main
+    from jobs.report import add_report_arguments, report_main
+    from jobs.submit import add_submit_arguments, submit_main
+
+    parser = argparse.ArgumentParser(prog="pixelrefer", description="Object-level video indexing with SAM 2 and PixelRefer on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    index = sub.add_parser("index", help="index the videos under SOURCE into tables under OUTPUT")
+    add_index_arguments(index)
+    index.set_defaults(func=index_main, command_name="index")
+
+    nightly = sub.add_parser("nightly", help="incremental index: only new or changed videos (same options as index)")
+    add_index_arguments(nightly)
+    nightly.set_defaults(func=index_main, command_name="nightly")
+
+    query = sub.add_parser("query", help="query the committed tables (DuckDB)")
+    add_query_arguments(query)
+    query.set_defaults(func=query_main)
+
+    report = sub.add_parser("report", help="HTML report of one video: frames with masks, captions, answers")
+    add_report_arguments(report)
+    report.set_defaults(func=report_main)
+
+    submit = sub.add_parser("submit", help="run a pixelrefer command on a Ray cluster through the Ray Jobs API")
+    add_submit_arguments(submit)
+    submit.set_defaults(func=submit_main)
+
+    demo = sub.add_parser("demo", help="make sample videos, index them with tiny models, show the tables")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=demo_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""`pixelrefer index` / `pixelrefer nightly`: build the config from the command line, run, summarise.
+
+Exit status (DESIGN.md): 0 when the run committed, even if some videos failed (they are rows with
+status 'failed'); non-zero when it could not commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import IndexConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NOT_COMMITTED = 1
+EXIT_USAGE = 2
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="folder, file or fsspec URL (s3://bucket/prefix) of videos")
+    parser.add_argument("output", metavar="OUTPUT", help="folder or fsspec URL for the Parquet tables")
+    parser.add_argument("--model", default="tiny", help="PixelRefer checkpoint: local folder, hub id, or 'tiny'")
+    parser.add_argument("--tracker", default="tiny", help="SAM 2 checkpoint: local folder, hub id, or 'tiny'")
+    parser.add_argument("--mode", choices=("lite", "full"), default="lite", help="lite: Object-Only (default); full: Vision-Object")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
+    rate.add_argument("--num-frames", type=int, default=None, help="frames sampled uniformly per video")
+    parser.add_argument("--max-frames", type=int, default=32, help="cap on sampled frames per video (default 32)")
+    parser.add_argument("--max-side", type=int, default=1920, help="downscale frames whose longer side exceeds this")
+    parser.add_argument("--prompts", default=None, help="JSON/JSONL file of objects to follow per video")
+    parser.add_argument("--questions", default=None, help="JSON/JSONL file of questions per video or for all ('*')")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--storage-options", default=None, help="JSON object passed to fsspec for SOURCE and OUTPUT")
+    parser.add_argument("--max-objects", type=int, default=8, help="objects kept per video in automatic discovery")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per caption or answer")
+    parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds allowed to decode one video")
+    parser.add_argument("--upstream-local-crop", action="store_true",
+                        help="reproduce upstream Lite's per-frame cached local crop (quirk L3) instead of one crop per object")
+    parser.add_argument("--retry-failed", action="store_true", help="index again videos whose earlier run failed")
+    parser.add_argument("--max-attempts", type=int, default=3,
+                        help="runs whose workers crash on a video before it is quarantined (default 3)")
+    parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> IndexConfig:
+    return IndexConfig(
+        source=args.source, output=args.output, model=args.model, tracker=args.tracker, mode=args.mode,
+        fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames, max_side=args.max_side,
+        prompts=args.prompts, questions=args.questions, address=args.address,
+        storage_options=IndexConfig.parse_storage_options(args.storage_options),
+        max_objects=args.max_objects, max_new_tokens=args.max_new_tokens, decode_timeout_s=args.decode_timeout,
+        upstream_local_crop=args.upstream_local_crop, retry_failed=args.retry_failed, run_id=args.run_id,
+        max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
+    )
+
+
+def index_main(args: argparse.Namespace) -> int:
+    from actors.prompts import PromptsError
+    from pipeline.graph import run_index
+    from pipeline.questions import QuestionsError
+    from pipeline.sink import OutputError
+    from pipeline.sources import SourceError
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = run_index(cfg)
+    except (SourceError, OutputError, PromptsError, QuestionsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOT_COMMITTED
+    except KeyboardInterrupt:
+        print("interrupted: nothing of this run was committed", file=sys.stderr)
+        return 130
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return EXIT_OK if summary.committed else EXIT_NOT_COMMITTED

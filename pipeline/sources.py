@@ -1,0 +1,202 @@
+"""Listing the videos of a SOURCE (a local folder or file, ``s3://``, any fsspec URL).
+
+The listing runs once on the driver; every entry becomes one row of the Ray dataset, and the
+decoder (``pipeline.decode``) later reads the file inside a Ray task. The listing therefore records
+what identifies the content *at listing time* (size, etag, mtime), so that a video that changes
+gets a new ``video_id`` and the nightly job indexes it again, while an unchanged one is skipped.
+
+All filesystem work goes through fsspec, so local paths, ``s3://`` (s3fs), ``gs://`` and any other
+fsspec URL behave the same, with ``storage_options`` passed through unchanged (credentials,
+``endpoint_url``, ...).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import IO, Any, ContextManager
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
+
+
+class SourceError(Exception):
+    """The SOURCE cannot be listed (missing, not reachable, unknown protocol, no permission).
+
+    Raised for the source as a whole; the message names the source and the reason so that the CLI
+    can print it as is.
+    """
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """One video found by `list_videos`.
+
+    `uri` is an absolute local path or a full URL (``s3://bucket/key``): it is what the decoder
+    opens and what the ``videos`` table stores, so it must be usable from any Ray worker.
+    """
+
+    uri: str
+    size_bytes: int
+    etag: str | None
+    mtime: float | None
+
+    @property
+    def content_version(self) -> str:
+        """What changes when the bytes change: the store's etag, else size and modification time."""
+        if self.etag:
+            return self.etag
+        return f"{self.size_bytes}-{self.mtime!r}"
+
+    @property
+    def video_id(self) -> str:
+        """Stable id: sha256 of the URI and the content version, first 16 hex digits (64 bits).
+
+        Hashing the version in (not only the URI) is what makes a re-encoded or replaced file a new
+        video for the incremental job; 64 bits keep collisions negligible below billions of videos.
+        """
+        digest = hashlib.sha256(f"{self.uri}\n{self.content_version}".encode("utf-8")).hexdigest()
+        return digest[:16]
+
+
+def _is_video_name(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    """The store's entity tag, without the quotes that S3 puts around it."""
+    for key in ("ETag", "etag", "Etag"):
+        value = info.get(key)
+        if value:
+            return str(value).strip('"')
+    return None
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Modification time as POSIX seconds.
+
+    fsspec backends disagree on the key and the type (local: float ``mtime``; s3fs: datetime
+    ``LastModified``; gcsfs: ISO string ``updated``; adlfs: datetime ``last_modified``), so all are
+    normalised here.
+    """
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, _dt.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=_dt.timezone.utc)
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+            return parsed.timestamp()
+    return None
+
+
+def _size(info: dict[str, Any]) -> int:
+    value = info.get("size", info.get("Size"))
+    return int(value) if value is not None else 0
+
+
+def _has_hidden_part(relative: str) -> bool:
+    """True for names under a hidden file or folder (``.git/``, ``._clip.mp4``).
+
+    macOS copies leave AppleDouble files named ``._clip.mp4`` next to every video; they carry a
+    video extension but hold no video, and would otherwise show up as one failed video each.
+    """
+    return any(part.startswith(".") for part in relative.split("/") if part)
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Absolute path for local files, full URL (with protocol) for every other filesystem."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _video_file(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> VideoFile:
+    return VideoFile(uri=_to_uri(fs, info["name"]), size_bytes=_size(info), etag=_etag(info), mtime=_mtime(info))
+
+
+def _filesystem(source: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(source, **(storage_options or {}))
+    except ImportError as exc:  # e.g. gcsfs not installed for gs://
+        raise SourceError(f"cannot open source {source!r}: its filesystem package is not installed ({exc})") from exc
+    except (ValueError, TypeError) as exc:  # unknown protocol, bad storage options
+        raise SourceError(f"cannot open source {source!r}: {exc}") from exc
+
+
+def list_videos(source: str, storage_options: dict | None = None) -> list[VideoFile]:
+    """All video files under `source`, recursively, sorted by URI.
+
+    `source` may be a folder or a single file, local or any fsspec URL. Files are kept when their
+    extension (any case) is in `VIDEO_EXTENSIONS`; a single file named explicitly is kept whatever
+    its extension, since the user asked for it (the decoder then says if it is no video). Hidden
+    files and folders are skipped (see `_has_hidden_part`). An existing but empty source gives
+    ``[]``: whether that is an error is the job's decision. A missing or unreadable source raises
+    `SourceError` naming it.
+    """
+    if not source:
+        raise SourceError("no source given: expected a folder, a file or a URL such as s3://bucket/prefix")
+    fs, root = _filesystem(source, storage_options)
+    try:
+        info = fs.info(root)
+    except FileNotFoundError as exc:
+        raise SourceError(f"source not found: {source!r} does not exist") from exc
+    except PermissionError as exc:
+        raise SourceError(f"source not readable: {source!r}: permission denied ({exc})") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read source {source!r}: {exc}") from exc
+
+    if info.get("type") != "directory":
+        return [_video_file(fs, info)]
+
+    try:
+        found = fs.find(root, detail=True, withdirs=False)
+    except PermissionError as exc:
+        raise SourceError(f"source not readable: {source!r}: permission denied ({exc})") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot list source {source!r}: {exc}") from exc
+
+    prefix = root.rstrip("/")
+    videos = []
+    for name, entry in found.items():
+        if entry.get("type", "file") != "file" or not _is_video_name(name):
+            continue
+        relative = name[len(prefix) :] if name.startswith(prefix) else name
+        if _has_hidden_part(relative):
+            continue
+        videos.append(_video_file(fs, entry))
+    videos.sort(key=lambda video: video.uri)
+    return videos
+
+
+def is_local(uri: str) -> bool:
+    """True when `uri` names a file on this machine (plain path or ``file://`` URL)."""
+    protocol = fsspec.utils.get_protocol(uri)
+    return protocol in ("file", "local")
+
+
+def local_path(uri: str) -> str:
+    """The plain path of a local `uri` (strips ``file://``)."""
+    return fsspec.utils.stringify_path(LocalFileSystem._strip_protocol(uri))
+
+
+def open_file(uri: str, storage_options: dict | None = None) -> ContextManager[IO[bytes]]:
+    """Context manager giving a binary, seekable file object for `uri` (local path or URL).
+
+    A thin wrapper over `fsspec.open` so that every reader passes `storage_options` the same way.
+    """
+    return fsspec.open(uri, "rb", **(storage_options or {}))

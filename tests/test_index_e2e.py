@@ -1,0 +1,117 @@
+"""End to end: `pixelrefer index` on test-made videos, local Ray, the real tiny SAM 2 and PixelRefer.
+
+One module-scoped run serves every check, since a run costs tens of seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from jobs.cli import main
+from pipeline.samples import DEFAULT_SHAPES, GroundTruth, make_video
+from schemas.tables import TABLES, validate
+
+
+def read(output: Path, table: str) -> pa.Table:
+    con = duckdb.connect()
+    arrow = con.sql(f"SELECT * FROM read_parquet('{output}/{table}/**/*.parquet', hive_partitioning=true)").to_arrow_table()
+    return arrow.select(TABLES[table].names).cast(TABLES[table])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    videos = root / "videos"
+    truths: dict[str, GroundTruth] = {
+        "steady.mp4": make_video(videos / "steady.mp4", shapes=DEFAULT_SHAPES, duration_s=3.0, seed=1),
+        "vfr.mp4": make_video(videos / "nested" / "vfr.mp4", shapes=DEFAULT_SHAPES[:2], duration_s=4.0, vfr=True, seed=2),
+    }
+    (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    (videos / "notes.txt").write_text("not a video")
+    gt = truths["steady.mp4"]
+    box = gt.shapes[0].box_at(0.0, gt.width, gt.height)
+    prompts = root / "prompts.json"
+    prompts.write_text(json.dumps({"steady.mp4": [{"box": list(box), "frame": 0}]}))
+    questions = root / "questions.json"
+    questions.write_text(json.dumps({"*": ["What is <region> doing?"]}))
+    return {"root": root, "videos": videos, "truths": truths, "prompts": prompts, "questions": questions}
+
+
+@pytest.fixture(scope="module")
+def indexed(corpus, ray_local) -> dict:
+    output = corpus["root"] / "index"
+    argv = [
+        "index", str(corpus["videos"]), str(output), "--fps", "2", "--max-new-tokens", "6",
+        "--prompts", str(corpus["prompts"]), "--questions", str(corpus["questions"]), "--max-objects", "3",
+    ]
+    code = main(argv)
+    return {"output": output, "code": code, "argv": argv, **corpus}
+
+
+def test_run_commits_and_tables_fit_their_schemas(indexed):
+    assert indexed["code"] == 0
+    for table in TABLES:
+        validate(table, read(indexed["output"], table))
+    assert not list((indexed["output"] / "_staging").glob("*")) if (indexed["output"] / "_staging").exists() else True
+
+
+def test_videos_rows_and_the_corrupt_one_failed(indexed):
+    videos = {Path(r["uri"]).name: r for r in read(indexed["output"], "videos").to_pylist()}
+    assert set(videos) == {"steady.mp4", "vfr.mp4", "corrupt.mp4"}
+    assert videos["corrupt.mp4"]["status"] == "failed"
+    assert "corrupt.mp4" in videos["corrupt.mp4"]["error"]
+    for name in ("steady.mp4", "vfr.mp4"):
+        row = videos[name]
+        assert row["status"] == "ok", row["error"]
+        assert row["model"] == "tiny-lite" and row["tracker"] == "tiny-sam2"
+        assert (row["width"], row["height"]) == (160, 120)
+
+
+def test_sampled_timestamps_are_presentation_timestamps(indexed):
+    videos = {Path(r["uri"]).name: r for r in read(indexed["output"], "videos").to_pylist()}
+    for name, truth in indexed["truths"].items():
+        sampled = videos[name]["sampled_ts"]
+        assert len(sampled) >= 3
+        for ts in sampled:
+            assert min(abs(ts - t) for t in truth.timestamps) < 1e-3, (name, ts)
+    # In the variable-rate video the second half is at a third of the rate: index/fps would be wrong there.
+    vfr = indexed["truths"]["vfr.mp4"]
+    slow = [t for t in vfr.timestamps if t >= 2.0]
+    assert any(abs(ts - t) < 1e-3 for ts in videos["vfr.mp4"]["sampled_ts"] for t in slow)
+
+
+def test_objects_have_captions_and_answers(indexed):
+    objects = read(indexed["output"], "objects").to_pylist()
+    captions = read(indexed["output"], "captions").to_pylist()
+    qa = read(indexed["output"], "qa").to_pylist()
+    keys = {(o["video_id"], o["object_id"]) for o in objects}
+    assert keys, "the prompted object must yield a track"
+    assert keys == {(c["video_id"], c["object_id"]) for c in captions}
+    assert {(q["video_id"], q["object_ids"][0]) for q in qa} == keys
+    assert all(q["question"] == "What is <region> doing?" and q["answer"] is not None for q in qa)
+    by_key = {(o["video_id"], o["object_id"]): o for o in objects}
+    for c in captions:
+        o = by_key[(c["video_id"], c["object_id"])]
+        assert (c["ts_start"], c["ts_end"]) == (o["first_ts"], o["last_ts"])
+        assert c["mode"] == "lite" and c["model"] == "tiny-lite" and c["num_tokens"] >= 1
+    sources = {o["source"] for o in objects}
+    assert "prompt" in sources
+
+
+DATA_TABLES = ("videos", "objects", "captions", "qa")
+
+
+def test_rerun_adds_no_rows(indexed):
+    before = {t: read(indexed["output"], t).num_rows for t in DATA_TABLES}
+    runs_before = read(indexed["output"], "runs").num_rows
+    assert main(indexed["argv"]) == 0
+    assert {t: read(indexed["output"], t).num_rows for t in DATA_TABLES} == before
+    runs = read(indexed["output"], "runs").to_pylist()
+    assert len(runs) == runs_before + 1
+    last = max(runs, key=lambda r: r["started_at"])
+    assert (last["videos_listed"], last["videos_skipped"], last["videos_ok"]) == (3, 3, 0)
