@@ -159,7 +159,7 @@ def index_tables(uris: dict[str, str], truths: dict[str, GroundTruth]) -> dict[s
     """{run_id: {table: rows}} for the whole index described in the module docstring."""
     t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        r: {"videos": [], "objects": [], "captions": [], "qa": []} for r in (RUN1, RUN2, RUN3)
+        r: {"videos": [], "objects": [], "captions": [], "qa": [], "runs": []} for r in (RUN1, RUN2, RUN3)
     }
     plan = [(RUN1, "a", "tiny", t0), (RUN1, "b", "tiny", t0), (RUN2, "a", "tiny-b", t0 + dt.timedelta(days=31))]
     for run_id, name, model, when in plan:
