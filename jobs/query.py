@@ -193,15 +193,12 @@ def has_parquet(fs: fsspec.AbstractFileSystem, folder: str) -> bool:
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
     """`--storage-options` is a JSON object passed to fsspec (credentials, endpoint_url, ...)."""
-    if not text:
-        return {}
+    from pipeline.config import IndexConfig
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--storage-options is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise UsageError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
-    return value
+        return IndexConfig.parse_storage_options(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------
