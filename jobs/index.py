@@ -33,7 +33,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None, help="JSON/JSONL file of objects to follow per video")
     parser.add_argument("--questions", default=None, help="JSON/JSONL file of questions per video or for all ('*')")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--storage-options", default=None, help="JSON object passed to fsspec for SOURCE and OUTPUT")
+    parser.add_argument("--storage-options", default=None, help="JSON object passed to fsspec for SOURCE and OUTPUT (credentials, endpoint_url, "
+                             "retries: {\"config_kwargs\": {\"retries\": {\"max_attempts\": 10}}})")
     parser.add_argument("--max-objects", type=int, default=8, help="objects kept per video in automatic discovery")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per caption or answer")
     parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds allowed to decode one video")
@@ -63,6 +64,7 @@ def index_main(args: argparse.Namespace) -> int:
     from pipeline.questions import QuestionsError
     from pipeline.sink import OutputError
     from pipeline.sources import SourceError
+    from pipeline.storage_errors import explain, is_storage_exception, redact
 
     try:
         cfg = config_from_args(args)
@@ -72,10 +74,19 @@ def index_main(args: argparse.Namespace) -> int:
     try:
         summary = run_index(cfg)
     except (SourceError, OutputError, PromptsError, QuestionsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc), cfg.storage_options)}", file=sys.stderr)
+        return EXIT_NOT_COMMITTED
+    except Exception as exc:
+        # A storage failure that no stage turned into a SourceError/OutputError is still the user's
+        # problem to fix, not a crash: one line, without the botocore stack and without credentials.
+        if not is_storage_exception(exc):
+            raise
+        log.debug("storage failure", exc_info=True)
+        reason = explain(exc, "", role="storage", action="running the index", storage_options=cfg.storage_options)
+        print(f"error: {reason}; nothing of this run was committed", file=sys.stderr)
         return EXIT_NOT_COMMITTED
     except KeyboardInterrupt:
-        print("interrupted: nothing of this run was committed", file=sys.stderr)
+        print("interrupted: this run was not committed (a publish cut short is completed by the next run)", file=sys.stderr)
         return 130
     for line in summary.lines():
         print(line, file=sys.stderr)

@@ -12,23 +12,40 @@ A crash before the marker leaves only staging data (invisible); a crash after it
 `recover()` at the start of the next run. Readers that join through `videos` never see a video
 whose other rows are missing, because `videos` is published last.
 
+If publishing fails with an error (a write refused half-way, retries exhausted), the files already
+published are taken back into staging in reverse order and the marker is removed, so the failed run
+leaves nothing visible; only a crash (or a store that refuses even that) leaves the roll-forward to
+`recover()`. Either way a reader sees all of a run or none of it.
+
+Storage failures (wrong credentials, a missing bucket, a refused write, throttling or a network
+error that outlasted the client's retries) become `OutputError` with one clear sentence, written by
+`pipeline.storage_errors`; s3fs and botocore do the retrying. On object stores no "folder" is ever
+created: s3fs's ``makedirs`` would create a missing *bucket* rather than report it.
+
+Every key written is ``<OUTPUT>/<fixed name>/...`` with a validated run id: nothing taken from the
+videos (their names, their keys) is part of an output path, so no source key can make a write
+land outside OUTPUT.
+
 Ray Data's own `write_parquet` is not used: it writes one dataset to one folder, while a video
 fans out to four tables, and it has no commit step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
+import re
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline import storage_errors
 from schemas.tables import TABLES, to_table
 
 log = logging.getLogger(__name__)
@@ -40,13 +57,87 @@ COMMIT_MARKER = "_COMMIT"
 PUBLISH_ORDER = ("objects", "captions", "qa", "videos", "runs")
 
 
+#: Run ids become one path segment (``run_id=<id>``, ``_staging/<id>``): plain characters only.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 class OutputError(RuntimeError):
-    """OUTPUT cannot be written (permissions, missing bucket, ...); the run cannot commit."""
+    """OUTPUT cannot be written (permissions, missing bucket, ...); the run cannot commit.
+
+    The message names OUTPUT and the reason, and never contains credentials.
+    """
 
 
 def filesystem(output: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(output, **dict(storage_options or {}))
-    return fs, root.rstrip("/")
+    """The filesystem and root path of OUTPUT; an unusable OUTPUT raises `OutputError`.
+
+    On object stores the key prefix must be plain: an empty segment (``s3://b//x`` makes keys that
+    start with ``/``) or a ``.``/``..`` segment is kept literally by S3 but normalised away by other
+    clients (URL libraries, query engines), so the tables could be written to one place and read
+    from another.
+    """
+    shown = storage_errors.redact_url(output)
+    try:
+        fs, root = fsspec.core.url_to_fs(output, **dict(storage_options or {}))
+    except ImportError as exc:
+        raise OutputError(f"cannot open OUTPUT {shown!r}: its filesystem package is not installed ({exc})") from exc
+    except (ValueError, TypeError) as exc:
+        raise OutputError(
+            storage_errors.redact(f"cannot open OUTPUT {shown!r}: {exc}", storage_options)
+        ) from exc
+    root = root.rstrip("/")
+    if storage_errors.is_object_store(fs):
+        segments = root.split("/")[1:]
+        if any(part in ("", ".", "..") for part in segments):
+            raise OutputError(
+                f"OUTPUT {shown!r}: the key prefix has an empty, '.' or '..' segment; object stores keep such "
+                "keys literally while other tools normalise them, so give a plain prefix (s3://bucket/a/b)"
+            )
+    return fs, root
+
+
+@contextlib.contextmanager
+def _storage(
+    output: str, storage_options: Mapping[str, Any] | None, action: str,
+    fs: fsspec.AbstractFileSystem | None = None, root: str | None = None,
+) -> Iterator[None]:
+    """Storage failures inside the block become `OutputError` with a clear message; bugs pass through."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as exc:
+        if not storage_errors.is_storage_exception(exc):
+            raise
+        cause = storage_errors.better(exc, fs, root) if fs is not None and root is not None else exc
+        raise OutputError(
+            storage_errors.explain(cause, output, role="OUTPUT", action=action, storage_options=storage_options)
+        ) from exc
+
+
+def _makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create a folder where folders exist; on object stores do nothing (it could create a bucket)."""
+    if not storage_errors.is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
+
+
+def _require_location(fs: fsspec.AbstractFileSystem, root: str, output: str) -> None:
+    """Fail early, before any work, when OUTPUT's bucket is missing or unreachable.
+
+    A missing prefix in an existing bucket is fine (a new OUTPUT); a missing bucket is not, and
+    neither are credentials the store refuses. Local folders are created by the writer.
+    """
+    if not storage_errors.is_object_store(fs):
+        return
+    try:
+        fs.info(root)
+    except FileNotFoundError as exc:
+        problem = storage_errors.classify(exc)
+        if problem.kind == "no_bucket" or "/" not in root.strip("/"):
+            raise OutputError(storage_errors.explain(
+                exc, output, role="OUTPUT", action="opening it",
+                problem=storage_errors.Problem("no_bucket", "NoSuchBucket", problem.status, problem.detail),
+            )) from exc
 
 
 class RunWriter:
@@ -60,6 +151,10 @@ class RunWriter:
         rows_per_file: int = 100_000,
         bytes_per_file: int = 128 * 1024 * 1024,
     ) -> None:
+        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+            raise OutputError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
+        self.output = output
+        self.storage_options = dict(storage_options or {})
         self.fs, self.root = filesystem(output, storage_options)
         self.run_id = run_id
         self.rows_per_file = rows_per_file
@@ -69,12 +164,21 @@ class RunWriter:
         self._files: dict[str, list[str]] = {name: [] for name in TABLES}
         self.rows_written: dict[str, int] = {name: 0 for name in TABLES}
         try:
-            self.fs.makedirs(self.staging, exist_ok=True)
+            _makedirs(self.fs, self.staging)
             probe = posixpath.join(self.staging, ".write-probe")
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
         except Exception as exc:  # noqa: BLE001 - any backend's refusal means the same to the user
-            raise OutputError(f"OUTPUT {output!r} is not writable: {exc}") from exc
+            if not storage_errors.is_storage_exception(exc):
+                raise
+            cause = storage_errors.better(exc, self.fs, self.root)
+            raise OutputError(storage_errors.explain(
+                cause, output, role="OUTPUT", action="checking that it can be written", storage_options=storage_options,
+                subject=f"OUTPUT {storage_errors.redact_url(output)!r} is not writable",
+            )) from exc
+
+    def _storage(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return _storage(self.output, self.storage_options, action, self.fs, self.root)
 
     def add(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
         """Validate a batch against its schema now, so a bad row fails before anything commits."""
@@ -84,7 +188,8 @@ class RunWriter:
         self._buffers[table].append(to_table(table, rows))
         buffered = self._buffers[table]
         if sum(t.num_rows for t in buffered) >= self.rows_per_file or sum(t.nbytes for t in buffered) >= self.bytes_per_file:
-            self.flush(table)
+            with self._storage(f"writing a staged part of table {table!r}"):
+                self.flush(table)
 
     def flush(self, table: str) -> None:
         buffered = self._buffers[table]
@@ -92,7 +197,7 @@ class RunWriter:
             return
         data = pa.concat_tables(buffered)
         path = posixpath.join(self.staging, table, f"part-{len(self._files[table]):05d}.parquet")
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        _makedirs(self.fs, posixpath.dirname(path))
         with self.fs.open(path, "wb") as f:
             pq.write_table(data, f, compression="zstd")
         self._files[table].append(path)
@@ -100,22 +205,53 @@ class RunWriter:
         self._buffers[table] = []
 
     def commit(self) -> dict[str, int]:
-        """Flush, write the commit marker, publish. Returns rows written per table."""
-        for table in TABLES:
-            self.flush(table)
+        """Flush, write the commit marker, publish. Returns rows written per table.
+
+        Raises `OutputError` when the store refuses or keeps failing; the run is then not visible:
+        files already published are taken back (see `_roll_back`) before the error is raised.
+        """
+        with self._storage("writing the run's staged files"):
+            for table in TABLES:
+                self.flush(table)
         moves = []
         for table in PUBLISH_ORDER:
             for src in self._files[table]:
                 dst = posixpath.join(self.root, table, f"run_id={self.run_id}", posixpath.basename(src))
                 moves.append([src, dst])
         marker = {"run_id": self.run_id, "moves": moves, "rows": self.rows_written, "committed_at": time.time()}
-        self.fs.pipe_file(posixpath.join(self.staging, COMMIT_MARKER), json.dumps(marker).encode())
-        _publish(self.fs, self.staging, moves)
+        marker_path = posixpath.join(self.staging, COMMIT_MARKER)
+        with self._storage("writing the commit marker"):
+            self.fs.pipe_file(marker_path, json.dumps(marker).encode())
+        try:
+            _publish(self.fs, self.staging, moves)
+        except Exception as exc:  # not BaseException: a crash or ^C leaves the roll-forward to `recover`
+            left = _roll_back(self.fs, marker_path, moves)
+            if left:
+                outcome = (f"{len(left)} published file(s) could not be taken back, so the commit marker stays and "
+                           "the next run finishes publishing this run")
+            else:
+                outcome = "nothing of this run was published"
+            if not storage_errors.is_storage_exception(exc):
+                log.error("publishing run %s failed (%s): %s", self.run_id, outcome, exc)
+                raise
+            cause = storage_errors.better(exc, self.fs, self.root)
+            reason = storage_errors.explain(cause, self.output, role="OUTPUT", action="publishing the run",
+                                            storage_options=self.storage_options)
+            raise OutputError(f"{reason}; {outcome}") from exc
         return dict(self.rows_written)
 
     def abort(self) -> None:
-        """Drop the staged files of a run that will not commit."""
+        """Drop the staged files of a run that will not commit.
+
+        A staging folder that still holds the commit marker is left alone: its publish was
+        interrupted (^C mid-publish) or could not be taken back, so part of the run may already be
+        visible, and only `recover` (at the next run) can make that whole again. Deleting the staged
+        files here would leave that part published for ever.
+        """
         try:
+            if self.fs.exists(posixpath.join(self.staging, COMMIT_MARKER)):
+                log.warning("run %s was partly published; the next run finishes its commit", self.run_id)
+                return
             if self.fs.exists(self.staging):
                 self.fs.rm(self.staging, recursive=True)
         except Exception as exc:  # noqa: BLE001 - cleanup must never mask the original failure
@@ -123,13 +259,51 @@ class RunWriter:
 
 
 def _publish(fs: fsspec.AbstractFileSystem, staging: str, moves: list[list[str]]) -> None:
+    """Move the staged files into place, in order, then drop the staging folder.
+
+    Idempotent, so that `recover` can run it again after a crash at any point. Once every file is
+    in place the run is published: failing to remove the staging folder afterwards is only logged
+    (the next run's `recover` removes it).
+    """
     for src, dst in moves:
         if fs.exists(src):
-            fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            _makedirs(fs, posixpath.dirname(dst))
             fs.mv(src, dst)
         elif not fs.exists(dst):
             raise OutputError(f"commit of {staging} lost {src}: neither staged nor published")
-    fs.rm(staging, recursive=True)
+    try:
+        fs.rm(staging, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - the run is published; leftovers are cleaned up later
+        log.warning("run published, but its staging folder %s could not be removed: %s", staging, exc)
+
+
+def _roll_back(fs: fsspec.AbstractFileSystem, marker_path: str, moves: list[list[str]]) -> list[str]:
+    """Undo a publish that failed with an error; returns the published paths it could not take back.
+
+    Files go back into staging in the reverse of the publish order (``runs``, then ``videos``,
+    then the rows that hang off them), so that even a partial roll-back never shows a video
+    without its rows. The commit marker is removed only when everything is back, and then the
+    writer's `abort` drops staging; otherwise the marker stays, and `recover` completes the
+    publish at the next run (roll forward), which is the other consistent outcome.
+    """
+    left = []
+    for src, dst in reversed(moves):
+        try:
+            if fs.exists(dst):
+                if fs.exists(src):  # copied, but the staged original was not deleted yet
+                    fs.rm_file(dst)
+                else:
+                    _makedirs(fs, posixpath.dirname(src))
+                    fs.mv(dst, src)
+        except Exception as exc:  # noqa: BLE001 - keep taking back what can be taken back
+            log.error("could not take back %s after a failed publish: %s", dst, exc)
+            left.append(dst)
+    if not left:
+        try:
+            fs.rm_file(marker_path)
+        except Exception as exc:  # noqa: BLE001 - staged files are all there: a roll-forward is still right
+            log.error("could not remove the commit marker %s after taking the run back: %s", marker_path, exc)
+    return left
 
 
 def recover(output: str, storage_options: Mapping[str, Any] | None = None, stale_after_s: float = 24 * 3600) -> list[str]:
@@ -139,8 +313,14 @@ def recover(output: str, storage_options: Mapping[str, Any] | None = None, stale
     still going on elsewhere. Returns the run ids whose commit was finished here.
     """
     fs, root = filesystem(output, storage_options)
+    with _storage(output, storage_options, "looking for interrupted commits", fs, root):
+        _require_location(fs, root, output)
+        return _recover(fs, root, stale_after_s)
+
+
+def _recover(fs: fsspec.AbstractFileSystem, root: str, stale_after_s: float) -> list[str]:
     staging_root = posixpath.join(root, STAGING)
-    finished = []
+    finished: list[str] = []
     if not fs.exists(staging_root):
         return finished
     for entry in fs.ls(staging_root, detail=False):
@@ -175,11 +355,12 @@ def read_table(
     fs, root = filesystem(output, storage_options)
     folder = posixpath.join(root, table)
     schema = TABLES[table]
-    if not fs.exists(folder) or not fs.find(folder):
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    dataset = pads.dataset(folder, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
-    return dataset.to_table(columns=columns)
+    with _storage(output, storage_options, f"reading table {table!r}", fs, root):
+        if not fs.exists(folder) or not fs.find(folder):
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        dataset = pads.dataset(folder, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
+        return dataset.to_table(columns=columns)
 
 
 def retry_counts(output: str, model: str, tracker: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:

@@ -21,6 +21,8 @@ from typing import IO, Any, ContextManager
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import storage_errors
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
 
@@ -28,7 +30,7 @@ class SourceError(Exception):
     """The SOURCE cannot be listed (missing, not reachable, unknown protocol, no permission).
 
     Raised for the source as a whole; the message names the source and the reason so that the CLI
-    can print it as is.
+    can print it as is (it never contains credentials).
     """
 
 
@@ -114,8 +116,11 @@ def _has_hidden_part(relative: str) -> bool:
 
     macOS copies leave AppleDouble files named ``._clip.mp4`` next to every video; they carry a
     video extension but hold no video, and would otherwise show up as one failed video each.
+    ``.`` and ``..`` are not hidden names: on a local disk they never come out of a listing, and in
+    an object store they are plain characters of a key (``x/../y.mp4`` is its own object, which
+    s3fs reads literally), so such a video is listed like any other.
     """
-    return any(part.startswith(".") for part in relative.split("/") if part)
+    return any(part.startswith(".") and part not in (".", "..") for part in relative.split("/") if part)
 
 
 def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -153,22 +158,16 @@ def list_videos(source: str, storage_options: dict | None = None) -> list[VideoF
     fs, root = _filesystem(source, storage_options)
     try:
         info = fs.info(root)
-    except FileNotFoundError as exc:
-        raise SourceError(f"source not found: {source!r} does not exist") from exc
-    except PermissionError as exc:
-        raise SourceError(f"source not readable: {source!r}: permission denied ({exc})") from exc
-    except OSError as exc:
-        raise SourceError(f"cannot read source {source!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - narrowed by `_source_error`
+        raise _source_error(exc, source, storage_options, fs, root, "reading it") from exc
 
     if info.get("type") != "directory":
         return [_video_file(fs, info)]
 
     try:
         found = fs.find(root, detail=True, withdirs=False)
-    except PermissionError as exc:
-        raise SourceError(f"source not readable: {source!r}: permission denied ({exc})") from exc
-    except OSError as exc:
-        raise SourceError(f"cannot list source {source!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - narrowed by `_source_error`
+        raise _source_error(exc, source, storage_options, fs, root, "listing it") from exc
 
     prefix = root.rstrip("/")
     videos = []
@@ -181,6 +180,28 @@ def list_videos(source: str, storage_options: dict | None = None) -> list[VideoF
         videos.append(_video_file(fs, entry))
     videos.sort(key=lambda video: video.uri)
     return videos
+
+
+def _source_error(
+    exc: Exception, source: str, storage_options: dict | None, fs: fsspec.AbstractFileSystem, root: str, action: str
+) -> SourceError:
+    """`SourceError` for a storage failure; anything else (a bug) is raised again unchanged.
+
+    The store's answer decides the words: a missing source or bucket, rejected credentials, a
+    refused read, throttling or a network failure that outlasted the client's retries.
+    """
+    if not storage_errors.is_storage_exception(exc):
+        raise exc
+    problem = storage_errors.classify(storage_errors.better(exc, fs, root))
+    if problem.kind == "not_found":
+        bucket = storage_errors.bucket_of(source)
+        if bucket and root.strip("/") == bucket:  # the source is a whole bucket, and it is not there
+            problem = storage_errors.Problem("no_bucket", "NoSuchBucket", problem.status, problem.detail)
+        else:
+            return SourceError(f"source not found: {storage_errors.redact_url(source)!r} does not exist")
+    message = storage_errors.explain(exc, source, role="SOURCE", action=action, storage_options=storage_options,
+                                     problem=problem)
+    return SourceError(message)
 
 
 def is_local(uri: str) -> bool:
