@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from actors.busy import BusyClock
+
 log = logging.getLogger(__name__)
 
 REGION = "<region>"
@@ -77,29 +79,36 @@ class ReferrerStage:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.caption_prompt = caption_prompt or DEFAULT_CAPTION_PROMPT
+        self.clock = BusyClock("referrer")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items() if k != "frames"}
         captions, answers = [], []
-        for i in range(len(batch["video_id"])):
-            if is_error(batch["error"][i]):
-                captions.append("[]")
-                answers.append("[]")
-                continue
-            try:
-                cap, qa, notes = self._one_video(batch["frames"][i], batch["timestamps"][i], batch["tracks_json"][i], batch["questions_json"][i])
-            except Exception as exc:  # noqa: BLE001 - one video's failure must not take the batch down
-                log.exception("referrer failed on %s", batch["video_id"][i])
-                out["error"][i] = f"referrer: {type(exc).__name__}: {exc}"
-                cap, qa = [], []
-            else:
-                if notes:
-                    log.warning("video %s: %s", batch["video_id"][i], "; ".join(notes))
-            captions.append(json.dumps(cap))
-            answers.append(json.dumps(qa))
+        n = len(batch["video_id"])
+        with self.clock.batch():
+            for i in range(n):
+                if is_error(batch["error"][i]):
+                    captions.append("[]")
+                    answers.append("[]")
+                    continue
+                try:
+                    cap, qa, notes = self._one_video(
+                        batch["frames"][i], batch["timestamps"][i], batch["tracks_json"][i], batch["questions_json"][i]
+                    )
+                except Exception as exc:  # noqa: BLE001 - one video's failure must not take the batch down
+                    log.exception("referrer failed on %s", batch["video_id"][i])
+                    out["error"][i] = f"referrer: {type(exc).__name__}: {exc}"
+                    cap, qa = [], []
+                else:
+                    if notes:
+                        log.warning("video %s: %s", batch["video_id"][i], "; ".join(notes))
+                captions.append(json.dumps(cap))
+                answers.append(json.dumps(qa))
         out["captions_json"] = captions
         out["qa_json"] = answers
-        return {k: np.asarray(v, dtype=object) for k, v in out.items()}
+        result = {k: np.asarray(v, dtype=object) for k, v in out.items()}
+        result.update(self.clock.columns(n))
+        return result
 
     def _one_video(self, frames: np.ndarray, timestamps: np.ndarray, tracks_json: str, questions_json: str) -> tuple[list, list, list[str]]:
         from models.referrer import Request

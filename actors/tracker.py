@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
+from actors.busy import BusyClock
 from actors.prompts import ObjectPrompt, PromptsError, prompts_from_json
 
 log = logging.getLogger(__name__)
@@ -721,22 +723,28 @@ class TrackerStage:
     """
 
     def __init__(self, model: str = "tiny", **tracker_kwargs: Any) -> None:
+        # Frames arrive as read-only views of Ray's object store; the SAM 2 processor only reads them,
+        # so torch's warning about non-writable arrays is noise in every worker log.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.tracker = Tracker(model, **tracker_kwargs)
+        self.clock = BusyClock("tracker")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["video_id"])
         errors = list(batch["error"]) if "error" in batch else [None] * n
         tracks_json = []
-        for i in range(n):
-            if _failed(errors[i]):
-                tracks_json.append("[]")
-                continue
-            tracks, errors[i] = self._one(batch, i)
-            tracks_json.append(json.dumps(tracks, separators=(",", ":")))
+        with self.clock.batch():
+            for i in range(n):
+                if _failed(errors[i]):
+                    tracks_json.append("[]")
+                    continue
+                tracks, errors[i] = self._one(batch, i)
+                tracks_json.append(json.dumps(tracks, separators=(",", ":")))
         out = dict(batch)
         out["tracks_json"] = np.array(tracks_json, dtype=object)
         out["tracker"] = np.array([self.tracker.name] * n, dtype=object)
         out["error"] = np.array(errors, dtype=object)
+        out.update(self.clock.columns(n))
         return out
 
     def _one(self, batch: Mapping[str, np.ndarray], i: int) -> tuple[list[dict], str | None]:

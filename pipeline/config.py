@@ -72,24 +72,29 @@ class IndexConfig:
     def tracker_label(self) -> str:
         return "tiny-sam2" if self.tracker == "tiny" else self.tracker
 
-    def fit_resources(self, cluster_cpus: float, cluster_gpus: float) -> None:
+    def fit_resources(self, cluster_cpus: float, cluster_gpus: float, largest_node_cpus: float | None = None) -> None:
         """Pick per-stage resources for the cluster at hand.
 
-        With GPUs, each model actor takes one GPU. Without, the model actors declare half a CPU each
-        so that, even on a 2-core machine, both pools and at least one decode task fit at once (a
-        pool that cannot be placed stalls the whole stream). The declared CPU counts also differ
-        from the decode task's, which keeps Ray from fusing decoding into the model actors.
+        With GPUs, each model actor takes one GPU. Without, the two model actors share the largest
+        node's cores less one kept for decoding; Ray pins a worker's intra-op threads to its whole
+        CPU count (``OMP_NUM_THREADS``), so this is also how many threads torch uses there. On small
+        nodes that leaves half a CPU each (one thread), so that even on a 2-core machine, or a
+        cluster of 1-CPU nodes, both pools and at least one decode task fit at once (a pool that
+        cannot be placed stalls the whole stream). Sizes come from the nodes present at the start:
+        GPUs an autoscaler adds later are not used by this run.
         """
+        node_cpus = cluster_cpus if largest_node_cpus is None else min(cluster_cpus, largest_node_cpus)
         if cluster_gpus >= 1:
             pool = max(1, int(cluster_gpus // 2)) if cluster_gpus >= 2 else 1
             for stage in (self.track, self.refer):
                 stage.num_gpus = 1.0 if cluster_gpus >= 2 else 0.5
-                stage.num_cpus = 2.0
+                stage.num_cpus = min(2.0, max(0.5, (node_cpus - 1) / 2))
                 stage.concurrency = (1, pool)
         else:
+            per_actor = max(0.5, float(int((node_cpus - 1) // 2)))
             for stage in (self.track, self.refer):
                 stage.num_gpus = 0.0
-                stage.num_cpus = 0.5
+                stage.num_cpus = per_actor
                 stage.concurrency = (1, 1)
         self.decode.num_cpus = 1.0
 

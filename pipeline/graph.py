@@ -16,14 +16,17 @@ import logging
 import secrets
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from actors.busy import ACTOR_PREFIX, BUSY_PREFIX, END_PREFIX, START_PREFIX
 from pipeline.config import IndexConfig
 from pipeline.questions import load_questions, questions_for
 from pipeline.sink import RunWriter, indexed_video_ids, recover, retry_counts
 from pipeline.sources import VideoFile, list_videos
+from pipeline.storage_errors import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,40 @@ class RunSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Wall time of the streaming graph (first row submitted to last row received).
+    graph_seconds: float = 0.0
+    #: Seconds each model stage's actors spent inside batches, summed over actors.
+    busy_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: Distinct actors seen per model stage.
+    actors: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Per model stage, (first batch start, last batch end) as epoch seconds: its active window.
+    windows: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+    def utilisation(self) -> dict[str, float]:
+        """Share of the graph's wall time each actor pool was busy (1.0: every actor always busy).
+
+        A model stage well under 1.0 while another is near it is starved by the stage before it;
+        actor start-up (model loading) counts as idle, which is what it costs the run.
+        """
+        if self.graph_seconds <= 0:
+            return {}
+        return {
+            stage: busy / (max(1, self.actors.get(stage, 1)) * self.graph_seconds)
+            for stage, busy in self.busy_seconds.items()
+        }
+
+    def active_utilisation(self) -> dict[str, float]:
+        """Busy share within each stage's own window (first batch in to last batch out).
+
+        Unlike `utilisation`, actor start-up and the pipeline filling and draining do not count, so
+        this is the steady-state answer to "does the stage before starve this one?".
+        """
+        out = {}
+        for stage, busy in self.busy_seconds.items():
+            start, end = self.windows.get(stage, (0.0, 0.0))
+            if end > start:
+                out[stage] = busy / (max(1, self.actors.get(stage, 1)) * (end - start))
+        return out
 
     def lines(self) -> list[str]:
         rate = self.frames / self.seconds if self.seconds else 0.0
@@ -56,6 +93,15 @@ class RunSummary:
             f"  objects {self.objects}, captions {self.captions}, answers {self.answers}, "
             f"frames {self.frames} ({rate:.1f} frames/s)",
         ]
+        busy, active = self.utilisation(), self.active_utilisation()
+        if busy:
+            out.append(
+                "  stage busy: " + ", ".join(
+                    f"{stage} {share:.0%} ({self.actors.get(stage, 1)} actor{'s' if self.actors.get(stage, 1) > 1 else ''}"
+                    + (f", {active[stage]:.0%} between its first and last batch" if stage in active else "") + ")"
+                    for stage, share in busy.items()
+                ) + f" of {self.graph_seconds:.1f} s"
+            )
         out += [f"  failed: {uri}: {error}" for uri, error in self.failures]
         return out
 
@@ -143,28 +189,34 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     # A block that keeps failing (a worker crash, not a bad video: those become rows) must not stop
-    # the others; the driver notices the missing videos and records them for the next run.
+    # the others; the driver notices the missing videos and records them for the next run. Set
+    # before `from_items`: a Dataset snapshots the current DataContext when it is created.
     ctx.max_errored_blocks = len(rows)
-    ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
-    ds = ds.map_batches(
-        TrackerStage,
-        fn_constructor_kwargs={"model": cfg.tracker, "max_objects": cfg.max_objects, "keyframe_interval_s": cfg.keyframe_interval_s},
-        batch_size=cfg.track.batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=cfg.track.concurrency[0], max_size=cfg.track.concurrency[1]),
-        num_cpus=cfg.track.num_cpus, num_gpus=cfg.track.num_gpus, max_task_retries=cfg.task_retries,
-    )
-    ds = ds.map_batches(
-        ReferrerStage,
-        fn_constructor_kwargs={
-            "model": cfg.model, "mode": cfg.mode, "max_new_tokens": cfg.max_new_tokens,
-            "upstream_local_crop": cfg.upstream_local_crop,
-        },
-        batch_size=cfg.refer.batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=cfg.refer.concurrency[0], max_size=cfg.refer.concurrency[1]),
-        num_cpus=cfg.refer.num_cpus, num_gpus=cfg.refer.num_gpus, max_task_retries=cfg.task_retries,
-    )
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    # Ray Data retries crashed tasks and actors forever by default; a video that kills its worker
+    # every time must stop after `task_retries` and be quarantined instead. Ray 2.60 takes the bound
+    # only through the deprecated `**ray_remote_args` (no named parameter yet): ray is pinned <2.64.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
+        ds = ds.map_batches(
+            TrackerStage,
+            fn_constructor_kwargs={"model": cfg.tracker, "max_objects": cfg.max_objects, "keyframe_interval_s": cfg.keyframe_interval_s},
+            batch_size=cfg.track.batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=cfg.track.concurrency[0], max_size=cfg.track.concurrency[1]),
+            num_cpus=cfg.track.num_cpus, num_gpus=cfg.track.num_gpus, max_task_retries=cfg.task_retries,
+        )
+        ds = ds.map_batches(
+            ReferrerStage,
+            fn_constructor_kwargs={
+                "model": cfg.model, "mode": cfg.mode, "max_new_tokens": cfg.max_new_tokens,
+                "upstream_local_crop": cfg.upstream_local_crop,
+            },
+            batch_size=cfg.refer.batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=cfg.refer.concurrency[0], max_size=cfg.refer.concurrency[1]),
+            num_cpus=cfg.refer.num_cpus, num_gpus=cfg.refer.num_gpus, max_task_retries=cfg.task_retries,
+        )
     return ds
 
 
@@ -230,7 +282,7 @@ def quarantined_row(cfg: IndexConfig, video: VideoFile, run_id: str, attempts: i
 
 def run_row(cfg: IndexConfig, summary: RunSummary, started_at: dt.datetime) -> dict[str, Any]:
     return {
-        "run_id": summary.run_id, "command": cfg.command, "source": cfg.source, "model": cfg.model_label,
+        "run_id": summary.run_id, "command": cfg.command, "source": redact_url(cfg.source), "model": cfg.model_label,
         "tracker": cfg.tracker_label, "mode": cfg.mode, "started_at": started_at,
         "ended_at": dt.datetime.now(dt.timezone.utc), "status": "committed",
         "videos_listed": summary.videos_listed, "videos_skipped": summary.videos_skipped,
@@ -257,7 +309,7 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
     videos = list_videos(cfg.source, cfg.storage_options)
     summary.videos_listed = len(videos)
     if not videos:
-        progress(f"no videos found under {cfg.source}")
+        progress(f"no videos found under {redact_url(cfg.source)}")
     done = indexed_video_ids(
         cfg.output, cfg.model_label, cfg.tracker_label, cfg.storage_options, include_failed=not cfg.retry_failed
     )
@@ -288,6 +340,23 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
     return summary
 
 
+def _count_busy(row: Mapping[str, Any], summary: RunSummary, actors: dict[str, set[str]]) -> None:
+    for key, value in row.items():
+        if key.startswith(BUSY_PREFIX):
+            stage = key[len(BUSY_PREFIX):]
+            seconds = float(value) if value is not None else 0.0
+            if np.isfinite(seconds):
+                summary.busy_seconds[stage] = summary.busy_seconds.get(stage, 0.0) + seconds
+            actor = row.get(ACTOR_PREFIX + stage)
+            if isinstance(actor, str) and actor:
+                actors.setdefault(stage, set()).add(actor)
+                summary.actors[stage] = len(actors[stage])
+            start, end = float(row.get(START_PREFIX + stage, np.nan)), float(row.get(END_PREFIX + stage, np.nan))
+            if np.isfinite(start) and np.isfinite(end):
+                lo, hi = summary.windows.get(stage, (start, end))
+                summary.windows[stage] = (min(lo, start), max(hi, end))
+
+
 def _process(
     cfg: IndexConfig, todo: list[VideoFile], listed: int, run_id: str, writer: RunWriter, summary: RunSummary,
     progress: Callable[[str], None], started: float,
@@ -297,11 +366,16 @@ def _process(
     rows = _video_rows(cfg, todo, run_id)
     ensure_ray(cfg.address)
     resources = ray.cluster_resources()
-    cfg.fit_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    node_cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cfg.fit_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), max(node_cpus, default=None))
     progress(f"run {run_id}: indexing {len(todo)} of {listed} videos with {cfg.model_label} / {cfg.tracker_label}")
     indexed_at = dt.datetime.now(dt.timezone.utc)
     seen: set[str] = set()
+    actors: dict[str, set[str]] = {}
+    graph_start = time.monotonic()
     for row in iter_finished(build_dataset(cfg, rows)):
+        _count_busy(row, summary, actors)
+        summary.graph_seconds = time.monotonic() - graph_start
         tables = table_rows(row, cfg, indexed_at)
         for name, table in tables.items():
             writer.add(name, table)

@@ -5,7 +5,10 @@ One module-scoped run serves every check, since a run costs tens of seconds on t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -49,8 +52,10 @@ def indexed(corpus, ray_local) -> dict:
         "index", str(corpus["videos"]), str(output), "--fps", "2", "--max-new-tokens", "6",
         "--prompts", str(corpus["prompts"]), "--questions", str(corpus["questions"]), "--max-objects", "3",
     ]
-    code = main(argv)
-    return {"output": output, "code": code, "argv": argv, **corpus}
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        code = main(argv)
+    return {"output": output, "code": code, "argv": argv, "log": log.getvalue(), **corpus}
 
 
 def test_run_commits_and_tables_fit_their_schemas(indexed):
@@ -58,6 +63,13 @@ def test_run_commits_and_tables_fit_their_schemas(indexed):
     for table in TABLES:
         validate(table, read(indexed["output"], table))
     assert not list((indexed["output"] / "_staging").glob("*")) if (indexed["output"] / "_staging").exists() else True
+
+
+def test_the_summary_reports_how_busy_each_model_stage_was(indexed):
+    line = next(line for line in indexed["log"].splitlines() if "stage busy:" in line)
+    shares = dict(re.findall(r"(tracker|referrer) (\d+)%", line))
+    assert set(shares) == {"tracker", "referrer"}, line
+    assert all(0 < int(v) <= 100 for v in shares.values()), line
 
 
 def test_videos_rows_and_the_corrupt_one_failed(indexed):
