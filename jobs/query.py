@@ -642,6 +642,9 @@ def to_jsonable(value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
+    if isinstance(value, pa.MonthDayNano):  # DuckDB's INTERVAL, e.g. `ended_at - started_at`
+        interval = _interval(value)
+        return interval.total_seconds() if isinstance(interval, dt.timedelta) else interval
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -650,11 +653,21 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _interval(value: "pa.MonthDayNano") -> dt.timedelta | str:
+    """A timedelta when the interval has no months (their length varies), else ISO 8601 text."""
+    delta = dt.timedelta(days=value.days, microseconds=value.nanoseconds / 1000)
+    if not value.months:
+        return delta
+    return f"P{value.months}M{value.days}DT{value.nanoseconds / 1e9:g}S"
+
+
 def _cell_text(value: Any) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, pa.MonthDayNano):
+        return str(_interval(value))
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(to_jsonable(value), ensure_ascii=False)
     if isinstance(value, dt.datetime):
@@ -730,6 +743,8 @@ def write_csv_format(reader: pa.RecordBatchReader | pa.Table, out: TextIO) -> in
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, pa.MonthDayNano):
+        return to_jsonable(value)
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(to_jsonable(value), ensure_ascii=False)
     if isinstance(value, dt.datetime):

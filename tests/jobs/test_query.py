@@ -116,6 +116,18 @@ def test_sql_json_handles_timestamps_and_nested_rows(local_index: IndexInfo, run
     assert row["sampled_ts"][:3] == [0.0, 0.2, 0.4]
 
 
+def test_intervals_print_as_durations_in_every_format(local_index: IndexInfo, run_query) -> None:
+    sql = ("SELECT INTERVAL 32673 MILLISECONDS AS took, INTERVAL 1 DAY + INTERVAL 2 SECONDS AS day, "
+           "INTERVAL 1 MONTH AS month")  # fmt: skip
+    code, out, err = run_query(local_index.output, "--sql", sql)
+    assert code == 0, err
+    assert out.splitlines()[2].split() == ["0:00:32.673000", "1", "day,", "0:00:02", "P1M0DT0S"]
+    code, out, err = run_query(local_index.output, "--sql", sql, "--format", "json")
+    assert json.loads(out) == {"took": 32.673, "day": 86402.0, "month": "P1M0DT0S"}
+    code, out, err = run_query(local_index.output, "--sql", sql, "--format", "csv")
+    assert out.splitlines()[1] == "32.673,86402.0,P1M0DT0S"
+
+
 def test_query_streams_record_batches(local_index: IndexInfo) -> None:
     with open_index(local_index.output) as ix:
         reader = ix.reader("SELECT video_id, object_id FROM objects", batch_rows=3)
