@@ -23,8 +23,8 @@ video and the same objects in both modes and measures:
   shared, upstream's k-means expressions) vs the defaults; the greedy ids are compared (must be equal).
   Lite: 4 objects x (caption + question); full: 8 captions (tiny) / 4 captions (2B widths).
 
-Runtime: about 5 minutes on a quiet 2-vCPU machine (about 30 s more on the first run, which creates
-and caches the 2B-width checkpoints); ``--quick`` (tiny only) about 1.5 minutes. On a shared machine
+Runtime: about 7 minutes on a quiet 2-vCPU machine (about 30 s more on the first run, which creates
+and caches the 2B-width checkpoints; peak RSS about 10 GB, in the 480p run); ``--quick`` (tiny only) about 1.5 minutes. On a shared machine
 other processes can slow the small-op-bound tiny runs by 10x (two OpenMP threads waiting on a busy
 core), so the run keeps to ``--budget-s``: past half of it every stage times one repeat, past 60% the
 optional stages (optimisations, batching at the 2B widths) are skipped; the JSON says which, and
@@ -44,8 +44,13 @@ the pipeline gives for a tracked object). Every request decodes exactly ``--new-
 disabled: random weights would stop at random places, and equal work makes modes and batch sizes
 comparable). One caption request per object, the pipeline's default caption prompt.
 
-Not measured here: GPU (no GPU on this machine); the paper's resolution (full's vision tokens grow with
-the frame size, Lite's do not; ``bench.flops`` has the analytic figures at ~7185 vision tokens).
+Paper scale: the 2B-width checkpoints once more on 20 frames of 854x480, "1 mask" only, one timed run.
+Full's vision tokens grow with the frame size up to the released per-frame budget, which 480p already
+fills (7800 frame tokens after compression, the paper counts ~7185); Lite's do not grow. This is the
+run that compares with the paper's ~100x (its figure counts the LLM only); the 320x240 runs
+understate full's cost.
+
+Not measured here: GPU (no GPU on this machine).
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ REAL_LLM_LAYERS, REAL_VISION_LAYERS = 28, 27
 QUESTION = "What is <region> doing?"
 #: Full's frame tokens for HC-STVG's 20 frames in the paper's setting (DESIGN.md, bench.flops).
 PAPER_VISION_TOKENS = 7185
+#: Frame size of the paper-scale run: from about 480p up, full's frames fill the released per-frame
+#: pixel budget (``max_pixels // 20``), so its frame tokens (7800 here) stop growing with resolution.
+PAPER_HW = (480, 854)
+PAPER_LABEL = "2B-w/2L@480p"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,11 +265,19 @@ def scale_to_released_depth(f: dict[str, Any], llm_layers: int, vision_layers: i
 # The runs
 # ---------------------------------------------------------------------------------------------------
 def lite_vs_full(
-    label: str, dims: CheckpointDims, figures: dict[str, Any], rows: list[list[str]], *, repeats: int, new_tokens: int
+    label: str,
+    dims: CheckpointDims,
+    figures: dict[str, Any],
+    rows: list[list[str]],
+    *,
+    repeats: int,
+    new_tokens: int,
+    hw: tuple[int, int] = (HEIGHT, WIDTH),
+    settings_wanted: Sequence[str] = ("mask1", "mask20"),
 ) -> None:
-    """Measured FLOPs (eager) and wall time (sdpa) per object, one caption request per call, both settings."""
-    frames, times, objects = synthetic_video(1, seed=1)
-    settings = {"mask1": one_mask(objects), "mask20": objects}
+    """Measured FLOPs (eager) and wall time (sdpa) per object, one caption request per call."""
+    frames, times, objects = synthetic_video(1, seed=1, height=hw[0], width=hw[1])
+    settings = {k: v for k, v in {"mask1": one_mask(objects), "mask20": objects}.items() if k in settings_wanted}
     req = [Request(DEFAULT_CAPTION_PROMPT, [0])]
     for mode in ("lite", "full"):
         eager = load(mode, dims, attn="eager")
@@ -280,6 +297,7 @@ def lite_vs_full(
             rows.append(
                 [
                     label,
+                    f"{hw[1]}x{hw[0]}",
                     setting,
                     mode,
                     str(f["llm_tokens"]),
@@ -298,7 +316,9 @@ def lite_vs_full(
         gc.collect()
     for setting in settings:
         full, lite = (f"{label}.full.{setting}", f"{label}.lite.{setting}")
-        for what in ("flops_total", "flops_prefill", "flops_released_depth", "wall_s_per_object"):
+        for k in (full, lite):
+            figures[f"{k}.flops_llm"] = figures[f"{k}.flops_prefill"] + figures[f"{k}.flops_decode"]
+        for what in ("flops_total", "flops_prefill", "flops_llm", "flops_released_depth", "wall_s_per_object"):
             a, b = figures[f"{full}.{what}"], figures[f"{lite}.{what}"]
             figures[f"{label}.{setting}.full_over_lite.{what}"] = None if a is None or b is None else a / b
         if dims != TINY_DIMS:
@@ -477,6 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick:
         stage("2b.lite_vs_full", lambda n: lite_vs_full("2B-w/2L", big, figures, cmp_rows, repeats=n, **kw),
               args.repeats_2b)
+    if not args.quick:
+        stage(
+            "2b.lite_vs_full.480p",
+            lambda n: lite_vs_full(
+                PAPER_LABEL, big, figures, cmp_rows, repeats=1, hw=PAPER_HW, settings_wanted=("mask1",), **kw
+            ),
+            1,
+        )
     if tiny:
         stage(
             "tiny.lite.optimisations",
@@ -507,23 +535,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures["bench_seconds.total"] = total
 
     print(
-        "Lite vs full, one object per call, 20 frames 320x240 "
+        "Lite vs full, one object per call, 20 frames "
         "(GFLOPs = 1e9 hardware FLOPs, FlopCounterMode, eager attention; wall: sdpa, median)"
     )
     print(_table(
-        ["model", "masks", "mode", "LLM tok", "patches", "vision", "obj+proj", "prefill", "prefill(analytic)",
+        ["model", "frames", "masks", "mode", "LLM tok", "patches", "vision", "obj+proj", "prefill", "prefill(analytic)",
          "decode+head", "total", "total@28/27L", "wall s/obj"],
         cmp_rows,
     ))
-    labels = tiny + ([] if args.quick else ["2B-w/2L"])
+    labels = tiny + ([] if args.quick else ["2B-w/2L", PAPER_LABEL])
     print()
     for label in labels:
         for setting in ("mask1", "mask20"):
             p = f"{label}.{setting}.full_over_lite"
+            if p + ".flops_total" not in figures:
+                continue
             depth = figures[p + ".flops_released_depth"]
             print(
                 f"{label} {setting}: full/lite measured FLOPs total {figures[p + '.flops_total']:.1f}x, LLM prefill "
-                f"{figures[p + '.flops_prefill']:.1f}x"
+                f"{figures[p + '.flops_prefill']:.1f}x, LLM prefill+decode {figures[p + '.flops_llm']:.1f}x"
                 + ("" if depth is None else f", total at released depth {depth:.1f}x")
                 + f"; wall per object {figures[p + '.wall_s_per_object']:.2f}x"
             )
@@ -566,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "new_tokens": args.new_tokens,
             "frames": NUM_FRAMES,
             "frame_hw": [HEIGHT, WIDTH],
+            "paper_scale_frame_hw": list(PAPER_HW),
             "mask1_frame": MASK_FRAME,
             "flops_attention": "eager (FlopCounterMode does not count sdpa on CPU)",
             "wall_attention": "sdpa",
