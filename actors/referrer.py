@@ -50,6 +50,22 @@ def expand_questions(specs: Sequence[dict], object_ids: Sequence[int]) -> tuple[
     return pairs, skipped
 
 
+def spread_frames(frame_indices: Sequence[int], limit: int | None) -> list[int]:
+    """At most ``limit`` of an object's frames, evenly spread, always its first and last.
+
+    Lite spends one 32-token entry in the prompt and three tower images on every frame an object is
+    masked in, so a track over all sampled frames costs about that many times a single mask
+    (``bench.referrer``: 20 masks vs 1). Keeping the track's ends keeps the caption's time span.
+    """
+    ordered = sorted(frame_indices)
+    if limit is None or len(ordered) <= limit:
+        return ordered
+    if limit == 1:
+        return [ordered[len(ordered) // 2]]
+    picks = np.linspace(0, len(ordered) - 1, limit).round().astype(int)
+    return [ordered[i] for i in sorted(set(picks.tolist()))]
+
+
 def is_error(value: Any) -> bool:
     """Ray Data turns an all-None string column into NaN floats: only a non-empty string is an error."""
     return isinstance(value, str) and value != ""
@@ -72,10 +88,14 @@ class ReferrerStage:
         batch_size: int = 16,
         upstream_local_crop: bool = False,
         caption_prompt: str | None = None,
+        object_frames: int | None = None,
     ) -> None:
         from models.referrer import DEFAULT_CAPTION_PROMPT, Referrer
 
+        if object_frames is not None and object_frames <= 0:
+            raise ValueError(f"object_frames must be positive, got {object_frames}")
         self.referrer = Referrer.from_pretrained(model, mode=mode, upstream_local_crop=upstream_local_crop)
+        self.object_frames = object_frames
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.caption_prompt = caption_prompt or DEFAULT_CAPTION_PROMPT
@@ -116,7 +136,11 @@ class ReferrerStage:
         tracks = json.loads(tracks_json or "[]")
         if not tracks:
             return [], [], []
-        objects = [{f["frame_index"]: decode_rle(f["rle"]) for f in t["frames"]} for t in tracks]
+        objects = []
+        for t in tracks:
+            by_index = {f["frame_index"]: f for f in t["frames"]}
+            keep = spread_frames(list(by_index), self.object_frames)
+            objects.append({i: decode_rle(by_index[i]["rle"]) for i in keep})
         ids = [int(t["object_id"]) for t in tracks]
         index_of = {oid: k for k, oid in enumerate(ids)}
         pairs, notes = expand_questions(json.loads(questions_json or "[]"), ids)

@@ -37,6 +37,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                              "retries: {\"config_kwargs\": {\"retries\": {\"max_attempts\": 10}}})")
     parser.add_argument("--max-objects", type=int, default=8, help="objects kept per video in automatic discovery")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per caption or answer")
+    parser.add_argument("--object-frames", type=int, default=None, metavar="K",
+                        help="masked frames of each object shown to PixelRefer, evenly spread over its track "
+                             "(default: all; Lite's cost per object grows about linearly with them)")
     parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds allowed to decode one video")
     parser.add_argument("--upstream-local-crop", action="store_true",
                         help="reproduce upstream Lite's per-frame cached local crop (quirk L3) instead of one crop per object")
@@ -52,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames, max_side=args.max_side,
         prompts=args.prompts, questions=args.questions, address=args.address,
         storage_options=IndexConfig.parse_storage_options(args.storage_options),
-        max_objects=args.max_objects, max_new_tokens=args.max_new_tokens, decode_timeout_s=args.decode_timeout,
+        max_objects=args.max_objects, max_new_tokens=args.max_new_tokens, object_frames=args.object_frames,
+        decode_timeout_s=args.decode_timeout,
         upstream_local_crop=args.upstream_local_crop, retry_failed=args.retry_failed, run_id=args.run_id,
         max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
     )

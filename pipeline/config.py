@@ -39,6 +39,7 @@ class IndexConfig:
     max_objects: int = 8
     keyframe_interval_s: float = 2.0
     max_new_tokens: int = 64
+    object_frames: int | None = None
     decode_timeout_s: float = 120.0
     upstream_local_crop: bool = False
     retry_failed: bool = False
@@ -62,6 +63,8 @@ class IndexConfig:
             raise ValueError(f"--fps must be positive, got {self.fps}")
         if self.max_objects <= 0:
             raise ValueError(f"--max-objects must be positive, got {self.max_objects}")
+        if self.object_frames is not None and self.object_frames <= 0:
+            raise ValueError(f"--object-frames must be positive, got {self.object_frames}")
 
     @property
     def model_label(self) -> str:

@@ -211,7 +211,7 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
             ReferrerStage,
             fn_constructor_kwargs={
                 "model": cfg.model, "mode": cfg.mode, "max_new_tokens": cfg.max_new_tokens,
-                "upstream_local_crop": cfg.upstream_local_crop,
+                "upstream_local_crop": cfg.upstream_local_crop, "object_frames": cfg.object_frames,
             },
             batch_size=cfg.refer.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(min_size=cfg.refer.concurrency[0], max_size=cfg.refer.concurrency[1]),

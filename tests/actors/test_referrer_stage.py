@@ -1,0 +1,95 @@
+"""The referrer stage on the tiny model: which frames of a track reach PixelRefer, and what comes back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from actors.referrer import ReferrerStage, spread_frames
+from pipeline.config import IndexConfig
+
+NUM_FRAMES, H, W = 6, 64, 80
+
+
+@pytest.mark.parametrize(
+    "indices, limit, expected",
+    [
+        ([3, 0, 1, 2], None, [0, 1, 2, 3]),
+        ([0, 1, 2], 5, [0, 1, 2]),
+        (list(range(10)), 2, [0, 9]),
+        (list(range(10)), 4, [0, 3, 6, 9]),
+        ([2, 5, 7, 11, 13], 3, [2, 7, 13]),
+        (list(range(7)), 1, [3]),
+    ],
+)
+def test_spread_frames_keeps_the_ends(indices, limit, expected):
+    assert spread_frames(indices, limit) == expected
+
+
+def _rle(mask: np.ndarray) -> dict:
+    enc = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in enc["size"]], "counts": enc["counts"].decode("ascii")}
+
+
+def _cell(value) -> np.ndarray:
+    """A one-row object column holding an array, as Ray Data hands a ragged column over."""
+    col = np.empty(1, dtype=object)
+    col[0] = value
+    return col
+
+
+def _batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (NUM_FRAMES, H, W, 3), dtype=np.uint8)
+    track_frames = []
+    for f in range(NUM_FRAMES):
+        mask = np.zeros((H, W), dtype=bool)
+        mask[10 + f : 40 + f, 20 + 2 * f : 50 + 2 * f] = True
+        track_frames.append({"frame_index": f, "ts": 0.5 * f, "rle": _rle(mask)})
+    tracks = [{"object_id": 7, "source": "auto", "frames": track_frames}]
+    return {
+        "video_id": np.array(["v1"], dtype=object),
+        "frames": _cell(frames),
+        "timestamps": _cell(np.arange(NUM_FRAMES) * 0.5),
+        "tracks_json": np.array([json.dumps(tracks)], dtype=object),
+        "questions_json": np.array([json.dumps([{"question": "What is <region>?"}])], dtype=object),
+        "error": np.array([""], dtype=object),
+    }
+
+
+@pytest.fixture(scope="module")
+def stage() -> ReferrerStage:
+    return ReferrerStage("tiny", max_new_tokens=3)
+
+
+@pytest.mark.parametrize("limit, shown", [(None, list(range(NUM_FRAMES))), (2, [0, 5]), (3, [0, 2, 5])])
+def test_object_frames_limits_what_the_model_sees(stage, monkeypatch, limit, shown):
+    seen = []
+    generate = stage.referrer.generate
+
+    def spy(frames, timestamps, objects, requests, **kw):
+        seen.append([sorted(o) for o in objects])
+        return generate(frames, timestamps, objects, requests, **kw)
+
+    monkeypatch.setattr(stage.referrer, "generate", spy)
+    monkeypatch.setattr(stage, "object_frames", limit)
+    out = stage(_batch())
+    assert seen == [[shown]]
+    assert out["error"][0] == ""
+    (caption,) = json.loads(out["captions_json"][0])
+    # The caption's span is the track's, whatever frames the model was shown.
+    assert (caption["object_id"], caption["ts_start"], caption["ts_end"]) == (7, 0.0, 2.5)
+    assert caption["caption"] is not None and caption["num_tokens"] > 0
+    (answer,) = json.loads(out["qa_json"][0])
+    assert answer["object_ids"] == [7] and answer["answer"] is not None
+    assert "frames" not in out and out["busy_s_referrer"][0] >= 0
+
+
+def test_object_frames_must_be_positive():
+    with pytest.raises(ValueError, match="object_frames"):
+        ReferrerStage("tiny", object_frames=0)
+    with pytest.raises(ValueError, match="--object-frames"):
+        IndexConfig(source="s", output="o", object_frames=0)
