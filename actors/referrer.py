@@ -51,7 +51,8 @@ def expand_questions(specs: Sequence[dict], object_ids: Sequence[int]) -> tuple[
 
 
 def spread_frames(frame_indices: Sequence[int], limit: int | None) -> list[int]:
-    """At most ``limit`` of an object's frames, evenly spread, always its first and last.
+    """At most ``limit`` of an object's frames, evenly spread: its first and last among them (for a
+    ``limit`` of 1, its middle frame).
 
     Lite spends one 32-token entry in the prompt and three tower images on every frame an object is
     masked in, so a track over all sampled frames costs about that many times a single mask

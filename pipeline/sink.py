@@ -99,7 +99,7 @@ def filesystem(output: str, storage_options: Mapping[str, Any] | None = None) ->
 @contextlib.contextmanager
 def _storage(
     output: str, storage_options: Mapping[str, Any] | None, action: str,
-    fs: fsspec.AbstractFileSystem | None = None, root: str | None = None,
+    fs: fsspec.AbstractFileSystem | None = None, root: str | None = None, subject: str | None = None,
 ) -> Iterator[None]:
     """Storage failures inside the block become `OutputError` with a clear message; bugs pass through."""
     try:
@@ -110,9 +110,9 @@ def _storage(
         if not storage_errors.is_storage_exception(exc):
             raise
         cause = storage_errors.better(exc, fs, root) if fs is not None and root is not None else exc
-        raise OutputError(
-            storage_errors.explain(cause, output, role="OUTPUT", action=action, storage_options=storage_options)
-        ) from exc
+        raise OutputError(storage_errors.explain(
+            cause, output, role="OUTPUT", action=action, storage_options=storage_options, subject=subject
+        )) from exc
 
 
 def _makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -136,7 +136,7 @@ def _require_location(fs: fsspec.AbstractFileSystem, root: str, output: str) -> 
         if problem.kind == "no_bucket" or "/" not in root.strip("/"):
             raise OutputError(storage_errors.explain(
                 exc, output, role="OUTPUT", action="opening it",
-                problem=storage_errors.Problem("no_bucket", "NoSuchBucket", problem.status, problem.detail),
+                problem=problem.as_missing_bucket(),
             )) from exc
 
 
@@ -163,19 +163,14 @@ class RunWriter:
         self._buffers: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
         self._files: dict[str, list[str]] = {name: [] for name in TABLES}
         self.rows_written: dict[str, int] = {name: 0 for name in TABLES}
-        try:
+        with _storage(
+            output, storage_options, "checking that it can be written", self.fs, self.root,
+            subject=f"OUTPUT {storage_errors.redact_url(output)!r} is not writable",
+        ):
             _makedirs(self.fs, self.staging)
             probe = posixpath.join(self.staging, ".write-probe")
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
-        except Exception as exc:  # noqa: BLE001 - any backend's refusal means the same to the user
-            if not storage_errors.is_storage_exception(exc):
-                raise
-            cause = storage_errors.better(exc, self.fs, self.root)
-            raise OutputError(storage_errors.explain(
-                cause, output, role="OUTPUT", action="checking that it can be written", storage_options=storage_options,
-                subject=f"OUTPUT {storage_errors.redact_url(output)!r} is not writable",
-            )) from exc
 
     def _storage(self, action: str) -> contextlib.AbstractContextManager[None]:
         return _storage(self.output, self.storage_options, action, self.fs, self.root)

@@ -196,7 +196,7 @@ def _source_error(
     if problem.kind == "not_found":
         bucket = storage_errors.bucket_of(source)
         if bucket and root.strip("/") == bucket:  # the source is a whole bucket, and it is not there
-            problem = storage_errors.Problem("no_bucket", "NoSuchBucket", problem.status, problem.detail)
+            problem = problem.as_missing_bucket()
         else:
             return SourceError(f"source not found: {storage_errors.redact_url(source)!r} does not exist")
     message = storage_errors.explain(exc, source, role="SOURCE", action=action, storage_options=storage_options,

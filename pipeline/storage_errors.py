@@ -68,6 +68,10 @@ class Problem:
     status: int | None  # HTTP status, when an answer came back
     detail: str  # the store's (or the library's) own words, credentials removed by `explain`
 
+    def as_missing_bucket(self) -> "Problem":
+        """This problem read as a missing bucket: a 404 on a bucket's root means the bucket is not there."""
+        return dataclasses.replace(self, kind="no_bucket", code="NoSuchBucket")
+
     @property
     def transient(self) -> bool:
         """Worth retrying later: the library's retries ran out, a later attempt may succeed."""
