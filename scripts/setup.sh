@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh Debian machine: system packages, a virtual
 # environment, PyTorch (installed first and pinned, so no other requirement pulls a different
-# multi-GB build), then the project with its dev extras. Re-running is cheap: each step is skipped
-# when its result is already there.
+# multi-GB build), then every other dependency at the exact versions of requirements.lock (with
+# their hashes), then the project itself without dependencies. Re-running is cheap: each step is
+# skipped when its result is already there.
+#
+# The lock is what CI tested: a fresh machine installs exactly that, never whatever was released
+# overnight. `make lock` refreshes it (see README, "Dependencies").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-EXTRAS=${EXTRAS:-dev}
+LOCK=${LOCK:-requirements.lock}
+TORCH_SPEC=$(grep -E '^(torch|torchvision)==' requirements/constraints.in | tr '\n' ' ')
 
 need_apt=()
 command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || need_apt+=(ffmpeg)
@@ -17,7 +21,7 @@ if [ "${WITH_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null; then need_a
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need_apt[*]} (apt-get)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null 2>&1
   else
     echo "setup: please install ${need_apt[*]} (e.g. sudo apt-get install ${need_apt[*]})" >&2
   fi
@@ -25,12 +29,21 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 stamp="$VENV/.pixelrefer-installed"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $EXTRAS"
+want="$(cat pyproject.toml "$LOCK" requirements/constraints.in scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+  # Machines with local package mirrors configured in pip.conf get one "Location ... is ignored"
+  # line per package those mirrors lack: about the machine, not the project.
+  exec 3>&2 2> >(grep --line-buffered -v "is ignored: it is neither a file nor a directory" >&3)
+  "${pip[@]}" install -q --upgrade pip
+  echo "setup: installing $TORCH_SPEC"
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+  "${pip[@]}" install -q $TORCH_SPEC
+  echo "setup: installing the locked dependencies ($LOCK)"
+  "${pip[@]}" install -q --require-hashes -r "$LOCK"
+  # setuptools' notice about editable installs of a flat layout is information, not a problem:
+  # shown only if the step fails.
+  log=$("${pip[@]}" install -q --no-deps -e . 2>&1) || { echo "$log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 echo "setup: ready ($VENV)"

@@ -308,16 +308,33 @@ def test_dockerfile_pins_what_setup_pins_and_installs_the_gpu_stack():
     text = dockerfile()
     froms = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert froms and all(f.startswith("nvidia/cuda:") for f in froms)
-    setup = (ROOT / "scripts" / "setup.sh").read_text()
-    torch = re.search(r"torch==(\S+) torchvision==([^\s\"}]+)", setup)
-    assert torch, "scripts/setup.sh: TORCH_SPEC"
-    assert dockerfile_arg("TORCH_VERSION") == torch.group(1)
-    assert dockerfile_arg("TORCHVISION_VERSION") == torch.group(2)
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (ROOT / "requirements" / "constraints.in").read_text(), re.MULTILINE))
+    assert dockerfile_arg("TORCH_VERSION") == pins["torch"]
+    assert dockerfile_arg("TORCHVISION_VERSION") == pins["torchvision"]
     assert '"torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"' in text
     assert re.search(r"flash-attn==\$\{FLASH_ATTN_VERSION\}", text)
     assert re.search(r"apt-get install[^\n]*\bffmpeg\b", text) and re.search(r"apt-get install[^\n]*\bwget\b", text)
-    assert '"ray[default,data]==${RAY_VERSION}"' in text and '".[gpu]"' in text
+    assert "pip install --require-hashes -r requirements.lock" in text and '--no-deps ".[gpu]"' in text
     assert re.search(r'^ENTRYPOINT \["pixelrefer"\]$', text, re.MULTILINE)
+
+
+def test_the_lock_agrees_with_the_pins_and_holds_every_dependency():
+    """setup.sh, the Dockerfile and the lock name one torch and one Ray; every pyproject dependency is locked."""
+    lock = (ROOT / "requirements.lock").read_text()
+    locked = {m.group(1).lower(): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.MULTILINE)}
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (ROOT / "requirements" / "constraints.in").read_text(), re.MULTILINE))
+    assert locked["torch"] == pins["torch"] and locked["torchvision"] == pins["torchvision"]
+    assert locked["ray"] == dockerfile_arg("RAY_VERSION")
+    assert "--hash=sha256:" in lock
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    for requirement in wanted:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+        assert name in locked, f"{name} is in pyproject.toml but not in requirements.lock: run `make lock`"
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "--require-hashes -r" in setup and "requirements/constraints.in" in setup
 
 
 def test_dockerfile_context_holds_exactly_what_it_copies():
