@@ -1,8 +1,13 @@
-"""The `pixelrefer` command: one parser, one subcommand per job (see DESIGN.md, "Command line")."""
+"""The `pixelrefer` command: one parser, one subcommand per job (see DESIGN.md, "Command line").
+
+Only this module imports the subcommands; a subcommand never imports it, so each job module can
+be run or tested alone (`python -m jobs.query ...`) and submit/demo reuse their peers directly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -42,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="make sample videos, index them with tiny models, show the tables")
     add_demo_arguments(demo)
     demo.set_defaults(func=demo_main)
+
+    # `models` is being added in its own module; until it lands the other commands must still work.
+    if importlib.util.find_spec("jobs.models") is not None:
+        from jobs.models import add_models_arguments, models_main
+
+        models = sub.add_parser("models", help="download model checkpoints, or check that one loads")
+        add_models_arguments(models)
+        models.set_defaults(func=models_main)
     return parser
 
 

@@ -34,16 +34,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from jobs.query import (
-    QueryError,
-    UsageError,
-    VideoResult,
-    add_common_arguments,
-    open_index,
-    parse_storage_options,
-    presence_spans,
-    run_cli,
-)
+from jobs.query import add_common_arguments, run_cli
+from jobs.query_errors import QueryError, UsageError
+from jobs.query_sql import open_index, parse_storage_options
+from jobs.query_video import VideoResult, presence_spans
 
 DEFAULT_MAX_FRAMES = 12
 DEFAULT_MAX_WIDTH = 640

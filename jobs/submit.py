@@ -199,20 +199,24 @@ def _subcommand(argv: list[str]) -> str | None:
 
 
 def _project_parser() -> argparse.ArgumentParser:
-    """The `pixelrefer` parser itself, so that the cluster never gets a command it would reject."""
-    try:
-        from jobs.cli import build_parser
+    """The submittable part of the `pixelrefer` parser, built from each subcommand's own options.
 
-        return build_parser()
-    except ImportError:  # a subcommand module is missing: index/nightly are what submit is for
-        from jobs.index import add_index_arguments
+    The cluster runs `python -m jobs.cli`, whose parser adds the same functions, so a command that
+    passes here is one the cluster accepts. Built here rather than taken from jobs.cli, which
+    imports this module.
+    """
+    from jobs.index import add_index_arguments
+    from jobs.query import add_query_arguments
+    from jobs.report import add_report_arguments
 
-        parser = argparse.ArgumentParser(prog="pixelrefer")
-        parser.add_argument("-v", "--verbose", action="store_true")
-        sub = parser.add_subparsers(dest="command", required=True)
-        for name in ("index", "nightly"):
-            add_index_arguments(sub.add_parser(name))
-        return parser
+    parser = argparse.ArgumentParser(prog="pixelrefer")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    adders = {"index": add_index_arguments, "nightly": add_index_arguments,
+              "query": add_query_arguments, "report": add_report_arguments}  # fmt: skip
+    for name in SUBMITTABLE:
+        adders[name](sub.add_parser(name))
+    return parser
 
 
 def validate_command(argv: list[str], masker: Masker | None = None) -> argparse.Namespace:
@@ -535,7 +539,7 @@ def submit_main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.submit ...`, usable before the subcommand is wired into jobs.cli."""
+    """`python -m jobs.submit ...`: the same command without the umbrella CLI."""
     parser = argparse.ArgumentParser(prog="pixelrefer submit", description=__doc__.split("\n\n")[0])
     add_submit_arguments(parser)
     return submit_main(parser.parse_args(argv))

@@ -302,7 +302,7 @@ def odd_source(s3_endpoint, s3_bucket, tmp_path) -> tuple[str, dict[str, int]]:
 def test_throttling_and_cut_connections_are_retried_and_odd_keys_stay_inside_output(
     ray_local, odd_source, proxy, capsys
 ):
-    from jobs.query import open_index
+    from jobs.query_sql import open_index
 
     bucket, sizes = odd_source
     prefix = "index dir/ü"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import base64
 import csv
 import io
 import json
@@ -16,8 +18,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from jobs import query as q
-from jobs.query import open_index
+from jobs.query import add_query_arguments, query_main
+from jobs.query_errors import RefusedQuery
+from jobs.query_formats import FORMATS, WRITERS
+from jobs.query_search import STOPWORDS
+from jobs.query_sql import open_index
+from jobs.query_video import presence_spans
 from schemas.tables import TABLES
 
 IndexInfo = Any  # tests/jobs/conftest.py: IndexInfo (conftest modules are not imported by name)
@@ -96,7 +102,7 @@ def test_sql_in_each_format(index: IndexInfo, run_query) -> None:
 
     code, out, err = run_query(*index.cli(), "--sql", sql, "--format", "json")
     assert code == 0, err
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json.loads(out)  # one document: an array of row objects
     assert len(rows) == 8 and rows[0]["bbox"] and all(len(r["bbox"]) == 4 for r in rows)
     assert {r["run_id"] for r in rows} == {RUN1, RUN2}
 
@@ -106,12 +112,28 @@ def test_sql_in_each_format(index: IndexInfo, run_query) -> None:
     assert [dict(r) for r in parsed][0].keys() == rows[0].keys()
     assert [json.loads(r["bbox"]) for r in parsed] == [r["bbox"] for r in rows]
 
+    code, out, err = run_query(*index.cli(), "--sql", sql, "--format", "jsonl")
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == rows  # one object per line
+
+
+def test_json_is_one_document_even_when_empty(local_index: IndexInfo, run_query) -> None:
+    empty = "SELECT video_id FROM videos WHERE false"
+    code, out, err = run_query(local_index.output, "--sql", empty, "--format", "json")
+    assert code == 0 and json.loads(out) == [], err
+    code, out, err = run_query(local_index.output, "--sql", empty, "--format", "jsonl")
+    assert code == 0 and out == "", err
+    code, out, err = run_query(local_index.output, "--text", "zebra", "--format", "json")
+    assert code == 0 and json.loads(out) == [], err
+    code, out, err = run_query(local_index.output, "--format", "json")  # the runs listing
+    assert code == 0 and [r["run_id"] for r in json.loads(out)] == [RUN1, RUN2, RUN3], err
+
 
 def test_sql_json_handles_timestamps_and_nested_rows(local_index: IndexInfo, run_query) -> None:
     code, out, err = run_query(local_index.output, "--sql", "SELECT * FROM videos WHERE run_id = 'run-2024-02'",
                                "--format", "json")  # fmt: skip
     assert code == 0, err
-    (row,) = [json.loads(line) for line in out.splitlines()]
+    (row,) = json.loads(out)
     assert row["indexed_at"].startswith("2024-02-01T00:00:00")
     assert row["sampled_ts"][:3] == [0.0, 0.2, 0.4]
 
@@ -123,6 +145,8 @@ def test_intervals_print_as_durations_in_every_format(local_index: IndexInfo, ru
     assert code == 0, err
     assert out.splitlines()[2].split() == ["0:00:32.673000", "1", "day,", "0:00:02", "P1M0DT0S"]
     code, out, err = run_query(local_index.output, "--sql", sql, "--format", "json")
+    assert json.loads(out) == [{"took": 32.673, "day": 86402.0, "month": "P1M0DT0S"}]
+    code, out, err = run_query(local_index.output, "--sql", sql, "--format", "jsonl")
     assert json.loads(out) == {"took": 32.673, "day": 86402.0, "month": "P1M0DT0S"}
     code, out, err = run_query(local_index.output, "--sql", sql, "--format", "csv")
     assert out.splitlines()[1] == "32.673,86402.0,P1M0DT0S"
@@ -135,7 +159,7 @@ def test_query_streams_record_batches(local_index: IndexInfo) -> None:
     assert sum(sizes) == 8 and len(sizes) >= 3 and max(sizes) <= 3
 
 
-@pytest.mark.parametrize("fmt", q.FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_writers_emit_each_batch_before_pulling_the_next(fmt: str) -> None:
     """The CLI never collects a result: the first rows are out before the second batch exists."""
     out = io.StringIO()
@@ -147,9 +171,11 @@ def test_writers_emit_each_batch_before_pulling_the_next(fmt: str) -> None:
         seen_before_second.append(out.getvalue())
         yield pa.record_batch([pa.array([3]), pa.array([None], pa.list_(pa.string()))], schema=schema)
 
-    q.WRITERS[fmt](pa.RecordBatchReader.from_batches(schema, batches()), out)
+    WRITERS[fmt](pa.RecordBatchReader.from_batches(schema, batches()), out)
     assert "2" in seen_before_second[0]
     assert "3" in out.getvalue()
+    if fmt == "json":  # one document across the batch boundary
+        assert json.loads(out.getvalue()) == [{"x": 1, "tags": ["a"]}, {"x": 2, "tags": []}, {"x": 3, "tags": None}]
 
 
 def test_filters_on_run_id_prune_other_runs(private_local_index: IndexInfo, run_query) -> None:
@@ -160,11 +186,12 @@ def test_filters_on_run_id_prune_other_runs(private_local_index: IndexInfo, run_
     code, out, err = run_query(private_local_index.output, "--sql",
                                f"SELECT count(*) AS n FROM objects WHERE run_id = '{RUN1}'", "--format", "json")  # fmt: skip
     assert code == 0, err
-    assert json.loads(out)["n"] == 5
+    assert json.loads(out) == [{"n": 5}]
     code, out, err = run_query(private_local_index.output, "--video", private_local_index.video_ids["a"])
     assert code == 0, err  # the video view reads only the chosen run
-    code, _, err = run_query(private_local_index.output, "--sql", "SELECT count(*) FROM objects")
+    code, out, err = run_query(private_local_index.output, "--sql", "SELECT count(*) FROM objects", "--format", "json")
     assert_clean_error(code, err, 1, "zzz-damaged")
+    assert out == ""  # the array's `[` waits for the first row: no half document on an early error
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +202,10 @@ def test_filters_on_run_id_prune_other_runs(private_local_index: IndexInfo, run_
 def video_json(run_query, index: IndexInfo, *argv: str) -> dict:
     code, out, err = run_query(*index.cli(), *argv, "--format", "json")
     assert code == 0, err
-    return json.loads(out)
+    doc = json.loads(out)  # one object, not rows
+    code, line, err = run_query(*index.cli(), *argv, "--format", "jsonl")
+    assert code == 0 and line.count("\n") == 1 and json.loads(line) == doc, err
+    return doc
 
 
 def test_video_shows_latest_ok_run_by_id_uri_and_prefix(index: IndexInfo, run_query, data) -> None:
@@ -226,10 +256,10 @@ def test_video_not_found(index: IndexInfo, run_query) -> None:
 
 
 def reference_terms(text: str) -> list[str]:
-    """Tokenizer as documented in jobs.query: lower case, split on non-alphanumerics, stop words, S-stemmer."""
+    """Tokenizer as documented in jobs.query_search: lower case, split on non-alphanumerics, stop words, S-stemmer."""
     terms = []
     for word in re.split(r"[^\w]+|_", text.lower()):
-        if not word or word in q.STOPWORDS:
+        if not word or word in STOPWORDS:
             continue
         if len(word) > 3 and word.endswith("ies") and not word.endswith(("eies", "aies")):
             word = word[:-3] + "y"
@@ -277,7 +307,7 @@ def latest_documents(index: IndexInfo, data) -> dict[tuple[str, int], list[str]]
 def test_text_search_matches_reference_bm25(index: IndexInfo, run_query, data, words: str) -> None:
     code, out, err = run_query(*index.cli(), "--text", words, "--format", "json")
     assert code == 0, err
-    got = [json.loads(line) for line in out.splitlines()]
+    got = json.loads(out)
     want = reference_bm25(latest_documents(index, data), words)
     assert {(r["video_id"], r["object_id"]): r["score"] for r in got} == pytest.approx(want)
     assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
@@ -344,7 +374,7 @@ def check_refused(index: IndexInfo, run_query, tmp_path: Path, statement: str) -
 def test_writes_and_outside_reads_are_refused(local_index: IndexInfo, run_query, tmp_path: Path, statement: str) -> None:
     check_refused(local_index, run_query, tmp_path, statement)
     code, out, err = run_query(local_index.output, "--sql", "SELECT count(*) AS n FROM videos", "--format", "json")
-    assert code == 0 and json.loads(out)["n"] == 5, err  # and the views are intact
+    assert code == 0 and json.loads(out) == [{"n": 5}], err  # and the views are intact
 
 
 @pytest.mark.parametrize("statement", REFUSED_ON_S3)
@@ -352,11 +382,28 @@ def test_writes_and_outside_reads_are_refused_on_s3(s3_index: IndexInfo, run_que
     check_refused(s3_index, run_query, tmp_path, statement)
 
 
-def test_dot_dot_is_a_literal_key_on_s3(s3_index: IndexInfo, run_query) -> None:
-    """Object stores do not resolve "..": the path names a (missing) key under OUTPUT/videos/."""
-    sql = f"SELECT * FROM read_text('{s3_index.output}/videos/../../src/a.mp4')"
+def test_dot_dot_cannot_reach_outside_output_on_s3(
+    s3_index: IndexInfo, s3_storage_options: dict[str, Any], run_query
+) -> None:
+    """`OUTPUT/videos/../../src/a.mp4`, resolved, is the source video `a` in the same bucket.
+
+    Object stores do not resolve "..", so DuckDB may read it as a (missing) key under
+    OUTPUT/videos/, or refuse it as outside the allowed folders (DuckDB 2 does). Either is safe;
+    returning the video's bytes is not.
+    """
+    import s3fs
+
+    bucket = s3_index.output.removeprefix("s3://").split("/", 1)[0]
+    outside = s3fs.S3FileSystem(**s3_storage_options).cat_file(f"{bucket}/src/a.mp4")
+    assert s3_index.uris["a"] == f"s3://{bucket}/src/a.mp4" and len(outside) > 1000
+    sql = f"SELECT size, content FROM read_blob('{s3_index.output}/videos/../../src/a.mp4')"
     code, out, err = run_query(*s3_index.cli(), "--sql", sql, "--format", "json")
-    assert code == 0 and out == "", err
+    if code == 0:
+        assert json.loads(out) == [], "a key outside OUTPUT was read"
+    else:
+        assert_clean_error(code, err, 2, "refused")
+        assert out == ""
+    assert base64.b64encode(outside[:3000]).decode() not in out  # read_blob's content, as JSON shows it
 
 
 def test_the_connection_itself_is_locked(local_index: IndexInfo, tmp_path: Path) -> None:
@@ -370,7 +417,7 @@ def test_the_connection_itself_is_locked(local_index: IndexInfo, tmp_path: Path)
             ix.con.execute("SET enable_external_access = true")
         with pytest.raises(duckdb.Error):
             ix.con.execute("SELECT * FROM read_csv('/etc/passwd')")
-        with pytest.raises(q.RefusedQuery):
+        with pytest.raises(RefusedQuery):
             ix.sql("CREATE TABLE t AS SELECT 1")
     assert list(tmp_path.iterdir()) == []
 
@@ -450,21 +497,44 @@ def test_python_api(local_index: IndexInfo) -> None:
 def test_subparser_wiring_as_the_umbrella_cli_does_it(local_index: IndexInfo, capsys) -> None:
     parser = argparse.ArgumentParser(prog="pixelrefer")
     sub = parser.add_subparsers(dest="command", required=True)
-    q.add_query_arguments(sub.add_parser("query"))
+    add_query_arguments(sub.add_parser("query"))
     args = parser.parse_args(["query", local_index.output, "--text", "ball", "--format", "csv", "--limit", "1"])
-    assert q.query_main(args) == 0
+    assert query_main(args) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 1 and "ball" in rows[0]["match"]
     with pytest.raises(SystemExit):
         parser.parse_args(["query", local_index.output, "--sql", "SELECT 1", "--video", "x"])
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function (lazy imports count too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_job_modules_import_downward_only() -> None:
+    """The CLI imports its subcommands and `jobs.query` its parts; never the other way round."""
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    for path in sorted(jobs.glob("*.py")):
+        imports = imported_modules(path)
+        if path.stem != "cli":
+            assert "jobs.cli" not in imports, f"{path.name} imports jobs.cli"
+        if path.stem.startswith("query_"):
+            assert "jobs.query" not in imports, f"{path.name} imports the command module jobs.query"
+
+
 def test_presence_spans_break_at_missed_sampled_frames() -> None:
     sampled = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    assert q.presence_spans([0.5, 1.0, 2.0, 2.5], sampled) == [(0.5, 1.0), (2.0, 2.5)]
-    assert q.presence_spans([1.5], sampled) == [(1.5, 1.5)]
-    assert q.presence_spans([0.1, 0.9], None) == [(0.1, 0.9)]
-    assert q.presence_spans([], sampled) == []
+    assert presence_spans([0.5, 1.0, 2.0, 2.5], sampled) == [(0.5, 1.0), (2.0, 2.5)]
+    assert presence_spans([1.5], sampled) == [(1.5, 1.5)]
+    assert presence_spans([0.1, 0.9], None) == [(0.1, 0.9)]
+    assert presence_spans([], sampled) == []
 
 
 def test_run_summary_without_a_mode(local_index: IndexInfo, run_query) -> None:

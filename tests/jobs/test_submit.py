@@ -159,6 +159,24 @@ def test_usage_errors_never_show_credentials():
     assert code == EXIT_USAGE and SECRET not in err + out
 
 
+def test_submit_checks_each_command_with_the_options_the_cluster_will_parse(capsys):
+    """submit builds its parser from the subcommands' own options; it must match the CLI's."""
+    from jobs.cli import build_parser
+    from jobs.submit import SUBMITTABLE, _project_parser
+
+    def help_of(parser: argparse.ArgumentParser, name: str) -> str:
+        with pytest.raises(SystemExit):
+            parser.parse_args([name, "--help"])
+        return capsys.readouterr().out
+
+    for name in SUBMITTABLE:
+        assert help_of(_project_parser(), name) == help_of(build_parser(), name), name
+    assert validate_command(["query", "s3://b/out", "--sql", "SELECT 1", "--format", "jsonl"]).format == "jsonl"
+    assert validate_command(["report", "s3://b/out", "--video", "abc", "--out", "r.html"]).video == "abc"
+    with pytest.raises(UsageError, match="--format"):
+        validate_command(["query", "s3://b/out", "--format", "yaml"])
+
+
 def test_help_of_the_submitted_command_submits_nothing(capsys):
     code, out, err = run_submit(["--address", "http://127.0.0.1:1", "--", "index", "--help"])
     assert code == 0 and out == "" and "SOURCE" in capsys.readouterr().out
