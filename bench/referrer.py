@@ -140,7 +140,7 @@ def load(mode: str, dims: CheckpointDims, *, attn: str | None = None, perf: Perf
     """A referrer on a generated checkpoint (cached on disk), with eos disabled (see the docstring)."""
     path = tiny_checkpoint(mode, dims=dims)  # type: ignore[arg-type]
     r = Referrer.from_pretrained(str(path), mode=mode, attn_implementation=attn, perf=perf)
-    r.config = dataclasses.replace(r.config, eos_token_id=None)
+    r.generation = dataclasses.replace(r.generation, eos_token_ids=())
     return r
 
 

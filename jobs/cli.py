@@ -7,7 +7,6 @@ be run or tested alone (`python -m jobs.query ...`) and submit/demo reuse their 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from jobs.demo import add_demo_arguments, demo_main
     from jobs.index import add_index_arguments, index_main
+    from jobs.models import add_models_arguments, models_main
     from jobs.query import add_query_arguments, query_main
     from jobs.report import add_report_arguments, report_main
     from jobs.submit import add_submit_arguments, submit_main
@@ -48,13 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=demo_main)
 
-    # `models` is being added in its own module; until it lands the other commands must still work.
-    if importlib.util.find_spec("jobs.models") is not None:
-        from jobs.models import add_models_arguments, models_main
-
-        models = sub.add_parser("models", help="download model checkpoints, or check that one loads")
-        add_models_arguments(models)
-        models.set_defaults(func=models_main)
+    models = sub.add_parser("models", help="download model checkpoints, or check that one loads")
+    add_models_arguments(models)
+    models.set_defaults(func=models_main)
     return parser
 
 

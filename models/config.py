@@ -4,7 +4,9 @@ A released checkpoint folder holds a flat ``config.json`` (the Qwen2 LLM fields 
 fields ``mm_*``, ``mask_num``, ``spatial_merge_size`` ...) and names its vision tower in
 ``mm_vision_encoder``. Upstream builds the tower from that name (a sub-folder or a hub id holding a
 ``damovl`` config and a ``preprocessor_config.json``), so we read the vision fields from there, or from
-an inline ``vision_config`` dict when a checkpoint carries one.
+an inline ``vision_config`` dict when a checkpoint carries one. This module is the contract and reads
+local files only; ``models.hub`` resolves a tower named by hub id (cache or download) and hands the
+result in as a :class:`VisionTower`.
 
 ``model_type`` decides the framework:
 
@@ -302,19 +304,29 @@ class PixelReferConfig:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "PixelReferConfig":
-        """Read ``config.json`` and the vision tower's config from a checkpoint folder."""
+    def from_folder(cls, folder: str | Path, tower: "VisionTower | None" = None) -> "PixelReferConfig":
+        """Read ``config.json`` and the vision tower's config of a checkpoint folder.
+
+        ``tower`` is the tower as resolved by the caller (``models.hub`` adds the Hugging Face cache and
+        download); without it only local sources are tried (:func:`find_local_vision_tower`), so reading a
+        config never touches the network.
+        """
         folder = Path(folder)
+        raw = read_config_json(folder)
         path = folder / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{folder}: no config.json")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        vision, preprocessor, vision_folder = _find_vision_config(folder, raw)
+        tower = tower or find_local_vision_tower(folder, raw)
+        if tower is None:
+            name = vision_encoder_name(raw)
+            raise ConfigError(
+                f"{path}: no vision tower configuration found for {name!r}: it is not a folder (relative to "
+                f"{folder} or absolute) and config.json has no inline {' / '.join(VISION_CONFIG_KEYS)}"
+            )
         return cls.from_dict(
-            raw, vision=vision, preprocessor=preprocessor, where=str(path), vision_folder=vision_folder
+            raw,
+            vision=tower.config,
+            preprocessor=tower.preprocessor,
+            where=str(path),
+            vision_folder=tower.label(folder),
         )
 
     def to_qwen2(self, attn_implementation: str | None = None):
@@ -373,51 +385,85 @@ class PixelReferConfig:
         return out
 
 
-def _find_vision_config(
-    folder: Path, raw: Mapping[str, Any]
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
-    """Locate the vision tower's ``config.json`` / ``preprocessor_config.json``.
+VISION_CONFIG_KEYS = ("vision_config", "vision_encoder_config")
 
-    Order: the folder named by ``mm_vision_encoder`` (or ``vision_encoder``) relative to the
-    checkpoint, then its last path component (a hub id such as ``DAMO-NLP-SG/SigLIP-NaViT`` stored
-    next to the weights), then an inline ``vision_config`` dict, then the hub id itself through the
-    local Hugging Face cache (or the hub when online).
+
+@dataclass(frozen=True)
+class VisionTower:
+    """The vision tower's ``config.json`` / ``preprocessor_config.json`` and where they were found.
+
+    Upstream builds the tower inside the model constructor from ``mm_vision_encoder`` (a folder or a hub
+    id); the released weights of the tower are also in the checkpoint itself, so only these two small
+    files are needed from the tower's own location.
     """
-    name = raw.get("mm_vision_encoder") or raw.get("vision_encoder")
-    candidates: list[Path] = []
-    if isinstance(name, str) and name:
-        candidates.append(folder / name)
-        candidates.append(folder / Path(name).name)
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            vision = json.loads((candidate / "config.json").read_text())
-            pre_path = candidate / "preprocessor_config.json"
-            pre = json.loads(pre_path.read_text()) if pre_path.is_file() else None
-            return vision, pre, str(candidate.relative_to(folder))
-    if isinstance(raw.get("vision_config"), Mapping):
-        return dict(raw["vision_config"]), raw.get("preprocessor_config"), None
-    if isinstance(name, str) and name.count("/") == 1 and not Path(name).is_absolute():
-        fetched = _hub_vision_config(name)
-        if fetched is not None:
-            return fetched[0], fetched[1], name
-    return None, None, name if isinstance(name, str) else None
+
+    name: str | None
+    source: Literal["folder", "inline", "hub"]
+    config: dict[str, Any]
+    preprocessor: dict[str, Any] | None = None
+    folder: Path | None = None
+
+    def label(self, checkpoint: Path) -> str | None:
+        """What ``vision_folder`` records: a path relative to the checkpoint when inside it, else the name."""
+        if self.source == "folder" and self.folder is not None:
+            try:
+                return str(self.folder.relative_to(checkpoint))
+            except ValueError:
+                return str(self.folder)
+        return self.name
+
+    def describe(self) -> str:
+        where = {
+            "folder": f"folder {self.folder}",
+            "inline": "inline in config.json",
+            "hub": f"hub cache {self.folder}",
+        }
+        return f"{self.name or '(unnamed)'}: {where[self.source]}"
 
 
-def _hub_vision_config(repo_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """The vision tower's two small JSON files from the Hugging Face cache (or hub when online)."""
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict (ConfigError when absent or not JSON)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json")
     try:
-        from huggingface_hub import snapshot_download
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return raw
 
-        from .loading import hub_offline
 
-        local = Path(
-            snapshot_download(
-                repo_id, allow_patterns=["config.json", "preprocessor_config.json"], local_files_only=hub_offline()
-            )
-        )
-    except Exception:  # noqa: BLE001 - any hub/cache failure means "not available"; caller reports it
-        return None
-    if not (local / "config.json").is_file():
-        return None
-    pre = local / "preprocessor_config.json"
-    return json.loads((local / "config.json").read_text()), (json.loads(pre.read_text()) if pre.is_file() else None)
+def vision_encoder_name(raw: Mapping[str, Any]) -> str | None:
+    """``mm_vision_encoder`` (or ``vision_encoder``), the name upstream builds the tower from."""
+    name = raw.get("mm_vision_encoder") or raw.get("vision_encoder")
+    return name if isinstance(name, str) and name else None
+
+
+def read_tower_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The tower's config and (optional) preprocessor config from a folder holding them."""
+    config = json.loads((folder / "config.json").read_text())
+    pre_path = folder / "preprocessor_config.json"
+    return config, (json.loads(pre_path.read_text()) if pre_path.is_file() else None)
+
+
+def find_local_vision_tower(checkpoint: Path, raw: Mapping[str, Any]) -> VisionTower | None:
+    """The tower from local sources only, in upstream's order of meaning.
+
+    The name as a folder relative to the checkpoint (or absolute), then its last path component next
+    to the weights (a hub id's folder shipped inside the checkpoint), then an inline vision config.
+    Upstream resolves a relative name against the working directory; we use the checkpoint folder so
+    that loading does not depend on where a worker happens to run.
+    """
+    name = vision_encoder_name(raw)
+    if name is not None:
+        for candidate in dict.fromkeys((checkpoint / Path(name).expanduser(), checkpoint / Path(name).name)):
+            if (candidate / "config.json").is_file():
+                config, pre = read_tower_folder(candidate)
+                return VisionTower(name, "folder", config, pre, candidate)
+    for key in VISION_CONFIG_KEYS:
+        if isinstance(raw.get(key), Mapping):
+            pre = raw.get("preprocessor_config")
+            return VisionTower(name, "inline", dict(raw[key]), dict(pre) if isinstance(pre, Mapping) else None)
+    return None

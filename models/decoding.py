@@ -1,4 +1,5 @@
-"""Greedy decoding of many prompts with a shared-prefix KV cache, written for this model's workload.
+"""Greedy (or, when asked, sampled) decoding of many prompts with a shared-prefix KV cache, written for
+this model's workload.
 
 Why not ``GenerationMixin.generate``: for PixelRefer a call is many short greedy decodes whose prompts
 often start the same way, and the framework's generality costs on both counts. It runs logits
@@ -19,6 +20,8 @@ decoding needs:
 * **Finished rows leave the batch** (the cache rows are dropped), so a long answer does not make the
   others pay for padding steps.
 * **Logits only for the last position**, as greedy decoding needs.
+* **Per-row state only.** The repetition penalty looks at a row's own generated tokens and sampling
+  draws from a row's own generator (``models.generation``), so dropping or adding rows changes nothing.
 
 Rows are independent, so results do not depend on the batch composition beyond float rounding of
 different matmul shapes; ``tests/models/test_referrer_perf.py`` checks greedy ids against
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .generation import GenerationSettings, next_tokens, row_generators
 
 __all__ = ["DecodeInput", "common_prefix_length", "greedy_decode"]
 
@@ -102,20 +107,28 @@ def greedy_decode(
     items: Sequence[DecodeInput],
     *,
     max_new_tokens: int,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None = None,
+    settings: GenerationSettings | None = None,
     batch_size: int = 16,
     share_prefix: bool = True,
     min_shared_prefix: int = 16,
 ) -> list[list[int]]:
-    """Greedy ids per item (stopping at and including the first eos), in the order of ``items``.
+    """Ids per item (stopping at and including the first eos), in the order of ``items``.
 
-    ``llm`` is a ``Qwen2ForCausalLM`` (any transformers causal LM with ``.model`` and ``.lm_head``).
-    Items are batched longest first to limit padding.
+    ``settings`` (eos ids, repetition penalty, sampling) default to plain greedy stopping at
+    ``eos_token_id``; pass one or the other. ``llm`` is a ``Qwen2ForCausalLM`` (any transformers causal
+    LM with ``.model`` and ``.lm_head``). Items are batched longest first to limit padding.
     """
+    if settings is None:
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        settings = GenerationSettings(eos_token_ids=tuple(int(e) for e in eos))
+    elif eos_token_id is not None:
+        raise ValueError("pass eos ids either as eos_token_id or in settings, not both")
     if not items:
         return []
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stops = set(settings.eos_token_ids)
     batch_size = max(1, int(batch_size))
     dtype = llm.lm_head.weight.dtype
     device = llm.lm_head.weight.device
@@ -156,21 +169,26 @@ def greedy_decode(
         hidden = _forward(llm, x, mask, positions, cache)
         last = positions[:, -1:]
         live = list(rows)
+        history = torch.zeros(b, 0, dtype=torch.long, device=device)
+        generators = row_generators(b, settings)
         for step in range(max_new_tokens):
-            tokens = llm.lm_head(hidden).argmax(dim=-1)
+            tokens = next_tokens(llm.lm_head(hidden), history, settings, generators)
+            history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
             token_list = tokens.tolist()
             keep: list[int] = []
             for r, (i, t) in enumerate(zip(live, token_list)):
                 results[i].append(int(t))
-                if eos_token_id is None or t != eos_token_id:
+                if t not in stops:
                     keep.append(r)
             if step == max_new_tokens - 1 or not keep:
                 break
             if len(keep) < len(live):
                 index = torch.tensor(keep, dtype=torch.long, device=device)
                 cache.batch_select_indices(index)
-                mask, last, tokens = mask[index], last[index], tokens[index]
+                mask, last, tokens, history = mask[index], last[index], tokens[index], history[index]
                 live = [live[r] for r in keep]
+                if generators is not None:
+                    generators = [generators[r] for r in keep]
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=device)], dim=1)
             last = last + 1
             hidden = _forward(llm, embed(tokens).unsqueeze(1), mask, last, cache)

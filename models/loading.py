@@ -1,18 +1,21 @@
 """Strict loading (and saving) of PixelRefer checkpoints in the released layout.
 
-A checkpoint is a folder (or a Hugging Face repo id resolved through ``huggingface_hub.snapshot_download``,
-from the local cache only when the machine is offline) with ``config.json``, ``model.safetensors`` (or a
-sharded ``model.safetensors.index.json``), the tokenizer files and the vision tower's sub-folder.
+A checkpoint is a folder (or a Hugging Face repo id, resolved by ``models.hub`` from the local cache
+when offline) with ``config.json``, the weights in any layout ``models.weights`` reads (safetensors or
+``.bin``, single or sharded), ``generation_config.json``, the tokenizer files, and a vision tower named by
+``mm_vision_encoder``: a folder next to the weights, an absolute folder, a hub id, or an inline config.
 
 Loading is strict: every tensor in the files must map onto a parameter (unexpected keys are listed in
 the error), every parameter must be in the files (missing keys are listed), and shapes must agree.
-The only tolerated absence is ``lm_head.weight`` when ``tie_word_embeddings`` is true (transformers
-omits a tied head when it saves).
+The one tolerated absence is tied embeddings: with ``tie_word_embeddings`` true, whichever of
+``lm_head.weight`` / ``model.embed_tokens.weight`` is stored fills the other (transformers omits the
+head when it saves a tied model); with it false both must be stored.
 
 The model is built under ``transformers.initialization.no_init_weights`` with the target device and
 dtype as defaults: no time is spent on random init that the checkpoint overwrites, and the rotary
 ``inv_freq`` buffers stay float32 like in upstream's ``from_pretrained(torch_dtype=...)`` (casting a
-built model with ``.to(bfloat16)`` would round them).
+built model with ``.to(bfloat16)`` would round them). :func:`inspect_checkpoint` runs the same checks on
+the ``meta`` device against the files' headers, without reading any weight data.
 """
 
 from __future__ import annotations
@@ -20,17 +23,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .config import IMAGE_TOKEN, REGION_TOKEN, ConfigError, PixelReferConfig
+from .config import IMAGE_TOKEN, REGION_TOKEN, PixelReferConfig, VisionTower, read_config_json
+from .generation import GENERATION_CONFIG, GenerationSettings
+from .hub import hub_offline, resolve_checkpoint, resolve_vision_tower
 from .modeling_pixelrefer import PixelReferModel, internal_to_released, released_to_internal
+from .weights import SAFE_WEIGHTS, CheckpointError, WeightFiles, dtype_summary, find_weight_files, read_weights
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+__all__ = [
+    "CheckpointError",
+    "CheckpointReport",
+    "LoadedCheckpoint",
+    "build_model",
+    "hub_offline",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "load_tokenizer",
+    "map_released_state",
+    "read_config",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -39,64 +58,15 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+_HEAD = "llm.lm_head.weight"
+_EMBED = "llm.model.embed_tokens.weight"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, or its tensors do not match the architecture its config describes."""
-
-
-def hub_offline() -> bool:
-    """True when the environment forbids network access to the hub (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(
-        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
-    """A local folder as is; otherwise a hub repo id downloaded (or found in the cache) as a snapshot."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file, not a checkpoint folder")
-    name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"checkpoint {name!r} is neither an existing folder nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    offline = hub_offline()
-    try:
-        return Path(snapshot_download(name, local_files_only=offline))
-    except Exception as first:  # noqa: BLE001 - network errors come in many types
-        if not offline:
-            try:  # online but unreachable: the local cache may still hold it
-                return Path(snapshot_download(name, local_files_only=True))
-            except Exception:  # noqa: BLE001
-                pass
-        raise CheckpointError(
-            f"cannot get {name!r} from the Hugging Face hub or its local cache "
-            f"({'offline' if offline else 'online'}): {first}"
-        ) from first
-
-
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (single or sharded safetensors), under their stored names."""
-    from safetensors.torch import load_file
-
-    single = folder / WEIGHTS_NAME
-    index = folder / WEIGHTS_INDEX_NAME
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise CheckpointError(f"{folder}: shard {shard} listed in {WEIGHTS_INDEX_NAME} is missing")
-            state.update(load_file(str(folder / shard)))
-        return state
-    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (only safetensors are supported)")
+def read_config(folder: Path) -> tuple[PixelReferConfig, VisionTower | None]:
+    """The checkpoint's config with its vision tower resolved (local, inline, or hub cache / download)."""
+    raw = read_config_json(folder)
+    tower = resolve_vision_tower(folder, raw)
+    return PixelReferConfig.from_folder(folder, tower), tower
 
 
 @contextlib.contextmanager
@@ -135,6 +105,20 @@ def build_model(
     return model.eval()
 
 
+def _tie(mapped: dict[str, torch.Tensor]) -> None:
+    """Fill the missing one of a tied head / embedding pair; both stored must be the same tensor values."""
+    if _HEAD in mapped and _EMBED in mapped:
+        head, embed = mapped[_HEAD], mapped[_EMBED]
+        if not (head.is_meta or embed.is_meta) and not torch.equal(head, embed):
+            raise CheckpointError(
+                "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+            )
+    elif _HEAD in mapped:
+        mapped[_EMBED] = mapped[_HEAD]
+    elif _EMBED in mapped:
+        mapped[_HEAD] = mapped[_EMBED]
+
+
 def map_released_state(state: dict[str, torch.Tensor], model: PixelReferModel) -> dict[str, torch.Tensor]:
     """Released keys -> internal keys, failing with the full list of missing / unexpected / mis-shaped keys."""
     expected = model.state_dict()
@@ -151,13 +135,8 @@ def map_released_state(state: dict[str, torch.Tensor], model: PixelReferModel) -
         else:
             unexpected.append(key)
     tied = bool(model.config.text["tie_word_embeddings"])
-    if tied and "llm.lm_head.weight" not in mapped and "llm.model.embed_tokens.weight" in mapped:
-        mapped["llm.lm_head.weight"] = mapped["llm.model.embed_tokens.weight"]
-    elif tied and "llm.lm_head.weight" in mapped and "llm.model.embed_tokens.weight" in mapped:
-        if not torch.equal(mapped["llm.lm_head.weight"], mapped["llm.model.embed_tokens.weight"]):
-            raise CheckpointError(
-                "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
-            )
+    if tied:
+        _tie(mapped)
     missing = sorted(internal_to_released(k) for k in expected if k not in mapped)
     wrong_shape = sorted(
         f"{internal_to_released(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -166,7 +145,12 @@ def map_released_state(state: dict[str, torch.Tensor], model: PixelReferModel) -
     )
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+        hint = ""
+        if not tied and {internal_to_released(_HEAD), internal_to_released(_EMBED)} & set(missing):
+            hint = (
+                " (tie_word_embeddings is false, so lm_head.weight and model.embed_tokens.weight must both be stored)"
+            )
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}{hint}")
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected))}")
     if wrong_shape:
@@ -211,6 +195,29 @@ class LoadedCheckpoint:
     tokenizer: Any
     config: PixelReferConfig
     folder: Path
+    generation: GenerationSettings = GenerationSettings()
+    weights: WeightFiles | None = None
+    tower: VisionTower | None = None
+
+
+def _prepare(name_or_path: str | os.PathLike[str]):
+    """Folder, config (token ids from the tokenizer, as upstream's ``model_init`` overwrites them),
+    tokenizer, decoding settings, tower and weight files: everything but the tensors."""
+    folder = resolve_checkpoint(name_or_path)
+    config, tower = read_config(folder)
+    weights = find_weight_files(folder)
+    tokenizer = load_tokenizer(folder, config)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    config = replace(
+        config,
+        region_token_index=tokenizer.convert_tokens_to_ids(REGION_TOKEN),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        eos_token_id=eos,
+    )
+    generation = GenerationSettings.from_file(
+        folder / GENERATION_CONFIG, tokenizer_eos=eos, tokenizer_pad=tokenizer.pad_token_id
+    )
+    return folder, config, tokenizer, generation, tower, weights
 
 
 def load_checkpoint(
@@ -220,36 +227,65 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
 ) -> LoadedCheckpoint:
-    """Load model, tokenizer and config from a folder or hub id, strictly (see the module docstring).
-
-    Token ids of ``<REGION>`` and ``<image>`` are taken from the tokenizer, as upstream's ``model_init``
-    does (it overwrites the config's values).
-    """
-    folder = resolve_checkpoint(name_or_path)
-    try:
-        config = PixelReferConfig.from_folder(folder)
-    except ConfigError:
-        raise
-    tokenizer = load_tokenizer(folder, config)
-    region_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
-    config = _replace(config, region_token_index=region_id, image_token_index=image_id, eos_token_id=eos)
-    state = read_state_dict(folder)
-    device = torch.device(device)
-    model = build_model(config, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    mapped = map_released_state(state, model)
-    model.load_state_dict(mapped, strict=True)
+    """Load model, tokenizer, config and decoding settings from a folder or hub id, strictly."""
+    folder, config, tokenizer, generation, tower, weights = _prepare(name_or_path)
+    state = read_weights(weights)
+    model = build_model(config, device=torch.device(device), dtype=dtype, attn_implementation=attn_implementation)
+    model.load_state_dict(map_released_state(state, model), strict=True)
     if config.text["tie_word_embeddings"]:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
     model.requires_grad_(False)  # inference only
-    return LoadedCheckpoint(model.eval(), tokenizer, config, folder)
+    return LoadedCheckpoint(model.eval(), tokenizer, config, folder, generation, weights, tower)
 
 
-def _replace(config: PixelReferConfig, **changes: Any) -> PixelReferConfig:
-    from dataclasses import replace
+@dataclass
+class CheckpointReport:
+    """What ``pixelrefer models check`` prints: resolved files and the strict check's outcome."""
 
-    return replace(config, **changes)
+    folder: Path
+    config: PixelReferConfig
+    weights: WeightFiles
+    tower: VisionTower | None
+    generation: GenerationSettings
+    parameters: int
+    stored_dtypes: str
+    tokenizer_class: str
+
+    def lines(self) -> list[str]:
+        cfg = self.config
+        return [
+            f"folder:      {self.folder}",
+            f"framework:   {cfg.mode} ({cfg.model_type})",
+            f"weights:     {self.weights.describe()}",
+            f"stored as:   {self.stored_dtypes} (config torch_dtype {cfg.raw.get('torch_dtype')})",
+            f"parameters:  {self.parameters:,} (every one stored; strict check passed)",
+            f"llm:         {cfg.text['num_hidden_layers']} layers, hidden {cfg.hidden_size}, "
+            f"vocab {cfg.text['vocab_size']}, tie_word_embeddings {bool(cfg.text['tie_word_embeddings'])}",
+            f"vision:      {self.tower.describe() if self.tower else '(none)'}; {cfg.vision.num_hidden_layers} "
+            f"layers, hidden {cfg.vision.hidden_size}, patch {cfg.vision.patch_size}",
+            f"tokenizer:   {self.tokenizer_class}; <REGION> {cfg.region_token_index}, <image> {cfg.image_token_index}",
+            f"generation:  {self.generation.describe()}",
+        ]
+
+
+def inspect_checkpoint(name_or_path: str | os.PathLike[str]) -> CheckpointReport:
+    """The strict load's checks (keys, shapes, tied pair, tokenizer, tower) on the ``meta`` device: the
+    weight files' headers are read, their data is not, so a 7B checkpoint checks in seconds."""
+    folder, config, tokenizer, generation, tower, weights = _prepare(name_or_path)
+    state = read_weights(weights, meta=True)
+    model = build_model(config, device=torch.device("meta"), dtype=torch.float32, attn_implementation="sdpa")
+    map_released_state(state, model)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    return CheckpointReport(
+        folder=folder,
+        config=config,
+        weights=weights,
+        tower=tower,
+        generation=generation,
+        parameters=sum(unique.values()),
+        stored_dtypes=dtype_summary(state),
+        tokenizer_class=type(tokenizer).__name__,
+    )
 
 
 def save_checkpoint(
@@ -274,7 +310,7 @@ def save_checkpoint(
     released = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.released_state_dict().items()}
     if config.text["tie_word_embeddings"]:
         released.pop("lm_head.weight", None)
-    save_file(released, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(released, str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
     raw = config.to_released_dict()
     raw["mm_vision_encoder"] = raw["vision_encoder"] = vision_dir
     (folder / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
@@ -301,7 +337,7 @@ def save_checkpoint(
     prefix = "model.vision_encoder.vision_encoder."
     save_file(
         {k[len(prefix) :]: v for k, v in released.items() if k.startswith(prefix)},
-        str(vdir / WEIGHTS_NAME),
+        str(vdir / SAFE_WEIGHTS),
         metadata={"format": "pt"},
     )
     if tokenizer_dir is not None:

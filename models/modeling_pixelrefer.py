@@ -46,7 +46,8 @@ The other quirks of the parity README and how they are handled:
 * L6 (autocast only on CUDA): see the bf16-autocast point above.
 * L9 (upstream's eager/sdpa tower attention is broken): transformers' tower works with sdpa, eager and
   flash_attention_2 alike.
-* L10 (upstream's own chat template), L11 (greedy decoding, stop at eos): ``chat_prompt``, :meth:`generate`.
+* L10 (upstream's own chat template), L11 (greedy decoding, stop at eos, with the checkpoint's
+  ``generation_config.json``): ``chat_prompt``, :meth:`generate`, ``models.generation``.
 
 Full's frame-difference compression (upstream arch 270-290): for each merged token, the mean absolute
 difference of its normalised pixels (model dtype) to the previous frame, times 255, must exceed 0.1;
@@ -66,6 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import PixelReferConfig
+from .generation import GenerationSettings, generate_with_transformers
 from .perf import PerfOptions
 from .processing_pixelrefer import EncoderImage, EncoderPlan, FrameInput, SequenceInput
 
@@ -637,18 +639,17 @@ class PixelReferModel(nn.Module):
         embeds: Sequence[SequenceEmbeds],
         *,
         max_new_tokens: int,
-        eos_token_id: int | None,
-        pad_token_id: int | None,
+        settings: GenerationSettings,
         batch_size: int = 16,
         perf: PerfOptions | None = None,
     ) -> list[list[int]]:
-        """Greedy decoding of many sequences in left-padded batches; ids stop at (and include) the first eos.
+        """Decode many sequences in left-padded batches; ids stop at (and include) the first eos.
 
-        By default through :func:`models.decoding.greedy_decode` (shared-prefix KV cache, no per-step
-        framework overhead; see :mod:`models.perf`); ``perf.native_decode=False`` uses
-        ``Qwen2ForCausalLM.generate`` instead, the reference the native loop is tested against.
-        Sequences are grouped by length to limit padding, and a sequence decodes the same alone or in a
-        batch.
+        ``settings`` are the checkpoint's (``models.generation``: greedy with its repetition penalty and eos
+        ids unless sampling was asked for). By default through :func:`models.decoding.greedy_decode`
+        (shared-prefix KV cache, no per-step framework overhead; see :mod:`models.perf`);
+        ``perf.native_decode=False`` uses ``Qwen2ForCausalLM.generate`` instead, the reference the native
+        loop is tested against. A sequence decodes the same alone or in a batch.
         """
         perf = perf or PerfOptions()
         if not embeds:
@@ -660,51 +661,15 @@ class PixelReferModel(nn.Module):
                 self.llm,
                 [DecodeInput(e.input_ids, e.inputs_embeds) for e in embeds],
                 max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
+                settings=settings,
                 batch_size=batch_size,
                 share_prefix=perf.share_prefix,
                 min_shared_prefix=perf.min_shared_prefix,
             )
-        return self._generate_hf(
-            embeds,
+        return generate_with_transformers(
+            self.llm,
+            [e.inputs_embeds for e in embeds],
             max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
+            settings=settings,
             batch_size=batch_size,
         )
-
-    def _generate_hf(
-        self,
-        embeds: Sequence[SequenceEmbeds],
-        *,
-        max_new_tokens: int,
-        eos_token_id: int | None,
-        pad_token_id: int | None,
-        batch_size: int,
-    ) -> list[list[int]]:
-        """Left-padded batches through ``Qwen2ForCausalLM.generate`` (positions from the attention mask)."""
-        from transformers import GenerationConfig
-
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad
-        )
-        order = sorted(range(len(embeds)), key=lambda i: -embeds[i].inputs_embeds.shape[0])
-        results: list[list[int]] = [[] for _ in embeds]
-        for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start : start + max(1, batch_size)]
-            length = max(embeds[i].inputs_embeds.shape[0] for i in idx)
-            dim = embeds[idx[0]].inputs_embeds.shape[1]
-            batch = torch.zeros(len(idx), length, dim, dtype=self.dtype, device=self.device)
-            mask = torch.zeros(len(idx), length, dtype=torch.long, device=self.device)
-            for row, i in enumerate(idx):
-                e = embeds[i].inputs_embeds
-                batch[row, length - e.shape[0] :] = e.to(self.dtype)
-                mask[row, length - e.shape[0] :] = 1
-            out = self.llm.generate(inputs_embeds=batch, attention_mask=mask, generation_config=gen_cfg)
-            for row, i in enumerate(idx):
-                ids = out[row].tolist()
-                if eos_token_id is not None and eos_token_id in ids:
-                    ids = ids[: ids.index(eos_token_id) + 1]
-                results[i] = ids
-        return results

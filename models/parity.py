@@ -15,8 +15,9 @@ fixture README describes:
 Upstream-compatible behaviour is on (quirk L3's per-frame local crop) and k-means draws from
 ``torch.Generator().manual_seed(1234)``. The output holds ``input_ids`` (1, L) after region expansion
 (before full's compression), ``region_tokens`` (R, D), ``logits`` (1, L', V) float32 from one forward
-pass over what the LLM sees, and ``generated_ids`` (1, N) from greedy decoding. Reference files of the
-fixture are never read.
+pass over what the LLM sees, and ``generated_ids`` (1, N) from greedy decoding with the checkpoint's
+``generation_config.json`` (its repetition penalty and eos ids, as upstream's ``generate(do_sample=False)``
+inherits them). Reference files of the fixture are never read.
 """
 
 from __future__ import annotations
@@ -143,12 +144,7 @@ def run_fixture(
     model = ckpt.model
     embeds = model.build_embeds([seq], plan, frames=frame_input, kmeans_seed=kmeans_seed, trace=trace)[0]
     logits = model.logits(embeds)
-    generated = model.generate(
-        [embeds],
-        max_new_tokens=max_new_tokens,
-        eos_token_id=ckpt.config.eos_token_id,
-        pad_token_id=ckpt.tokenizer.pad_token_id,
-    )[0]
+    generated = model.generate([embeds], max_new_tokens=max_new_tokens, settings=ckpt.generation)[0]
     return ParityRun(seq, embeds, logits, generated, trace, plan, frame_input, ckpt)
 
 

@@ -7,8 +7,10 @@ in one batched pass:
 * every distinct encoder image is computed once (each frame's 336 image for Lite, the frames for full,
   each (object, frame) crop) in one packed vision-tower call, and shared by every request using it;
 * each request gets its own k-means generator (``kmeans_seed``), so its output does not depend on the
-  other requests of the batch; the LLM decodes left-padded batches of ``batch_size`` greedily, and a
-  request gives the same tokens alone or batched.
+  other requests of the batch; the LLM decodes left-padded batches of ``batch_size`` greedily with the
+  checkpoint's ``generation_config.json`` (repetition penalty, eos ids; ``models.generation``), and a
+  request gives the same tokens alone or batched. Sampling only when asked
+  (``generation=checkpoint.generation.sampling(seed=...)``).
 
 Prompts hold one ``<region>`` per referenced object, in the order of ``Request.object_indices``.
 Lite expands an object to ``[Time t:<REGION>*32,...]`` (one entry per frame with a mask; ``[<REGION>*32]``
@@ -47,6 +49,7 @@ import numpy as np
 import torch
 
 from .config import REGION_PLACEHOLDER, ConfigError
+from .generation import GenerationSettings
 from .loading import LoadedCheckpoint, load_checkpoint
 from .perf import PerfOptions
 from .processing_pixelrefer import (
@@ -121,8 +124,10 @@ class Referrer:
         upstream_local_crop: bool = False,
         kmeans_seed: int = 1234,
         perf: PerfOptions | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         self.perf = perf or PerfOptions()
+        self.generation = generation or checkpoint.generation
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
@@ -147,6 +152,7 @@ class Referrer:
         kmeans_seed: int = 1234,
         perf: PerfOptions | None = None,
         attn_implementation: str | None = None,
+        sample_seed: int | None = None,
     ) -> "Referrer":
         """Load a checkpoint folder, a hub id, or the built-in ``tiny`` (``tiny-lite``/``tiny-full``).
 
@@ -155,6 +161,8 @@ class Referrer:
         real checkpoint ``mode`` is optional and must match its config. ``perf`` selects the inference
         optimisations (all on by default, see :mod:`models.perf`); ``attn_implementation`` overrides the
         device's default (``eager`` lets ``FlopCounterMode`` see the attention matmuls on CPU).
+        Decoding is greedy with the checkpoint's ``generation_config.json``; ``sample_seed`` switches to
+        upstream's sampling settings, each request drawing from its own generator seeded with it.
         """
         if mode is not None and mode not in ("lite", "full"):
             raise ValueError(f"mode must be 'lite' or 'full', got {mode!r}")
@@ -173,7 +181,15 @@ class Referrer:
                 f"{name_or_path} is a {ckpt.config.mode} checkpoint ({ckpt.config.model_type}) "
                 f"but mode={mode!r} was requested"
             )
-        return cls(ckpt, name, upstream_local_crop=upstream_local_crop, kmeans_seed=kmeans_seed, perf=perf)
+        generation = ckpt.generation.sampling(seed=sample_seed) if sample_seed is not None else None
+        return cls(
+            ckpt,
+            name,
+            upstream_local_crop=upstream_local_crop,
+            kmeans_seed=kmeans_seed,
+            perf=perf,
+            generation=generation,
+        )
 
     # -- public API --------------------------------------------------------------------------------
     def generate(
@@ -294,18 +310,13 @@ class Referrer:
         embeds = self.model.build_embeds(
             sequences, plan, frames=frame_input, kmeans_seed=self.kmeans_seed, perf=self.perf
         )
-        eos = self.config.eos_token_id
         outs = self.model.generate(
-            embeds,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id,
-            batch_size=batch_size,
-            perf=self.perf,
+            embeds, max_new_tokens=max_new_tokens, settings=self.generation, batch_size=batch_size, perf=self.perf
         )
+        stops = set(self.generation.eos_token_ids)
         gens = []
         for ids in outs:
-            n = len(ids) - (1 if ids and ids[-1] == eos else 0)
+            n = len(ids) - (1 if ids and ids[-1] in stops else 0)
             gens.append(Generation(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), n, None, ids))
         return gens
 

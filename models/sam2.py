@@ -1,8 +1,10 @@
 """SAM 2 checkpoints for the tracker: a local folder, a hub id, or the built-in `tiny`.
 
-Every checkpoint goes through the same `from_pretrained` path of transformers' `Sam2VideoModel` and
-`Sam2VideoProcessor`, so the official `facebook/sam2.1-hiera-*` weights and our test model share one
-code path.
+Every checkpoint goes through one path: the weights are read by `models.weights` (safetensors or `.bin`,
+single or sharded; `.bin` only with `torch.load(weights_only=True)`), handed to transformers'
+`Sam2VideoModel.from_pretrained(state_dict=...)` (its own key conversions apply), and the load is strict:
+any missing, unexpected or mis-shaped tensor fails it instead of leaving random weights in a tracker.
+The official `facebook/sam2.1-hiera-*` weights and our test model share that path.
 
 `tiny` is the real SAM 2 architecture with seeded random weights, shrunk so that CPU tests are fast:
 the default `Sam2VideoConfig` (1024 px input, Hiera with 12 blocks, 256-channel heads) tracks a frame
@@ -208,7 +210,8 @@ def checkpoint_folder(spec: str) -> Path:
     """`tiny`, a local folder, or a hub id (downloaded, or from the local cache when offline)."""
     if spec == TINY:
         return tiny_checkpoint()
-    from models.loading import CheckpointError, resolve_checkpoint
+    from models.hub import resolve_checkpoint
+    from models.weights import CheckpointError
 
     try:
         return resolve_checkpoint(spec)
@@ -258,17 +261,61 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def _loading_problems(info: dict[str, Any]) -> list[str]:
+    problems = []
+    labels = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "shape mismatch"}
+    for key, label in labels.items():
+        items = sorted(str(k) for k in info.get(key) or ())
+        if items:
+            problems.append(f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}")
+    problems += [str(e) for e in info.get("error_msgs") or ()]
+    return problems
+
+
+def read_sam2(folder: Path, *, dtype: torch.dtype, meta: bool = False) -> tuple[Any, str]:
+    """`Sam2VideoModel` of a folder's config with its weights, strictly; also the weight files read.
+
+    `meta=True` checks names and shapes against the files' headers without reading tensor data.
+    """
+    from transformers import Sam2VideoConfig, Sam2VideoModel
+
+    from models.weights import find_weight_files, read_weights
+
+    files = find_weight_files(folder)
+    state = read_weights(files, meta=meta)
+    config = Sam2VideoConfig.from_pretrained(folder)
+    if meta:
+        with torch.device("meta"):
+            model = Sam2VideoModel(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        info = {
+            "missing_keys": set(expected) - set(state),
+            "unexpected_keys": set(state) - set(expected),
+            "mismatched_keys": {k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k]},
+        }
+    else:
+        model, info = Sam2VideoModel.from_pretrained(
+            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+        )
+    problems = _loading_problems(info)
+    if problems:
+        raise Sam2LoadError(f"SAM 2 checkpoint {folder} does not match its config: " + " | ".join(problems))
+    return model, files.describe()
+
+
 def load_sam2(spec: str = TINY, *, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None) -> Sam2Bundle:
     """Load a SAM 2 checkpoint for tracking (`tiny`, a local folder or a hub id) onto a device."""
-    from transformers import Sam2VideoModel, Sam2VideoProcessor
+    from transformers import Sam2VideoProcessor
 
     dev, dt = resolve_device(device, dtype)
     folder = checkpoint_folder(spec)
     try:
         with _quiet_transformers():
-            model = Sam2VideoModel.from_pretrained(folder, dtype=dt).to(dev).eval()
+            model = read_sam2(folder, dtype=dt)[0].to(dev).eval()
             processor = Sam2VideoProcessor.from_pretrained(folder)
+    except Sam2LoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
         raise Sam2LoadError(f"cannot load SAM 2 from {spec!r} ({folder}): {exc}") from exc
     defaults_file = folder / TRACKER_DEFAULTS_FILE

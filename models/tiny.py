@@ -4,7 +4,16 @@
 seeded random weights, written in exactly the released layout (``config.json``, ``model.safetensors`` in
 bf16, ``generation_config.json``, the tokenizer files and the vision tower sub-folder) and then loaded
 through the same strict loader as a real checkpoint. Nothing is downloaded: the tokenizer is a
-byte-level BPE trained offline with ``tokenizers`` on a fixed corpus.
+byte-level BPE trained offline with ``tokenizers`` on a fixed corpus, loaded through the same
+``Qwen2Tokenizer`` class as the released checkpoints.
+
+Printable vocabulary: random weights emit random token ids, so every id must decode to readable text on
+its own. A full byte-level alphabet has tokens for single bytes of multi-byte UTF-8 characters, and a
+random sequence of those decodes to U+FFFD replacement characters. The alphabet here is
+printable ASCII only (no control bytes, no newline), and the corpus adds *lorem ipsum* so that many
+tokens are whole placeholder words: tiny captions read as obvious filler. Characters outside the
+alphabet (accents, newlines) are dropped when tiny encodes a prompt, which does not matter for a model
+whose answers are random by construction.
 
 Determinism: the corpus, the BPE trainer settings, the config and the weight draws
 (``torch.Generator().manual_seed(seed)`` over the parameters sorted by released name) are fixed, so the
@@ -39,7 +48,7 @@ from .config import (
     VisionSettings,
 )
 
-TINY_VERSION = "v1"  # bump when anything below changes the files
+TINY_VERSION = "v2"  # bump when anything below changes the files
 TINY_SEED = 0
 VISION_FOLDER = "VL3-SigLIP-NaViT-tiny"
 SPECIAL_TOKENS = [
@@ -51,6 +60,9 @@ SPECIAL_TOKENS = [
     "<|stream_end|>",
     REGION_TOKEN,
 ]
+# A special token only so that random answers never hold a line break (captions print in tables), while
+# prompts keep theirs; the alphabet has no control characters.
+NEWLINE_TOKEN = "\n"
 # Qwen2's pre-tokenizer split (public regex of the Qwen2 tokenizer).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -67,8 +79,11 @@ CORPUS = (
     "A green square and a yellow circle move slowly over a dark background.",
     "The cat is sleeping on the sofa while the light changes in the window.",
     "Time 0.0: Time 1.0: the object appears, then it disappears behind the wall.",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore.",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore.",
 )
 NUM_MERGES = 160
+PRINTABLE_ASCII = tuple(chr(c) for c in range(0x20, 0x7F))
 
 
 def cache_root() -> Path:
@@ -78,7 +93,8 @@ def cache_root() -> Path:
 
 
 def build_tokenizer(folder: Path) -> None:
-    """Train the tiny byte-level BPE offline and write the tokenizer files of a Qwen2 checkpoint."""
+    """Train the tiny byte-level BPE (printable ASCII alphabet) offline and write a Qwen2 checkpoint's
+    tokenizer files."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -90,20 +106,22 @@ def build_tokenizer(folder: Path) -> None:
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    alphabet = [byte_level.pre_tokenize_str(c)[0][0] for c in PRINTABLE_ASCII]
     trainer = trainers.BpeTrainer(
         vocab_size=len(alphabet) + NUM_MERGES,
         initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         special_tokens=[],
         min_frequency=2,
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(CORPUS), trainer=trainer)
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens([*SPECIAL_TOKENS, NEWLINE_TOKEN])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as the released folders hold them
-    added = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    added = {tok: tokenizer.token_to_id(tok) for tok in [*SPECIAL_TOKENS, NEWLINE_TOKEN]}
     (folder / "added_tokens.json").write_text(json.dumps(added, indent=2, sort_keys=True))
     decoder = {
         str(i): {

@@ -120,8 +120,9 @@ def test_native_decode_matches_generate_with_early_eos(mode, request):
     reqs = _requests()
 
     def run(perf: PerfOptions, eos: int | None) -> list[list[int]]:
-        r = Referrer(referrer.checkpoint, referrer.name, perf=perf)
-        r.config = dataclasses.replace(referrer.config, eos_token_id=eos)
+        stops = () if eos is None else (eos,)
+        generation = dataclasses.replace(referrer.generation, eos_token_ids=stops)
+        r = Referrer(referrer.checkpoint, referrer.name, perf=perf, generation=generation)
         return [g.token_ids for g in r.generate(frames, times, objects, reqs, max_new_tokens=8, batch_size=4)]
 
     free = run(PerfOptions(), None)
