@@ -1,20 +1,24 @@
 """Listing the videos of a SOURCE (a local folder or file, ``s3://``, any fsspec URL).
 
-The listing runs once on the driver; every entry becomes one row of the Ray dataset, and the
-decoder (``pipeline.decode``) later reads the file inside a Ray task. The listing therefore records
+The listing runs once on the driver; every entry becomes one row of the Ray dataset (split into clips by
+``pipeline.clips``), whose decode later reads the file inside Ray tasks. The listing therefore records
 what identifies the content *at listing time* (size, etag, mtime), so that a video that changes
 gets a new ``video_id`` and the nightly job indexes it again, while an unchanged one is skipped.
 
 All filesystem work goes through fsspec, so local paths, ``s3://`` (s3fs), ``gs://`` and any other
 fsspec URL behave the same, with ``storage_options`` passed through unchanged (credentials,
-``endpoint_url``, ...).
+``endpoint_url``, ...). Local folders are the exception: they are walked here (`_list_local`) so
+that symbolic links are followed, which fsspec's local listing does not do.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import logging
+import os
 import posixpath
+import stat as _stat
 from dataclasses import dataclass
 from typing import IO, Any, ContextManager
 
@@ -22,6 +26,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage_errors
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
@@ -149,13 +155,17 @@ def list_videos(source: str, storage_options: dict | None = None) -> list[VideoF
     `source` may be a folder or a single file, local or any fsspec URL. Files are kept when their
     extension (any case) is in `VIDEO_EXTENSIONS`; a single file named explicitly is kept whatever
     its extension, since the user asked for it (the decoder then says if it is no video). Hidden
-    files and folders are skipped (see `_has_hidden_part`). An existing but empty source gives
+    files and folders are skipped (see `_has_hidden_part`). On a local disk symbolic links to files
+    and folders are followed (see `_list_local`). An existing but empty source gives
     ``[]``: whether that is an error is the job's decision. A missing or unreadable source raises
     `SourceError` naming it.
     """
     if not source:
         raise SourceError("no source given: expected a folder, a file or a URL such as s3://bucket/prefix")
     fs, root = _filesystem(source, storage_options)
+    local = isinstance(fs, LocalFileSystem)
+    if local and os.path.islink(root) and not os.path.exists(root):
+        raise SourceError(f"source {source!r} is a symbolic link to {os.readlink(root)!r}, which does not exist")
     try:
         info = fs.info(root)
     except Exception as exc:  # noqa: BLE001 - narrowed by `_source_error`
@@ -165,6 +175,8 @@ def list_videos(source: str, storage_options: dict | None = None) -> list[VideoF
         return [_video_file(fs, info)]
 
     try:
+        if local:
+            return _list_local(root)
         found = fs.find(root, detail=True, withdirs=False)
     except Exception as exc:  # noqa: BLE001 - narrowed by `_source_error`
         raise _source_error(exc, source, storage_options, fs, root, "listing it") from exc
@@ -180,6 +192,72 @@ def list_videos(source: str, storage_options: dict | None = None) -> list[VideoF
         videos.append(_video_file(fs, entry))
     videos.sort(key=lambda video: video.uri)
     return videos
+
+
+def _list_local(root: str) -> list[VideoFile]:
+    """The videos under the local folder `root`, following symbolic links, sorted by URI.
+
+    fsspec's ``LocalFileSystem.find`` cannot be used: its listing describes each ``os.scandir``
+    entry without following links, so a link to a video has type ``other`` (and `list_videos` kept
+    only ``file``) and a link to a folder is never entered. A corpus laid out as a folder of links
+    to the real files was therefore listed as empty.
+
+    Links are followed like ``find -L`` does:
+
+    - Every path is listed under its own name, also when two links reach the same file: the names
+      are the user's (they select prompts and questions and are what queries show), and the URI is
+      part of the video id. Size and modification time are the target's, so replacing the target
+      file gives the link a new video id as it should.
+    - A folder that is its own ancestor on the walk (``corpus/all -> ..``, or a link to the source
+      itself) is not entered again, with a warning; that is the only way a walk can loop.
+    - A dangling link, or a folder that cannot be read, is skipped with a warning: one bad entry
+      must not cost the run its other videos. The source folder itself must be readable.
+
+    Hidden names are skipped before anything is followed (see `_has_hidden_part`).
+    """
+    videos: list[VideoFile] = []
+    top = os.stat(root)
+    # Each folder still to walk, with the (device, inode) identities of the folders above it.
+    pending: list[tuple[str, frozenset[tuple[int, int]]]] = [(root, frozenset({(top.st_dev, top.st_ino)}))]
+    while pending:
+        folder, ancestors = pending.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError as exc:
+            if folder == root:
+                raise
+            log.warning("skipping folder %s: %s", folder, exc.strerror or exc)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = f"{folder.rstrip('/')}/{entry.name}"
+            try:
+                found = entry.stat()  # follows links
+            except OSError as exc:
+                if entry.is_symlink():
+                    log.warning("skipping %s: it is a symbolic link to %r, which cannot be read (%s)",
+                                path, _readlink(path), exc.strerror or exc)
+                continue  # otherwise removed since the folder was read
+            if _stat.S_ISDIR(found.st_mode):
+                identity = (found.st_dev, found.st_ino)
+                if identity in ancestors:
+                    log.warning("not following %s: it links back to %s, which is already being listed (a loop)",
+                                path, os.path.realpath(path))
+                    continue
+                pending.append((path, ancestors | {identity}))
+            elif _stat.S_ISREG(found.st_mode) and _is_video_name(entry.name):
+                videos.append(VideoFile(uri=path, size_bytes=found.st_size, etag=None, mtime=found.st_mtime))
+    videos.sort(key=lambda video: video.uri)
+    return videos
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
 
 
 def _source_error(

@@ -94,6 +94,132 @@ def test_video_id_is_stable_and_follows_content(tree):
     assert len({same_tag_a.video_id, other_tag.video_id, other_uri.video_id}) == 3
 
 
+def _link(link: Path, target: Path) -> Path:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+@pytest.fixture
+def store(tmp_path):
+    """Where a linked corpus keeps the real files (outside the source folder)."""
+    store = tmp_path / "store"
+    _touch(store / "raw-1.mp4", b"first video")
+    _touch(store / "raw-2.mov", b"second, longer video")
+    _touch(store / "cams" / "north.mkv", b"north camera")
+    _touch(store / "cams" / "notes.txt")
+    return store
+
+
+def test_folder_of_links_to_files(tmp_path, store):
+    corpus = tmp_path / "corpus"
+    _link(corpus / "lobby.mp4", store / "raw-1.mp4")
+    _link(corpus / "yard.mov", Path("..") / "store" / "raw-2.mov")  # relative link
+    _link(corpus / "again.mp4", store / "raw-1.mp4")  # the same file under a second name
+    _link(corpus / "readme.txt", store / "cams" / "notes.txt")
+    videos = list_videos(str(corpus))
+    assert [os.path.relpath(v.uri, corpus) for v in videos] == ["again.mp4", "lobby.mp4", "yard.mov"]
+    by_name = {Path(v.uri).name: v for v in videos}
+    # the link's name is the URI; the content version is the target's (size and mtime)
+    assert by_name["yard.mov"].size_bytes == len(b"second, longer video")
+    assert by_name["lobby.mp4"].mtime == pytest.approx(os.path.getmtime(store / "raw-1.mp4"))
+    assert by_name["again.mp4"].video_id != by_name["lobby.mp4"].video_id
+    with open_file(by_name["lobby.mp4"].uri) as handle:
+        assert handle.read() == b"first video"
+
+
+def test_a_replaced_link_target_is_a_new_version(tmp_path, store):
+    link = _link(tmp_path / "corpus" / "clip.mp4", store / "raw-1.mp4")
+    [before] = list_videos(str(link.parent))
+    (store / "raw-1.mp4").write_bytes(b"re-encoded, and longer")
+    [after] = list_videos(str(link.parent))
+    assert after.uri == before.uri and after.size_bytes == len(b"re-encoded, and longer")
+    assert after.video_id != before.video_id
+
+
+def test_linked_subfolder_and_linked_source_folder(tmp_path, store):
+    corpus = tmp_path / "corpus"
+    _touch(corpus / "own.mp4")
+    _link(corpus / "cams", store / "cams")
+    videos = list_videos(str(corpus))
+    assert [v.uri for v in videos] == [str(corpus / "cams" / "north.mkv"), str(corpus / "own.mp4")]
+    assert videos[0].size_bytes == len(b"north camera")
+    # the source itself may be a link to a folder: URIs keep the name the user gave
+    alias = _link(tmp_path / "alias", corpus)
+    assert [v.uri for v in list_videos(str(alias))] == [str(alias / "cams" / "north.mkv"), str(alias / "own.mp4")]
+
+
+def test_single_linked_file_as_source(tmp_path, store):
+    link = _link(tmp_path / "pick.mp4", store / "raw-2.mov")
+    [video] = list_videos(str(link))
+    assert video.uri == str(link)
+    assert video.size_bytes == len(b"second, longer video")
+    assert video.mtime == pytest.approx(os.path.getmtime(store / "raw-2.mov"))
+    dangling = _link(tmp_path / "gone.mp4", tmp_path / "nowhere.mp4")
+    with pytest.raises(SourceError, match="symbolic link .* does not exist"):
+        list_videos(str(dangling))
+
+
+def test_links_back_to_an_ancestor_do_not_loop(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    _touch(corpus / "a.mp4")
+    _touch(corpus / "day" / "b.mp4")
+    _link(corpus / "day" / "up", Path(".."))  # the source folder, seen from below
+    _link(corpus / "day" / "self", corpus / "day")
+    _link(corpus / "top", corpus)
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        videos = list_videos(str(corpus))
+    assert [os.path.relpath(v.uri, corpus) for v in videos] == ["a.mp4", "day/b.mp4"]
+    assert sum("loop" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_a_folder_reached_twice_without_a_loop_is_listed_under_both_names(tmp_path, store):
+    corpus = tmp_path / "corpus"
+    _link(corpus / "north", store / "cams")
+    _link(corpus / "also-north", store / "cams")
+    assert [os.path.relpath(v.uri, corpus) for v in list_videos(str(corpus))] == [
+        "also-north/north.mkv", "north/north.mkv"]
+
+
+def test_dangling_links_are_skipped_with_a_warning(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    _touch(corpus / "real.mp4")
+    _link(corpus / "gone.mp4", tmp_path / "deleted.mp4")
+    _link(corpus / "gone-folder", tmp_path / "deleted")
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        videos = list_videos(str(corpus))
+    assert [v.uri for v in videos] == [str(corpus / "real.mp4")]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(corpus / "gone.mp4") in warned and str(corpus / "gone-folder") in warned
+
+
+def test_hidden_links_are_not_followed(tmp_path, store):
+    corpus = tmp_path / "corpus"
+    _link(corpus / ".snapshot", store)
+    _link(corpus / "._clip.mp4", store / "raw-1.mp4")
+    assert list_videos(str(corpus)) == []
+
+
+def test_unreadable_subfolder_is_skipped_with_a_warning(tmp_path, caplog, monkeypatch):
+    corpus = tmp_path / "corpus"
+    _touch(corpus / "ok.mp4")
+    _touch(corpus / "locked" / "not-for-us.mp4")
+    scandir = os.scandir
+
+    def refuse_locked(path):  # chmod 000 would not stop a test running as root
+        if str(path).endswith("/locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr("pipeline.sources.os.scandir", refuse_locked)
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        assert [v.uri for v in list_videos(str(corpus))] == [str(corpus / "ok.mp4")]
+    assert str(corpus / "locked") in caplog.text and "Permission denied" in caplog.text
+    monkeypatch.setattr("pipeline.sources.os.scandir", lambda path: refuse_locked(f"{path}/locked"))
+    with pytest.raises(SourceError, match="(?i)permission|denied|access"):
+        list_videos(str(corpus))
+
+
 def test_open_file_reads_bytes(tree):
     with open_file(str(tree / "b.mp4")) as handle:
         assert handle.read() == b"video:b.mp4"
