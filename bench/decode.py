@@ -10,7 +10,7 @@ frame at 36 px per frame (1080p), so a frame one step early or late is told apar
 one by where the shapes are.
 
 For each video and each sampling mode (1 frame per second; 16 frames uniformly spaced) every
-decoder samples the same frames (chosen by `pipeline.decode.select_frames` on the exact PTS), and
+decoder samples the same frames (chosen by `pipeline.sampling.select_frames` on the exact PTS), and
 the run reports wall time, sampled frames per second and the ratio to a full decode of the same
 file by ``ffmpeg -i FILE -f null -`` measured in the same run (below 1: sampling is cheaper than
 decoding everything). A result is *correct* when every timestamp equals the demuxer's PTS and every
@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import decode
+from pipeline import backends, isolation, sampling
+from pipeline.probe import Probe, demux_index
 from pipeline.samples import GroundTruth, Shape, make_video
 
 FPS = 25.0
@@ -151,9 +152,9 @@ def run_pyav(path: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        probe = decode._Probe(stream.index, stream.width, stream.height, 0, None, None, stream.codec_context.name)
-    index = decode._demux_index(path, probe, path)
-    out = decode._decode_pyav(path, probe, index, positions, probe.width, probe.height)
+        probe = Probe(stream.index, stream.width, stream.height, 0, None, None, stream.codec_context.name)
+    index = demux_index(path, probe, path)
+    out = backends.decode_pyav(path, probe, index, positions, probe.width, probe.height)
     return np.stack(out.frames), index.times[np.asarray(out.positions)]
 
 
@@ -168,9 +169,9 @@ def run_torchcodec(path: str, positions: np.ndarray) -> tuple[np.ndarray, np.nda
 def run_sample_video(mode: str) -> Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     def run(path: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if mode == "1fps":
-            result = decode.sample_video(path, fps=1.0, max_frames=10**6, timeout_s=600)
+            result = sampling.sample_video(path, fps=1.0, max_frames=10**6, timeout_s=600)
         else:
-            result = decode.sample_video(path, num_frames=16, timeout_s=600)
+            result = sampling.sample_video(path, num_frames=16, timeout_s=600)
         return result.frames, result.timestamps
 
     return run
@@ -219,36 +220,36 @@ def machine() -> dict[str, Any]:
 def measure_isolation(path: str) -> dict[str, float]:
     """What running decoders in a child process costs, next to decoding in this process."""
     figures: dict[str, float] = {}
-    decode.shutdown_workers()
+    isolation.shutdown_workers()
     start = time.perf_counter()
-    worker = decode._Worker()
+    worker = isolation._Worker()
     figures["isolation_worker_start_s"] = time.perf_counter() - start
     worker.close()
-    decode.call_isolated(time.sleep, 0, timeout_s=60, label="warm-up")
+    isolation.call_isolated(time.sleep, 0, timeout_s=60, label="warm-up")
     trips = []
     for _ in range(20):
         start = time.perf_counter()
-        decode.call_isolated(time.sleep, 0, timeout_s=60, label="round trip")
+        isolation.call_isolated(time.sleep, 0, timeout_s=60, label="round trip")
         trips.append(time.perf_counter() - start)
     figures["isolation_roundtrip_ms"] = float(np.median(trips) * 1000)
     shape = (16, 1080, 1920, 3)
     rates = []
     for _ in range(3):
         start = time.perf_counter()
-        frames = decode.call_isolated(np.ones, shape, np.uint8, timeout_s=120, label="transfer")
+        frames = isolation.call_isolated(np.ones, shape, np.uint8, timeout_s=120, label="transfer")
         rates.append(frames.nbytes / (time.perf_counter() - start) / 1e9)
         del frames
     figures["isolation_transfer_GB_per_s"] = max(rates)
-    request = decode._Request(path, None, 1.0, None, 64, None, None)
-    decode._load_decoders()
+    request = sampling._Request(path, None, 1.0, None, 64, None, None)
+    backends.load_decoders()
     # Minimum of several runs: on a shared machine that is the closest to the intrinsic cost.
     in_process, isolated = [], []
     for _ in range(5):
         start = time.perf_counter()
-        decode._sample_request(request)
+        sampling._sample_request(request)
         in_process.append(time.perf_counter() - start)
         start = time.perf_counter()
-        decode.sample_video(path, fps=1.0)
+        sampling.sample_video(path, fps=1.0)
         isolated.append(time.perf_counter() - start)
     figures["sample_video_in_process_s"] = min(in_process)
     figures["sample_video_isolated_s"] = min(isolated)
@@ -302,17 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(measure_isolation(videos[0].path))
         for video in videos:
             full = full_decode_s(video.path)
-            probe = decode._Probe(0, video.truth.width, video.truth.height, 0, None, None, "h264")
-            index = decode._demux_index(video.path, probe, video.path)
+            probe = Probe(0, video.truth.width, video.truth.height, 0, None, None, "h264")
+            index = demux_index(video.path, probe, video.path)
             total = len(index.times)
             figures[_key("ffmpeg_full", video.name, "s")] = full
             figures[_key("ffmpeg_full", video.name, "frames_per_s")] = total / full
             rows.append((video.name, "full", total, "ffmpeg -f null", full, total / full, 1.0, "-"))
             for mode in ("1fps", "16 frames"):
                 if mode == "1fps":
-                    positions = decode.select_frames(index.times, fps=1.0, max_frames=10**6)
+                    positions = sampling.select_frames(index.times, fps=1.0, max_frames=10**6)
                 else:
-                    positions = decode.select_frames(index.times, num_frames=16)
+                    positions = sampling.select_frames(index.times, num_frames=16)
                 expected = index.times[positions]
                 runners = dict(decoders)
                 if video.duration_s <= CLIP_S:  # its overhead is per video: the short clips show it
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {video.name:10} {mode:9} {name:12} {elapsed:7.2f} s  correct={correct}", file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        decode.shutdown_workers()
+        isolation.shutdown_workers()
 
     # Fastest correct decoder: the lowest total time over all videos and modes, counting only
     # decoders that were correct everywhere (sample_video is the production wrapper, not a decoder).

@@ -18,8 +18,11 @@ import ffmpeg
 import numpy as np
 import pytest
 
-from pipeline import decode
-from pipeline.decode import DecodeError, SampledVideo, call_isolated, sample_video, select_frames
+from pipeline import backends
+from pipeline.errors import DecodeError
+from pipeline.isolation import call_isolated
+from pipeline.probe import demux_index, probe_file
+from pipeline.sampling import SampledVideo, sample_video, select_frames
 from pipeline.samples import Shape, make_video
 
 SHAPES = (
@@ -176,15 +179,15 @@ def test_max_side_downscales_keeping_aspect(videos):
 
 def test_pyav_path_matches_decord(videos):
     """The fallback decoder, run directly, returns the same frames at the same times."""
-    decode._load_decoders()
+    backends.load_decoders()
     for key in ("cfr", "vfr"):
         truth = videos[key]
-        probe = decode._probe(truth.path, truth.path)
-        index = decode._demux_index(truth.path, probe, truth.path)
+        probe = probe_file(truth.path, truth.path)
+        index = demux_index(truth.path, probe, truth.path)
         positions = select_frames(index.times, num_frames=7)
-        via_pyav = decode._decode_pyav(truth.path, probe, index, positions, probe.width, probe.height)
+        via_pyav = backends.decode_pyav(truth.path, probe, index, positions, probe.width, probe.height)
         assert via_pyav.positions == positions.tolist() and not via_pyav.notes
-        via_decord = decode._decode_decord(truth.path, probe, index, positions, probe.width, probe.height)
+        via_decord = backends.decode_decord(truth.path, probe, index, positions, probe.width, probe.height)
         for a, b, t in zip(via_pyav.frames, via_decord, index.times[positions]):
             assert np.abs(a.astype(int) - b.astype(int)).mean() < 3.0
             assert _shown_time(a, truth) == pytest.approx(t, abs=1e-6)
@@ -209,10 +212,10 @@ def test_rotation_metadata_gives_upright_frames(videos, tmp_path):
     scaled = sample_video(rotated, num_frames=1, max_side=160)
     assert scaled.frames.shape == (1, 160, 120, 3)
     # the PyAV path rotates the same way
-    decode._load_decoders()
-    probe = decode._probe(rotated, rotated)
-    index = decode._demux_index(rotated, probe, rotated)
-    via_pyav = decode._decode_pyav(rotated, probe, index, np.array([0]), probe.width, probe.height)
+    backends.load_decoders()
+    probe = probe_file(rotated, rotated)
+    index = demux_index(rotated, probe, rotated)
+    via_pyav = backends.decode_pyav(rotated, probe, index, np.array([0]), probe.width, probe.height)
     assert np.abs(via_pyav.frames[0].astype(int) - upright).mean() < 2.0
 
 

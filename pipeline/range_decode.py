@@ -1,0 +1,205 @@
+"""Child side of `sample_clip` and `sample_at`: the frames nearest to given times, decoding only around them.
+
+The frame chosen for a time t is the decoded frame whose PTS is nearest to t, the earlier one on a
+tie: a function of t and the stream alone, never of where decoding started. That is what lets two
+adjacent clips, decoded by different tasks, return the very same frame (same PTS, same pixels) for
+their shared boundary time.
+
+How: the times are cut into runs (consecutive times less than `SEEK_GAP_S` apart). For each run
+PyAV seeks to the key frame before its first time (``container.seek(backward=True)``) and decodes
+forward until a frame lies past its last time, then stops. A seek is trusted only when the first
+frame it yields is at or before the run's first time: demuxers disagree on what a seek target means
+(MP4 seeks by decode time, MPEG-TS lands after the target), so otherwise it seeks again earlier,
+1 s, 2 s, 4 s... back, and finally decodes from the start of the file.
+
+Why PyAV rather than decord for clips: decord numbers frames from an index of the whole file that
+it builds on open (so opening costs a pass over the file's packets, and a remote file must be read
+whole into memory), and it miscounts after seeks in open-GOP and MPEG-TS streams
+(`pipeline.backends.decord_unsafe`); PyAV matches frames by PTS and reads a file object through
+range requests (`pipeline.media`).
+
+Damage: a packet that fails to decode, or a frame the decoder flags as corrupt, within a run
+raises `DecodeError` when `strict` (a clip), because the frames after it in its GOP are wrong
+too; otherwise the run's times are dropped with a note (`sample_at`). A stream that ends (or
+whose demuxer fails) before a time leaves that time unanswered, with a note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline.errors import DecodeError
+from pipeline.media import VideoSource, open_video, quarter_turns
+from pipeline.probe import output_size
+
+#: Times further apart than this start a new run (a seek) instead of decoding through the gap: a
+#: seek costs about one GOP of decoding (1-10 s of video), decoding the gap costs all of it.
+SEEK_GAP_S = 10.0
+#: A time later than the stream's last frame by more than this is beyond the end: unanswered
+#: (the last frame is nearest to anything after it, but it does not show that moment).
+END_SLACK_S = 1.0
+#: Earlier and earlier re-seeks before decoding from the start (see the module docstring).
+_BACKOFFS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+@dataclass
+class Picked:
+    """The frames answering some of the requested times, in time order, and what went wrong."""
+
+    frames: list[np.ndarray] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)  # decoder PTS, seconds from the first frame
+    answered: list[float] = field(default_factory=list)  # the requested time each frame answers
+    notes: list[str] = field(default_factory=list)
+    bytes_read: int | None = None
+
+
+class _Damaged(Exception):
+    def __init__(self, start: float, end: float, failed: int, corrupt: int) -> None:
+        super().__init__(f"damaged stream between {start:.2f} s and {end:.2f} s "
+                         f"({failed} packets failed to decode, {corrupt} frames corrupt)")
+
+
+def pick_frames(
+    uri: str,
+    times: Sequence[float],
+    *,
+    max_side: int | None,
+    storage_options: dict | None,
+    strict: bool,
+    max_bytes: int | None = None,
+) -> Picked:
+    """The frame nearest to each of `times` (seconds from the first frame, ascending).
+
+    `max_bytes` refuses, before decoding, a request whose frames would take more memory than that.
+    """
+    targets = np.asarray(times, dtype=np.float64)
+    picked = Picked()
+    with open_video(uri, storage_options) as source:
+        width, height = output_size(source.stream.codec_context.width, source.stream.codec_context.height, max_side)
+        needed = targets.size * width * height * 3
+        if max_bytes is not None and needed > max_bytes:
+            raise DecodeError(
+                f"{uri}: {targets.size} frames of {width}x{height} would take {needed / 2**30:.1f} GiB "
+                f"(limit {max_bytes / 2**30:.0f} GiB); pass max_side or sample fewer frames"
+            )
+        for run in _runs(targets):
+            try:
+                _pick_run(source, run, width, height, picked)
+            except _Damaged as exc:
+                if strict:
+                    raise DecodeError(f"{uri}: {exc}") from None
+                picked.notes.append(f"{len(run)} requested frames skipped: {exc}")
+        picked.bytes_read = source.bytes_read()
+    return picked
+
+
+def _runs(targets: np.ndarray) -> list[np.ndarray]:
+    if targets.size == 0:
+        return []
+    breaks = np.nonzero(np.diff(targets) > SEEK_GAP_S)[0] + 1
+    return np.split(targets, breaks)
+
+
+def _pick_run(source: VideoSource, run: np.ndarray, width: int, height: int, picked: Picked) -> None:
+    """Decode from the key frame before ``run[0]`` until past ``run[-1]``; choose the nearest frames."""
+    frames, stats = _start_before(source, float(run[0]))
+    previous: tuple[float, Any] | None = None
+    current = next(frames, None)
+    converted: dict[float, np.ndarray] = {}
+    answered_up_to = len(picked.answered)
+    for target in run:
+        target = float(target)
+        while current is not None and current[0] <= target:
+            previous, current = current, next(frames, None)
+        if previous is None:
+            choice = current  # before the first frame of the stream: the first frame is nearest
+        elif current is None:
+            choice = previous if target - previous[0] <= END_SLACK_S else None
+        else:
+            choice = previous if target - previous[0] <= current[0] - target else current
+        if choice is None:
+            continue
+        stamp, frame = choice
+        if stamp not in converted:
+            array = frame.to_ndarray(format="rgb24", width=width, height=height)
+            turns = quarter_turns(frame)
+            converted[stamp] = np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
+        picked.frames.append(converted[stamp])
+        picked.timestamps.append(stamp)
+        picked.answered.append(target)
+    if stats.failed or stats.corrupt:
+        del picked.frames[answered_up_to:], picked.timestamps[answered_up_to:], picked.answered[answered_up_to:]
+        raise _Damaged(stats.first_time, float(run[-1]), stats.failed, stats.corrupt)
+    missing = len(run) - (len(picked.answered) - answered_up_to)
+    if missing:
+        end = f"the stream ends at {previous[0]:.2f} s" if previous is not None else "no frame decodes there"
+        detail = f" (demuxer: {stats.stream_error})" if stats.stream_error else ""
+        picked.notes.append(f"{missing} of {len(run)} requested times from {run[0]:.2f} s not sampled: {end}{detail}")
+
+
+@dataclass
+class _Stats:
+    failed: int = 0
+    corrupt: int = 0
+    stream_error: str | None = None
+    first_time: float = 0.0
+
+
+def _start_before(source: VideoSource, target: float) -> tuple[Iterator[tuple[float, Any]], _Stats]:
+    """Frames from a point at or before the frame nearest `target` (see the module docstring)."""
+    for back in (0.0, *_BACKOFFS_S):
+        start = target - back
+        if start <= 0.0:
+            break
+        stats = _Stats()
+        frames = _decode_from(source, source.ticks(start), stats)
+        first = next(frames, None)
+        if first is not None and first[0] <= target:
+            stats.first_time = first[0]
+            return _chain(first, frames), stats
+    stats = _Stats()
+    frames = _decode_from(source, None, stats)
+    first = next(frames, None)
+    if first is None:
+        return iter(()), stats
+    stats.first_time = first[0]
+    return _chain(first, frames), stats
+
+
+def _chain(first: tuple[float, Any], rest: Iterator[tuple[float, Any]]) -> Iterator[tuple[float, Any]]:
+    yield first
+    yield from rest
+
+
+def _decode_from(source: VideoSource, seek_pts: int | None, stats: _Stats) -> Iterator[tuple[float, Any]]:
+    """(seconds, frame) in presentation order from a seek (or the start of the file, for None)."""
+    import av
+
+    try:
+        if seek_pts is None:
+            source.restart()
+        else:
+            source.container.seek(seek_pts, stream=source.stream, backward=True, any_frame=False)
+    except (av.FFmpegError, OSError) as exc:
+        stats.stream_error = str(exc)
+        return
+    container, stream = source.container, source.stream
+    try:
+        for packet in container.demux(stream):
+            try:
+                decoded = packet.decode()
+            except (av.FFmpegError, ValueError):
+                stats.failed += 1
+                continue
+            for frame in decoded:
+                if frame.pts is None:
+                    continue
+                if frame.is_corrupt:
+                    stats.corrupt += 1
+                yield source.seconds(int(frame.pts)), frame
+    except (av.FFmpegError, OSError) as exc:
+        stats.stream_error = str(exc)
+
