@@ -112,9 +112,11 @@ class ReferrerStage:
                     captions.append("[]")
                     answers.append("[]")
                     continue
+                owned = int(batch["num_owned"][i]) if "num_owned" in batch else None
                 try:
                     cap, qa, notes = self._one_video(
-                        batch["frames"][i], batch["timestamps"][i], batch["tracks_json"][i], batch["questions_json"][i]
+                        batch["frames"][i], batch["timestamps"][i], batch["tracks_json"][i], batch["questions_json"][i],
+                        owned=owned if owned is not None and owned >= 0 else None,
                     )
                 except Exception as exc:  # noqa: BLE001 - one video's failure must not take the batch down
                     log.exception("referrer failed on %s", batch["video_id"][i])
@@ -131,10 +133,19 @@ class ReferrerStage:
         result.update(self.clock.columns(n))
         return result
 
-    def _one_video(self, frames: np.ndarray, timestamps: np.ndarray, tracks_json: str, questions_json: str) -> tuple[list, list, list[str]]:
+    def _one_video(self, frames: np.ndarray, timestamps: np.ndarray, tracks_json: str, questions_json: str,
+                   owned: int | None = None) -> tuple[list, list, list[str]]:
+        """Captions and answers for one clip (or one short video, or one track row).
+
+        `owned`: the clip's own frames are the first `owned`; the one after them is the next clip's
+        first frame, sampled only to link tracks across the boundary, so it is captioned there.
+        """
         from models.referrer import Request
 
         tracks = json.loads(tracks_json or "[]")
+        if owned is not None:
+            tracks = [{**t, "frames": [f for f in t["frames"] if f["frame_index"] < owned]} for t in tracks]
+            tracks = [t for t in tracks if t["frames"]]
         if not tracks:
             return [], [], []
         objects = []
@@ -161,9 +172,14 @@ class ReferrerStage:
                 "caption": None if result.error else result.text,
                 "num_tokens": int(result.num_tokens),
             })
-        qa = [
-            {"object_ids": [int(o) for o in objs], "question": q, "answer": None if r.error else r.text}
-            for (q, objs), r in zip(pairs, results[len(tracks):])
-        ]
+        spans = {c["object_id"]: (c["ts_start"], c["ts_end"]) for c in captions}
+        qa = []
+        for (q, objs), r in zip(pairs, results[len(tracks):]):
+            starts = [spans[o][0] for o in objs if spans.get(o, (None,))[0] is not None]
+            ends = [spans[o][1] for o in objs if spans.get(o, (None, None))[1] is not None]
+            qa.append({
+                "object_ids": [int(o) for o in objs], "question": q, "answer": None if r.error else r.text,
+                "ts_start": min(starts) if starts else None, "ts_end": max(ends) if ends else None,
+            })
         notes += [f"object {r.error}" for r in results if r.error]
         return captions, qa, notes

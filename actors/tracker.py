@@ -234,7 +234,7 @@ def _check_mask(rle: Mapping, height: int, width: int, where: str) -> dict:
     return {"size": [height, width], "counts": rle["counts"]}
 
 
-def _assign_ids(prompts: Sequence[ObjectPrompt]) -> list[int]:
+def assign_ids(prompts: Sequence[ObjectPrompt]) -> list[int]:
     """User ids as given; the others get the smallest free ids from 1 up."""
     used = {p.object_id for p in prompts if p.object_id is not None}
     for oid in used:
@@ -256,7 +256,7 @@ def resolve_prompts(prompts: Sequence[ObjectPrompt], timestamps: np.ndarray, hei
     """Check every prompt against the video and turn it into a seed; the first misfit raises."""
     seeds: list[Seed] = []
     seen: set[tuple[int, int]] = set()
-    for k, (p, oid) in enumerate(zip(prompts, _assign_ids(prompts), strict=True)):
+    for k, (p, oid) in enumerate(zip(prompts, assign_ids(prompts), strict=True)):
         where = f"prompt {k} ({p.kind}, object {oid})"
         frame = prompt_frame(p, timestamps, where)
         if (oid, frame) in seen:
@@ -543,8 +543,13 @@ class Tracker:
     # -- public -------------------------------------------------------------------------------
 
     def track(self, frames: np.ndarray, timestamps: Sequence[float],
-              prompts: Sequence[ObjectPrompt] | None = None) -> list[dict]:
+              prompts: Sequence[ObjectPrompt] | None = None, discover: str | None = None) -> list[dict]:
         """Tracks of the prompted objects, or of automatically found ones when there are no prompts.
+
+        `discover` says where automatic discovery runs: "keyframes" (the first frame and then every
+        `keyframe_interval_s`), "first" (the first frame only: a later clip of a prompted video,
+        where discovery only proposes continuations of the prompted objects for linking), "none";
+        by default "keyframes" without prompts and "none" with them.
 
         Returns one dict per object (`object_id`, `source`, `frames`: per frame where the object is
         present its `frame_index`, `ts`, xyxy `bbox`, `area`, `score`, COCO `rle`), sorted by id.
@@ -559,7 +564,11 @@ class Tracker:
             seeds = resolve_prompts(prompts, ts, video.height, video.width) if prompts else []
             for s in seeds:
                 video.tracks.setdefault(s.object_id, _Track(s.object_id, "prompt"))
-            self._forward(video, seeds, auto=not seeds)
+            mode = discover or ("none" if seeds else "keyframes")
+            if mode not in ("keyframes", "first", "none"):
+                raise ValueError(f"discover must be 'keyframes', 'first' or 'none', got {mode!r}")
+            if seeds or mode != "none":
+                self._forward(video, seeds, mode)
             self._backward(video)
         self.last_stats = {
             "frames": len(frames), "objects": len(video.tracks), "seconds": time.perf_counter() - started,
@@ -585,7 +594,7 @@ class Tracker:
                                                            return_tensors="pt")
             yield chunk, pixels.pixel_values_videos[0].cpu()[[i - lo for i in chunk]]
 
-    def _forward(self, video: _Video, seeds: list[Seed], auto: bool) -> None:
+    def _forward(self, video: _Video, seeds: list[Seed], discover: str) -> None:
         """Track from the first seed (or frame 0 when discovering) to the end of the video."""
         by_frame: dict[int, list[Seed]] = {}
         for s in seeds:
@@ -594,9 +603,9 @@ class Tracker:
         for s in sorted(seeds, key=lambda s: s.frame):
             first_prompt.setdefault(s.object_id, s)
         video.back_seeds.extend(s for s in first_prompt.values() if s.frame > 0)
-        keyframes = keyframe_indices(video.timestamps, self.keyframe_interval_s) if auto else []
+        keyframes = {"keyframes": keyframe_indices(video.timestamps, self.keyframe_interval_s), "first": [0]}.get(discover, [])
         key_set, prev_key = set(keyframes), {k: (keyframes[j - 1] if j else -1) for j, k in enumerate(keyframes)}
-        start = 0 if auto else min(by_frame)
+        start = 0 if keyframes else min(by_frame)
         session = TrackingSession(self.bundle, video.height, video.width, offload_state=self.offload_state)
         for chunk, pixels in self._chunks(video.frames, start, len(video.frames) - 1, reverse=False):
             for j, i in enumerate(chunk):
@@ -733,8 +742,12 @@ class TrackerStage:
         n = len(batch["video_id"])
         errors = list(batch["error"]) if "error" in batch else [None] * n
         tracks_json = []
+        kinds = list(batch["kind"]) if "kind" in batch else [""] * n
         with self.clock.batch():
             for i in range(n):
+                if kinds[i] == "track":  # a finished video's whole-track request: its masks are given
+                    tracks_json.append(batch["tracks_json"][i])
+                    continue
                 if _failed(errors[i]):
                     tracks_json.append("[]")
                     continue
@@ -757,7 +770,8 @@ class TrackerStage:
                 return [], None
             text = str(batch["prompts_json"][i]) if "prompts_json" in batch and batch["prompts_json"][i] else ""
             prompts = prompts_from_json(text) if text else None
-            return self.tracker.track(frames, timestamps, prompts), None
+            mode = str(batch["discover"][i]) if "discover" in batch and batch["discover"][i] else None
+            return self.tracker.track(frames, timestamps, prompts, discover=mode), None
         except (TrackerInputError, PromptsError) as exc:
             log.warning("video %s: bad prompts: %s", video_id, exc)
             return [], f"tracker: {exc}"

@@ -28,7 +28,16 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     rate.add_argument("--num-frames", type=int, default=None, help="frames sampled uniformly per video")
-    parser.add_argument("--max-frames", type=int, default=32, help="cap on sampled frames per video (default 32)")
+    parser.add_argument("--max-frames", type=int, default=None,
+                        help="frame budget per video: longer videos are sampled more sparsely (recorded in "
+                             "videos.sampled_fps, named in the summary); default: none, --fps holds for any length")
+    parser.add_argument("--clip-seconds", type=float, default=30.0,
+                        help="longest clip, the unit of work (default 30); clips also end at shot cuts")
+    parser.add_argument("--cuts", choices=("shot", "none"), default="shot",
+                        help="shot: split at shot cuts (TransNetV2) within --clip-seconds; none: fixed windows")
+    parser.add_argument("--commit-every", type=float, default=10.0, metavar="MINUTES",
+                        help="publish the videos finished so far every MINUTES (default 10); a killed run "
+                             "resumes from its last commit")
     parser.add_argument("--max-side", type=int, default=1920, help="downscale frames whose longer side exceeds this")
     parser.add_argument("--prompts", default=None, help="JSON/JSONL file of objects to follow per video")
     parser.add_argument("--questions", default=None, help="JSON/JSONL file of questions per video or for all ('*')")
@@ -37,9 +46,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                              "retries: {\"config_kwargs\": {\"retries\": {\"max_attempts\": 10}}})")
     parser.add_argument("--max-objects", type=int, default=8, help="objects kept per video in automatic discovery")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per caption or answer")
-    parser.add_argument("--object-frames", type=int, default=None, metavar="K",
-                        help="masked frames of each object shown to PixelRefer, evenly spread over its track "
-                             "(default: all; Lite's cost per object grows about linearly with them)")
+    parser.add_argument("--object-frames", type=int, default=8, metavar="K",
+                        help="masked frames of an object shown to PixelRefer per caption, evenly spread over its "
+                             "span in the clip (and over its whole track); default 8, Lite's cost grows about "
+                             "linearly with K")
     parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds allowed to decode one video")
     parser.add_argument("--upstream-local-crop", action="store_true",
                         help="reproduce upstream Lite's per-frame cached local crop (quirk L3) instead of one crop per object")
@@ -59,12 +69,13 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         decode_timeout_s=args.decode_timeout,
         upstream_local_crop=args.upstream_local_crop, retry_failed=args.retry_failed, run_id=args.run_id,
         max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
+        clip_seconds=args.clip_seconds, cuts=args.cuts, commit_every_min=args.commit_every,
     )
 
 
 def index_main(args: argparse.Namespace) -> int:
     from actors.prompts import PromptsError
-    from pipeline.graph import run_index
+    from pipeline.run import run_index
     from pipeline.questions import QuestionsError
     from pipeline.sink import OutputError
     from pipeline.sources import SourceError

@@ -11,6 +11,10 @@ import json
 from typing import Any
 
 
+#: Longer clips hold more frames in one SAM 2 session and one decode task than a worker should.
+MAX_CLIP_SECONDS = 600.0
+
+
 @dataclasses.dataclass
 class StageResources:
     """What one stage asks Ray for. `concurrency` is the actor-pool size (min, max)."""
@@ -30,7 +34,16 @@ class IndexConfig:
     mode: str = "lite"
     fps: float | None = 1.0
     num_frames: int | None = None
-    max_frames: int = 32
+    #: A per-video frame budget: a longer video is sampled at max_frames / duration (recorded as
+    #: `videos.sampled_fps` and named in the summary). None: --fps holds for any length.
+    max_frames: int | None = None
+    #: Clips end at shot cuts (`cuts="shot"`, TransNetV2) and are at most this long; "none": fixed
+    #: windows. 30 s: at 1 fps, 30 frames per SAM 2 session (bounded tracker state) and a caption
+    #: timeline with one entry per half minute, while an object crossing a window boundary is linked.
+    clip_seconds: float = 30.0
+    cuts: str = "shot"
+    #: Minutes between commits of a long run (whole videos only).
+    commit_every_min: float = 10.0
     max_side: int | None = 1920
     prompts: str | None = None
     questions: str | None = None
@@ -39,7 +52,11 @@ class IndexConfig:
     max_objects: int = 8
     keyframe_interval_s: float = 2.0
     max_new_tokens: int = 64
-    object_frames: int | None = None
+    #: K: masked frames of an object shown to PixelRefer per caption, spread over its span (per
+    #: clip, and over the whole track). 8: `bench.referrer` at 2B widths on a 20-frame track
+    #: measured 9.9 s/object for all 20 frames, 4.7 s for 8, 2.6 s for 4 (CPU); 8 frames over a
+    #: 30 s clip is one every ~4 s, enough to see what an object does, at half the cost of all.
+    object_frames: int | None = 8
     decode_timeout_s: float = 120.0
     upstream_local_crop: bool = False
     retry_failed: bool = False
@@ -65,6 +82,14 @@ class IndexConfig:
             raise ValueError(f"--max-objects must be positive, got {self.max_objects}")
         if self.object_frames is not None and self.object_frames <= 0:
             raise ValueError(f"--object-frames must be positive, got {self.object_frames}")
+        if self.max_frames is not None and self.max_frames <= 0:
+            raise ValueError(f"--max-frames must be positive, got {self.max_frames}")
+        if not (0 < self.clip_seconds <= MAX_CLIP_SECONDS):
+            raise ValueError(f"--clip-seconds must be in (0, {MAX_CLIP_SECONDS:g}], got {self.clip_seconds:g}")
+        if self.cuts not in ("shot", "none"):
+            raise ValueError(f"--cuts must be 'shot' or 'none', got {self.cuts!r}")
+        if not (0 < self.commit_every_min <= 24 * 60):
+            raise ValueError(f"--commit-every must be in (0, 1440] minutes, got {self.commit_every_min:g}")
 
     @property
     def model_label(self) -> str:

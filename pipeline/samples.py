@@ -167,3 +167,30 @@ def make_sample_videos(folder: str | os.PathLike, count: int = 3) -> list[Ground
             make_video(folder / f"sample_{i:02d}.mp4", shapes=shapes, seed=i, vfr=(i == count - 1), duration_s=4.0)
         )
     return truths
+
+
+def make_long_video(path: str | os.PathLike, duration_s: float, *, segment_s: float = 60.0, width: int = 160,
+                    height: int = 120, fps: float = 10.0, seed: int = 0,
+                    shapes: Sequence[Shape] = DEFAULT_SHAPES[:2]) -> str:
+    """An hours-long MP4 made of one rendered segment played again and again (stream copy, no re-encode).
+
+    Rendering every frame of a 2-hour video in numpy would hold gigabytes; a segment of `segment_s`
+    repeated by ffmpeg's `-stream_loop` costs seconds and a few megabytes of disk per hour, and the
+    same content at two lengths is what a long-video benchmark wants to compare.
+    """
+    path = str(path)
+    repeats = max(1, int(round(duration_s / segment_s)))
+    segment = f"{path}.segment.mp4"
+    make_video(segment, width=width, height=height, fps=fps, duration_s=segment_s, shapes=shapes, seed=seed,
+               gop=int(fps * 2))
+    try:
+        (
+            ffmpeg.input(segment, stream_loop=repeats - 1)
+            .output(path, c="copy", t=repeats * segment_s, movflags="+faststart")
+            .global_args("-loglevel", "error")
+            .overwrite_output()
+            .run(capture_stdout=True, capture_stderr=True)
+        )
+    finally:
+        Path(segment).unlink(missing_ok=True)
+    return path

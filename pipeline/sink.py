@@ -54,7 +54,7 @@ STAGING = "_staging"
 COMMIT_MARKER = "_COMMIT"
 # Publish order: `videos` after the rows that hang off it, so a reader never sees a video whose
 # objects are not there yet; `runs` last, as the record that the run is complete.
-PUBLISH_ORDER = ("objects", "captions", "qa", "videos", "runs")
+PUBLISH_ORDER = ("clips", "objects", "masks", "captions", "qa", "videos", "runs")
 
 
 #: Run ids become one path segment (``run_id=<id>``, ``_staging/<id>``): plain characters only.
@@ -150,6 +150,7 @@ class RunWriter:
         storage_options: Mapping[str, Any] | None = None,
         rows_per_file: int = 100_000,
         bytes_per_file: int = 128 * 1024 * 1024,
+        commit_index: int = 0,
     ) -> None:
         if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
             raise OutputError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
@@ -159,7 +160,10 @@ class RunWriter:
         self.run_id = run_id
         self.rows_per_file = rows_per_file
         self.bytes_per_file = bytes_per_file
-        self.staging = posixpath.join(self.root, STAGING, run_id)
+        # A long run commits several times (`--commit-every`): each commit has its own staging
+        # folder and file names, so the commits of one run never overwrite each other.
+        self.commit_index = int(commit_index)
+        self.staging = posixpath.join(self.root, STAGING, run_id if not commit_index else f"{run_id}.c{commit_index:04d}")
         self._buffers: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
         self._files: dict[str, list[str]] = {name: [] for name in TABLES}
         self.rows_written: dict[str, int] = {name: 0 for name in TABLES}
@@ -191,7 +195,7 @@ class RunWriter:
         if not buffered:
             return
         data = pa.concat_tables(buffered)
-        path = posixpath.join(self.staging, table, f"part-{len(self._files[table]):05d}.parquet")
+        path = posixpath.join(self.staging, table, f"part-c{self.commit_index:04d}-{len(self._files[table]):05d}.parquet")
         _makedirs(self.fs, posixpath.dirname(path))
         with self.fs.open(path, "wb") as f:
             pq.write_table(data, f, compression="zstd")

@@ -13,17 +13,6 @@ import pyarrow as pa
 
 RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
-OBJECT_FRAME = pa.struct(
-    [
-        ("frame_index", pa.int32()),
-        ("ts", pa.float64()),
-        ("bbox", pa.list_(pa.float32())),
-        ("area", pa.int64()),
-        ("score", pa.float32()),
-        ("rle", RLE),
-    ]
-)
-
 VIDEOS = pa.schema(
     [
         pa.field("video_id", pa.string(), nullable=False),
@@ -36,6 +25,9 @@ VIDEOS = pa.schema(
         ("height", pa.int32()),
         ("num_frames", pa.int32()),
         ("sampled_ts", pa.list_(pa.float64())),
+        # The rate actually used: --fps, or lower where --max-frames thinned a long video.
+        ("sampled_fps", pa.float64()),
+        ("clips", pa.int32()),
         pa.field("status", pa.string(), nullable=False),
         ("error", pa.string()),
         ("model", pa.string()),
@@ -45,14 +37,46 @@ VIDEOS = pa.schema(
     ]
 )
 
+CLIPS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("clip_index", pa.int32(), nullable=False),
+        ("ts_start", pa.float64()),
+        ("ts_end", pa.float64()),
+        ("boundary", pa.string()),
+        ("num_sampled", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        ("error", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 OBJECTS = pa.schema(
     [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("object_id", pa.int32(), nullable=False),
         ("source", pa.string()),
+        ("label", pa.string()),
         ("first_ts", pa.float64()),
         ("last_ts", pa.float64()),
-        ("frames", pa.list_(OBJECT_FRAME)),
+        ("num_frames", pa.int32()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+# One row per object per sampled frame where it has a mask: long, so that DuckDB answers "what was
+# visible at 12:05" with a filter instead of unnesting one multi-megabyte row per object.
+MASKS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("object_id", pa.int32(), nullable=False),
+        ("clip_index", pa.int32()),
+        ("frame_index", pa.int32()),
+        ("ts", pa.float64()),
+        ("bbox", pa.list_(pa.float32())),
+        ("area", pa.int64()),
+        ("score", pa.float32()),
+        ("rle", RLE),
         pa.field("run_id", pa.string(), nullable=False),
     ]
 )
@@ -61,6 +85,8 @@ CAPTIONS = pa.schema(
     [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("object_id", pa.int32(), nullable=False),
+        # null: the whole-track caption of an object seen in more than one clip
+        ("clip_index", pa.int32()),
         ("ts_start", pa.float64()),
         ("ts_end", pa.float64()),
         ("caption", pa.string()),
@@ -75,6 +101,9 @@ QA = pa.schema(
     [
         pa.field("video_id", pa.string(), nullable=False),
         ("object_ids", pa.list_(pa.int32())),
+        ("clip_index", pa.int32()),
+        ("ts_start", pa.float64()),
+        ("ts_end", pa.float64()),
         ("question", pa.string()),
         ("answer", pa.string()),
         ("mode", pa.string()),
@@ -86,6 +115,8 @@ QA = pa.schema(
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
+        # A long run commits every --commit-every minutes: one row per commit, counts of that commit.
+        ("commit_index", pa.int32()),
         ("command", pa.string()),
         ("source", pa.string()),
         ("model", pa.string()),
@@ -99,6 +130,8 @@ RUNS = pa.schema(
         ("videos_ok", pa.int64()),
         ("videos_failed", pa.int64()),
         ("videos_quarantined", pa.int64()),
+        ("clips", pa.int64()),
+        ("video_seconds", pa.float64()),
         ("objects", pa.int64()),
         ("captions", pa.int64()),
         ("answers", pa.int64()),
@@ -108,11 +141,15 @@ RUNS = pa.schema(
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"videos": VIDEOS, "objects": OBJECTS, "captions": CAPTIONS, "qa": QA, "runs": RUNS}
+TABLES: dict[str, pa.Schema] = {
+    "videos": VIDEOS, "clips": CLIPS, "objects": OBJECTS, "masks": MASKS, "captions": CAPTIONS, "qa": QA, "runs": RUNS,
+}
 
 VIDEO_STATUSES = ("ok", "failed")
 MODES = ("lite", "full")
-OBJECT_SOURCES = ("prompt", "auto")
+OBJECT_SOURCES = ("prompt", "auto", "concept")
+CLIP_STATUSES = ("ok", "failed")
+CLIP_BOUNDARIES = ("shot", "window", "end")
 RUN_STATUSES = ("committed",)
 
 
@@ -163,8 +200,13 @@ def validate(name: str, table: pa.Table) -> None:
         "qa": ("mode", MODES),
         "objects": ("source", OBJECT_SOURCES),
         "runs": ("status", RUN_STATUSES),
+        "clips": ("status", CLIP_STATUSES),
+        "masks": None,
     }
-    column, allowed = checks[name]
-    bad = set(table.column(column).to_pylist()) - set(allowed) - {None}
-    if bad:
-        raise SchemaError(f"table {name!r}: column {column!r} has values {sorted(bad)}, allowed {allowed}")
+    checked = [checks[name]] if checks[name] else []
+    if name == "clips":
+        checked.append(("boundary", CLIP_BOUNDARIES))
+    for column, allowed in checked:
+        bad = set(table.column(column).to_pylist()) - set(allowed) - {None}
+        if bad:
+            raise SchemaError(f"table {name!r}: column {column!r} has values {sorted(bad)}, allowed {allowed}")

@@ -15,7 +15,7 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import IndexConfig
-from pipeline.graph import run_index
+from pipeline.run import run_index
 from pipeline.samples import DEFAULT_SHAPES, make_video
 from pipeline.sink import RunWriter, read_table
 from pipeline.sources import list_videos
@@ -35,7 +35,7 @@ def last_run(output: str, options: dict | None = None) -> dict:
 def test_nightly_on_s3_is_incremental(ray_local, s3_bucket, tmp_path):
     import json
 
-    from jobs.query import open_index
+    from jobs.query_sql import open_index
 
     bucket, options = s3_bucket
     fs = fsspec.filesystem("s3", **options)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from actors.busy import ACTOR_PREFIX, BUSY_PREFIX, END_PREFIX, START_PREFIX, BusyClock
-from pipeline.graph import RunSummary, _count_busy
+from pipeline.summary import RunSummary, count_busy as _count_busy
 
 
 def test_a_batch_s_time_is_spread_over_its_rows():

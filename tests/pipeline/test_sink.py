@@ -43,7 +43,7 @@ def test_nothing_visible_before_commit_then_everything(tmp_path):
     assert rows["videos"] == 3 and rows["captions"] == 1
     assert glob_count(tmp_path, "videos") == 3
     assert glob_count(tmp_path, "captions") == 1
-    assert sorted(p.name for p in (tmp_path / "videos" / "run_id=r1").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "videos" / "run_id=r1").iterdir()) == ["part-c0000-00000.parquet", "part-c0000-00001.parquet"]
     assert not (tmp_path / "_staging" / "r1").exists()
     ids = duckdb.sql(f"SELECT DISTINCT run_id FROM read_parquet('{tmp_path}/videos/**/*.parquet', hive_partitioning=true)").fetchall()
     assert ids == [("r1",)]

@@ -1,0 +1,220 @@
+"""A video's finished clips -> rows of the output tables, and the request for its whole-track captions.
+
+Runs on the driver over small records (ids, timestamps, COCO RLEs, captions): the pixels stayed in
+the workers. The pieces a video is made of arrive in any order; `VideoAssembly` holds them until the
+last clip is in, then links tracks across clips (`pipeline.linking`) and numbers frames video-wide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+from typing import Any, Mapping
+
+from actors.referrer import spread_frames
+from pipeline.linking import ClipTracks, link_video
+
+
+def loads(value: Any, default: Any) -> Any:
+    """A JSON column; Ray Data turns an all-empty string column into NaN floats, hence the care."""
+    if isinstance(value, str) and value:
+        return json.loads(value)
+    return default
+
+
+def text(value: Any) -> str | None:
+    """A string column's value, None when empty (see `loads`)."""
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+def number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@dataclasses.dataclass
+class VideoAssembly:
+    """The clips of one video as they come back from the graph."""
+
+    video_id: str
+    uri: str
+    run_id: str
+    size_bytes: int | None
+    etag: str | None
+    meta: dict[str, Any]  # duration_s, fps, width, height, num_frames, sampled_fps, thinned, num_clips, prompted
+    clips: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    error: str | None = None  # the whole video failed before it was split (probe, planning)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is not None or len(self.clips) >= int(self.meta.get("num_clips") or 0)
+
+    @property
+    def duration_s(self) -> float:
+        return number(self.meta.get("duration_s")) or 0.0
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        clip = loads(row.get("clip_json"), {})
+        error = text(row.get("error"))
+        timestamps = [float(t) for t in (row.get("timestamps") if row.get("timestamps") is not None else [])]
+        num_owned = int(row.get("num_owned", -1))
+        if num_owned < 0:
+            num_owned = len(timestamps)
+        self.clips[int(row["clip_index"])] = {
+            "ts_start": clip.get("ts_start"), "ts_end": clip.get("ts_end"), "boundary": clip.get("boundary"),
+            "shared": bool(clip.get("shared")) and len(timestamps) > num_owned,
+            "error": error, "note": text(row.get("note")),
+            "timestamps": timestamps[:num_owned] if not error else [], "num_owned": 0 if error else num_owned,
+            "tracks": [] if error else loads(row.get("tracks_json"), []),
+            "captions": [] if error else loads(row.get("captions_json"), []),
+            "qa": [] if error else loads(row.get("qa_json"), []),
+        }
+
+
+@dataclasses.dataclass
+class Assembled:
+    """One video's rows for every table, and what its whole-track captions need (or None)."""
+
+    tables: dict[str, list[dict[str, Any]]]
+    track_request: dict[str, Any] | None
+    ok: bool
+    error: str | None
+    frames: int
+    clips: int
+
+
+def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, indexed_at: dt.datetime,
+             track_frames: int | None) -> Assembled:
+    """Link, number and explode one complete video into table rows."""
+    base = {"video_id": video.video_id, "run_id": video.run_id}
+    meta = video.meta
+    order = sorted(video.clips)
+    ok_clips = [i for i in order if not video.clips[i]["error"]]
+    error = video.error
+    if error is None and not ok_clips:
+        first = video.clips[order[0]]["error"] if order else None
+        error = f"no clip could be decoded or tracked ({first})" if first else "no clip could be decoded"
+    offsets: dict[int, int] = {}
+    sampled: list[float] = []
+    for i in order:
+        offsets[i] = len(sampled)
+        sampled += video.clips[i]["timestamps"]
+    ids = link_video(
+        [ClipTracks(i, video.clips[i]["tracks"], video.clips[i]["num_owned"], video.clips[i]["shared"],
+                    video.clips[i]["boundary"] or "end", ok=not video.clips[i]["error"]) for i in order],
+        prompted=bool(meta.get("prompted")),
+    )
+    clips_rows, masks, captions, qa = [], [], [], []
+    objects: dict[int, dict[str, Any]] = {}
+    owned_frames: dict[int, list[tuple[int, dict]]] = {}
+    clip_sets: dict[int, set[int]] = {}
+    for i in order:
+        clip = video.clips[i]
+        clips_rows.append({
+            **base, "clip_index": i, "ts_start": number(clip["ts_start"]), "ts_end": number(clip["ts_end"]),
+            "boundary": clip["boundary"], "num_sampled": clip["num_owned"],
+            "status": "failed" if clip["error"] else "ok", "error": clip["error"] or clip["note"],
+        })
+        for t in clip["tracks"]:
+            gid = ids.get((i, int(t["object_id"])))
+            if gid is None:
+                continue
+            obj = objects.setdefault(gid, {"source": t.get("source") or "auto"})
+            if t.get("source") == "prompt":
+                obj["source"] = "prompt"
+            for f in t["frames"]:
+                if f["frame_index"] >= clip["num_owned"]:
+                    continue
+                frame_index = offsets[i] + int(f["frame_index"])
+                masks.append({
+                    **base, "object_id": gid, "clip_index": i, "frame_index": frame_index, "ts": float(f["ts"]),
+                    "bbox": f.get("bbox"), "area": f.get("area"), "score": f.get("score"), "rle": f["rle"],
+                })
+                owned_frames.setdefault(gid, []).append((frame_index, f))
+                clip_sets.setdefault(gid, set()).add(i)
+        for c in clip["captions"]:
+            gid = ids.get((i, int(c["object_id"])))
+            if gid is not None:
+                captions.append({**base, **c, "object_id": gid, "clip_index": i, "mode": mode, "model": model})
+        for a in clip["qa"]:
+            gids = [ids.get((i, int(o))) for o in a["object_ids"]]
+            if all(g is not None for g in gids):
+                qa.append({**base, **a, "object_ids": gids, "clip_index": i, "mode": mode, "model": model})
+    object_rows = []
+    for gid in sorted(objects):
+        frames = owned_frames.get(gid, [])
+        ts = [float(f["ts"]) for _, f in frames]
+        object_rows.append({
+            **base, "object_id": gid, "source": objects[gid]["source"], "label": None,
+            "first_ts": min(ts) if ts else None, "last_ts": max(ts) if ts else None, "num_frames": len(frames),
+        })
+    video_row = {
+        **base, "uri": video.uri, "size_bytes": video.size_bytes, "etag": video.etag,
+        "duration_s": number(meta.get("duration_s")), "fps": number(meta.get("fps")),
+        "width": meta.get("width"), "height": meta.get("height"), "num_frames": meta.get("num_frames"),
+        "sampled_ts": [] if error else sampled, "sampled_fps": number(meta.get("sampled_fps")),
+        "clips": len(order) or None, "status": "failed" if error else "ok", "error": error or _note(video, order),
+        "model": model, "tracker": tracker, "indexed_at": indexed_at,
+    }
+    request = None if error else _track_request(video, objects, owned_frames, clip_sets, track_frames)
+    return Assembled(
+        tables={"videos": [video_row], "clips": clips_rows, "objects": object_rows, "masks": masks,
+                "captions": captions, "qa": qa},
+        track_request=request, ok=error is None, error=error, frames=len(sampled), clips=len(order),
+    )
+
+
+def _note(video: VideoAssembly, order: list[int]) -> str | None:
+    """For an `ok` video: what went wrong in part of it (failed clips, decoder notes, thinning)."""
+    parts = []
+    failed = [i for i in order if video.clips[i]["error"]]
+    if failed:
+        first = video.clips[failed[0]]["error"]
+        parts.append(f"{len(failed)} of {len(order)} clips failed (clip {', '.join(map(str, failed[:10]))}"
+                     f"{', ...' if len(failed) > 10 else ''}): {first}")
+    notes = [video.clips[i]["note"] for i in order if video.clips[i]["note"] and not video.clips[i]["error"]]
+    if notes:
+        parts.append(notes[0])
+    if video.meta.get("thinned"):
+        parts.append(f"thinned to {float(video.meta['sampled_fps']):.4g} frames/s by --max-frames")
+    return "; ".join(parts) or None
+
+
+def _track_request(video: VideoAssembly, objects: Mapping[int, Any], owned_frames: Mapping[int, list],
+                   clip_sets: Mapping[int, set[int]], k: int | None) -> dict[str, Any] | None:
+    """K masked frames spread over each object seen in more than one clip, as one row for the referrer."""
+    chosen: dict[int, list[tuple[int, dict]]] = {}
+    for gid in sorted(objects):
+        if len(clip_sets.get(gid, ())) < 2:
+            continue
+        by_index = dict(owned_frames[gid])
+        chosen[gid] = [(i, by_index[i]) for i in spread_frames(list(by_index), k)]
+    if not chosen:
+        return None
+    frame_ts = sorted({(i, float(f["ts"])) for picks in chosen.values() for i, f in picks})
+    position = {i: n for n, (i, _) in enumerate(frame_ts)}
+    tracks = [
+        {"object_id": gid, "source": objects[gid]["source"],
+         "frames": [{**f, "frame_index": position[i]} for i, f in picks]}
+        for gid, picks in chosen.items()
+    ]
+    spans = {gid: (min(float(f["ts"]) for _, f in owned_frames[gid]), max(float(f["ts"]) for _, f in owned_frames[gid]))
+             for gid in chosen}
+    return {"timestamps": [t for _, t in frame_ts], "tracks": tracks, "spans": spans}
+
+
+def track_captions(video_id: str, run_id: str, row: Mapping[str, Any], spans: Mapping[int, tuple[float, float]], *,
+                   mode: str, model: str) -> list[dict[str, Any]]:
+    """Rows of the whole-track captions that came back for a video (clip_index null, the track's span)."""
+    out = []
+    for c in loads(row.get("captions_json"), []):
+        start, end = spans.get(int(c["object_id"]), (c.get("ts_start"), c.get("ts_end")))
+        out.append({"video_id": video_id, "run_id": run_id, **c, "clip_index": None, "ts_start": start,
+                    "ts_end": end, "mode": mode, "model": model})
+    return out

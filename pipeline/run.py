@@ -1,0 +1,348 @@
+"""One index run: list, skip what is indexed, stream clips through the graph, commit as it goes.
+
+Waves and commits. A video is published whole (all its clips, its objects, its captions) or not at
+all. Its whole-track captions can only be asked once its last clip is linked, so the driver feeds
+them back into the graph as `track` rows of the *next* wave, alongside that wave's new videos; the
+model actors of a wave serve both. Each wave is sized to take about `--commit-every` minutes
+(measured on the waves before it), and finished videos are committed when that much time has
+passed, at the end of each wave, and at the end of the run: a killed backfill loses at most the
+work since its last commit, and the same command resumes there (committed videos are skipped).
+
+Why not Ray Data's `Datasink.on_write_complete` or the DataContext checkpointing: both work per
+output block of one dataset, while a commit here is a set of whole videos whose rows come from many
+blocks (one per clip) and from two waves (the whole-track captions), written to seven tables in one
+atomic publish (`pipeline.sink`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import secrets
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+from pipeline.assemble import Assembled, VideoAssembly, assemble, loads, number, track_captions
+from pipeline.config import IndexConfig
+from pipeline.graph import build_dataset, ensure_ray, iter_finished
+from pipeline.questions import load_questions, questions_for
+from pipeline.sink import RunWriter, indexed_video_ids, recover, retry_counts
+from pipeline.sources import VideoFile, list_videos
+from pipeline.storage_errors import redact_url
+from pipeline.summary import RunSummary, count_busy
+from pipeline.tasks import ROW_DEFAULTS, video_row
+
+log = logging.getLogger(__name__)
+
+#: The first wave takes videos up to this many bytes (later waves are sized by measured speed).
+FIRST_WAVE_BYTES = 2 << 30
+#: Progress lines at most this often (plus one per finished video).
+PROGRESS_EVERY_S = 5.0
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A video whose clips are all linked, waiting for its whole-track captions."""
+
+    assembled: Assembled
+    spans: dict[int, tuple[float, float]]
+
+
+class _Run:
+    """The driver's state for one run (kept apart from `run_index` so each piece stays small)."""
+
+    def __init__(self, cfg: IndexConfig, run_id: str, summary: RunSummary, listed: int,
+                 progress: Callable[[str], None]) -> None:
+        self.cfg, self.run_id, self.summary, self.progress = cfg, run_id, summary, progress
+        self.listed = listed
+        self.started = time.monotonic()
+        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.indexed_at = self.started_at
+        self.commit_index = 0
+        self.last_commit = time.monotonic()
+        self.writer: RunWriter | None = None
+        self.ready: list[Assembled] = []  # complete videos not yet committed
+        self.track_rows: list[dict[str, Any]] = []  # for the next wave
+        self.pending: dict[str, _Pending] = {}  # video_id -> waiting for its track captions
+        self.assemblies: dict[str, VideoAssembly] = {}
+        self.actors: dict[str, set[str]] = {}
+        self.clips_total = 0
+        self.clips_done = 0
+        self.last_progress = 0.0
+        self.quarantine_rows: list[dict[str, Any]] = []
+        self.finished: set[str] = set()  # videos linked (committed, ready or waiting for track captions)
+
+    # -- rows coming back ----------------------------------------------------------------------
+
+    def take(self, row: Mapping[str, Any]) -> None:
+        count_busy(row, self.summary, self.actors)
+        kind = str(row["kind"])
+        video_id = str(row["video_id"])
+        if kind == "track":
+            pending = self.pending.pop(video_id, None)
+            if pending is not None:
+                captions = track_captions(video_id, self.run_id, row, pending.spans, mode=self.cfg.mode,
+                                          model=self.cfg.model_label)
+                pending.assembled.tables["captions"] += captions
+                self._ready(pending.assembled)
+            return
+        video = self.assemblies.get(video_id)
+        if video is None:
+            meta = loads(row.get("video_json"), {})
+            video = VideoAssembly(
+                video_id=video_id, uri=str(row["uri"]), run_id=self.run_id, size_bytes=int(row["size_bytes"]),
+                etag=row["etag"] or None, meta=meta,
+            )
+            self.assemblies[video_id] = video
+            self.clips_total += int(meta.get("num_clips") or 0)
+        if kind == "failed":
+            video.error = str(row["error"]) or "failed"
+        else:
+            video.add(row)
+            self.clips_done += 1
+            self.summary.clips += 1
+            clip = loads(row.get("clip_json"), {})
+            span = (number(clip.get("ts_end")) or 0.0) - (number(clip.get("ts_start")) or 0.0)
+            self.summary.video_seconds += max(0.0, span)
+            if isinstance(row.get("error"), str) and row["error"]:
+                self.summary.clips_failed += 1
+        if video.complete:
+            del self.assemblies[video_id]
+            self._finish(video)
+        self._report(force=video.complete)
+
+    def _finish(self, video: VideoAssembly) -> None:
+        self.finished.add(video.video_id)
+        done = assemble(video, mode=self.cfg.mode, model=self.cfg.model_label, tracker=self.cfg.tracker_label,
+                        indexed_at=self.indexed_at, track_frames=self.cfg.object_frames)
+        if video.meta.get("thinned"):
+            self.summary.thinned.append((video.uri, float(video.meta.get("sampled_fps") or 0.0)))
+        if done.track_request is None:
+            self._ready(done)
+            return
+        request = done.track_request
+        self.pending[video.video_id] = _Pending(done, request["spans"])
+        self.track_rows.append({
+            **ROW_DEFAULTS, "kind": "track", "video_id": video.video_id, "uri": video.uri,
+            "size_bytes": int(video.size_bytes or 0), "etag": video.etag or "", "run_id": self.run_id,
+            "prompts_json": "", "questions_json": "[]",
+            "clip_json": json.dumps({"timestamps": request["timestamps"]}),
+            "tracks_json": json.dumps(request["tracks"], separators=(",", ":")),
+        })
+
+    def _ready(self, done: Assembled) -> None:
+        self.ready.append(done)
+        s = self.summary
+        video = done.tables["videos"][0]
+        if done.ok:
+            s.videos_ok += 1
+            s.frames += done.frames
+        else:
+            s.videos_failed += 1
+            s.failures.append((video["uri"], done.error or ""))
+            log.error("video %s failed: %s", video["uri"], done.error)
+        s.objects += len(done.tables["objects"])
+        s.captions += len(done.tables["captions"])
+        s.answers += len(done.tables["qa"])
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_progress < PROGRESS_EVERY_S:
+            return
+        self.last_progress = now
+        s, elapsed = self.summary, now - self.started
+        rate = s.video_seconds / elapsed if elapsed > 0 else 0.0
+        eta = ""
+        if self.clips_done and self.clips_total > self.clips_done:
+            eta = f" · ETA {dt.timedelta(seconds=round(elapsed / self.clips_done * (self.clips_total - self.clips_done)))}"
+        self.progress(
+            f"[clips {self.clips_done}/{self.clips_total} · videos {s.videos_ok + s.videos_failed}/{self.listed - s.videos_skipped}"
+            f" · {s.video_seconds / 3600:.2f} video-h · {rate:.1f} video-h/h{eta}] objects {s.objects} · failed {s.videos_failed}"
+        )
+
+    # -- commits --------------------------------------------------------------------------------
+
+    def maybe_commit(self) -> None:
+        if self.ready and time.monotonic() - self.last_commit >= self.cfg.commit_every_min * 60:
+            self.commit()
+
+    def commit(self, final: bool = False) -> None:
+        """Publish the ready videos and a `runs` row atomically.
+
+        The final commit always happens (it carries the videos lost to worker crashes), so every
+        run leaves at least one `runs` row; the others only when there is something to publish.
+        """
+        if not self.ready and not final:
+            return
+        writer = RunWriter(self.cfg.output, self.run_id, self.cfg.storage_options,
+                           rows_per_file=self.cfg.rows_per_file, commit_index=self.commit_index)
+        try:
+            counts = RunSummary(run_id=self.run_id, videos_listed=self.summary.videos_listed,
+                                videos_skipped=self.summary.videos_skipped)
+            if self.commit_index == 0:
+                counts.videos_quarantined = self.summary.videos_quarantined
+                counts.videos_failed += self.summary.videos_quarantined
+                for row in self.quarantine_rows:
+                    writer.add("videos", [row])
+            for done in self.ready:
+                for name in ("clips", "objects", "masks", "captions", "qa", "videos"):
+                    writer.add(name, done.tables[name])
+                counts.videos_ok += int(done.ok)
+                counts.videos_failed += int(not done.ok)
+                counts.clips += done.clips
+                counts.video_seconds += float(done.tables["videos"][0]["duration_s"] or 0.0)
+                counts.objects += len(done.tables["objects"])
+                counts.captions += len(done.tables["captions"])
+                counts.answers += len(done.tables["qa"])
+            counts.retry_video_ids = list(self.summary.retry_video_ids) if final else []
+            writer.add("runs", [run_row(self.cfg, counts, self.started_at, self.commit_index)])
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        self.summary.committed = True
+        self.summary.commits += 1
+        if self.commit_index:
+            self.progress(f"run {self.run_id}: commit {self.commit_index} published {len(self.ready)} videos")
+        self.commit_index += 1
+        self.ready = []
+        self.last_commit = time.monotonic()
+
+
+
+def run_row(cfg: IndexConfig, counts: RunSummary, started_at: dt.datetime, commit_index: int) -> dict[str, Any]:
+    return {
+        "run_id": counts.run_id, "commit_index": commit_index, "command": cfg.command,
+        "source": redact_url(cfg.source), "model": cfg.model_label, "tracker": cfg.tracker_label, "mode": cfg.mode,
+        "started_at": started_at, "ended_at": dt.datetime.now(dt.timezone.utc), "status": "committed",
+        "videos_listed": counts.videos_listed, "videos_skipped": counts.videos_skipped,
+        "videos_ok": counts.videos_ok, "videos_failed": counts.videos_failed,
+        "videos_quarantined": counts.videos_quarantined, "clips": counts.clips, "video_seconds": counts.video_seconds,
+        "objects": counts.objects, "captions": counts.captions, "answers": counts.answers,
+        "retry_video_ids": counts.retry_video_ids,
+    }
+
+
+def quarantined_row(cfg: IndexConfig, video: VideoFile, run_id: str, attempts: int, when: dt.datetime) -> dict[str, Any]:
+    return {
+        "video_id": video.video_id, "uri": video.uri, "size_bytes": int(video.size_bytes), "etag": video.etag,
+        "duration_s": None, "fps": None, "width": None, "height": None, "num_frames": None, "sampled_ts": [],
+        "sampled_fps": None, "clips": None, "status": "failed",
+        "error": f"quarantined: workers crashed on this video in {attempts} runs",
+        "model": cfg.model_label, "tracker": cfg.tracker_label, "run_id": run_id, "indexed_at": when,
+    }
+
+
+def _input_rows(cfg: IndexConfig, videos: list[VideoFile], run_id: str) -> list[dict[str, Any]]:
+    from actors.prompts import load_prompts, prompts_for, prompts_to_json
+
+    prompts = load_prompts(cfg.prompts, cfg.storage_options) if cfg.prompts else {}
+    questions = load_questions(cfg.questions, cfg.storage_options) if cfg.questions else {}
+    rows = []
+    for v in videos:
+        mine = prompts_for(v.uri, prompts)
+        rows.append(video_row(v, run_id, prompts_to_json(mine) if mine else "", json.dumps(questions_for(v.uri, questions))))
+    return rows
+
+
+def _waves(cfg: IndexConfig, rows: list[dict[str, Any]], speed: Callable[[], float | None]):
+    """Successive slices of `rows`: the first up to FIRST_WAVE_BYTES, then about `--commit-every` of work."""
+    start = 0
+    while start < len(rows):
+        bytes_per_s = speed()
+        budget = FIRST_WAVE_BYTES if not bytes_per_s else bytes_per_s * cfg.commit_every_min * 60
+        end, total = start, 0
+        while end < len(rows) and (end == start or total + rows[end]["size_bytes"] <= budget):
+            total += rows[end]["size_bytes"]
+            end += 1
+        yield rows[start:end]
+        start = end
+
+
+def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -> RunSummary:
+    """List, skip what is indexed, run the graph wave by wave, commit as it goes.
+
+    Raises only if it cannot commit. Every run that commits leaves at least one `runs` row, also a
+    run with nothing to do, so the history of nightly runs is complete.
+    """
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    started = time.monotonic()
+    run_id = cfg.run_id or new_run_id()
+    summary = RunSummary(run_id=run_id)
+    finished = recover(cfg.output, cfg.storage_options)
+    if finished:
+        progress(f"finished interrupted commits of runs {', '.join(finished)}")
+    videos = list_videos(cfg.source, cfg.storage_options)
+    summary.videos_listed = len(videos)
+    if not videos:
+        progress(f"no videos found under {redact_url(cfg.source)}")
+    done = indexed_video_ids(cfg.output, cfg.model_label, cfg.tracker_label, cfg.storage_options,
+                             include_failed=not cfg.retry_failed)
+    attempts = retry_counts(cfg.output, cfg.model_label, cfg.tracker_label, cfg.storage_options)
+    todo = [v for v in videos if v.video_id not in done]
+    summary.videos_skipped = len(videos) - len(todo)
+    quarantine = [v for v in todo if attempts.get(v.video_id, 0) >= cfg.max_attempts]
+    todo = [v for v in todo if attempts.get(v.video_id, 0) < cfg.max_attempts]
+    run = _Run(cfg, run_id, summary, len(videos), progress)
+    run.quarantine_rows = [quarantined_row(cfg, v, run_id, attempts[v.video_id], run.started_at) for v in quarantine]
+    for video, row in zip(quarantine, run.quarantine_rows):
+        summary.videos_failed += 1
+        summary.videos_quarantined += 1
+        summary.failures.append((video.uri, row["error"]))
+    try:
+        if todo:
+            _process(cfg, run, todo, len(videos))
+        run.commit(final=True)
+    finally:
+        summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _process(cfg: IndexConfig, run: _Run, todo: list[VideoFile], listed: int) -> None:
+    import ray
+
+    rows = _input_rows(cfg, todo, run.run_id)
+    ensure_ray(cfg.address)
+    resources = ray.cluster_resources()
+    node_cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cfg.fit_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), max(node_cpus, default=None))
+    run.progress(f"run {run.run_id}: indexing {len(todo)} of {listed} videos with {cfg.model_label} / {cfg.tracker_label}")
+    done_bytes, busy_s = 0, 0.0
+
+    def speed() -> float | None:
+        return done_bytes / busy_s if busy_s > 0 and done_bytes else None
+
+    graph_start = time.monotonic()
+    waves = _waves(cfg, rows, speed)
+    wave: list[dict[str, Any]] | None = next(waves, None)
+    while wave is not None or run.track_rows:
+        feed = list(wave or []) + run.track_rows
+        run.track_rows = []
+        wave_start = time.monotonic()
+        for row in iter_finished(build_dataset(cfg, feed)):
+            run.take(row)
+            run.summary.graph_seconds = time.monotonic() - graph_start
+            run.maybe_commit()
+        for row in wave or []:
+            if row["video_id"] not in run.finished:
+                log.error("video %s: its workers failed after retries; it will be retried by the next run", row["uri"])
+                run.summary.retry_video_ids.append(row["video_id"])
+                run.assemblies.pop(row["video_id"], None)
+        for video_id, pending in list(run.pending.items()):
+            if not any(r["video_id"] == video_id for r in run.track_rows):
+                log.error("video %s: its whole-track captions were lost to a worker crash; retried next run",
+                          pending.assembled.tables["videos"][0]["uri"])
+                run.summary.retry_video_ids.append(video_id)
+                del run.pending[video_id]
+        done_bytes += sum(int(r["size_bytes"]) for r in (wave or []))
+        busy_s += time.monotonic() - wave_start
+        wave = next(waves, None)
+        if wave is not None or run.track_rows:
+            run.commit()

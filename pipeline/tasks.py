@@ -1,0 +1,147 @@
+"""The Ray task bodies of the index graph: plan a video into clip rows, decode a clip (or a track's frames).
+
+Every row of the graph has the same columns (Ray Data batches are columnar), whatever its kind:
+
+* `video`: a listed video, before planning (only the planning stage sees it);
+* `clip`: one clip of a video, the unit of work from decoding to captioning;
+* `track`: the K frames of the objects of a finished video that span several clips, for their
+  whole-track captions (built by the driver after linking, fed into the next wave);
+* `failed`: a video that could not be planned; it passes through to the driver with its `error`.
+
+Neither body raises: a bad file, clip or prompt becomes the row's `error`, so one video (or one
+damaged stretch of one) never takes the job down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import IndexConfig
+
+EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+
+#: Columns every row carries (besides the listing's), with their empty values.
+ROW_DEFAULTS: dict[str, Any] = {
+    "kind": "video", "clip_index": -1, "clip_json": "", "video_json": "", "discover": "", "num_owned": -1,
+    "tracks_json": "", "error": "", "note": "",
+}
+
+
+def video_row(video: Any, run_id: str, prompts_json: str, questions_json: str) -> dict[str, Any]:
+    """The graph's input row for one listed video (`pipeline.sources.VideoFile`)."""
+    return {
+        **ROW_DEFAULTS, "video_id": video.video_id, "uri": video.uri, "size_bytes": int(video.size_bytes),
+        "etag": video.etag or "", "run_id": run_id, "prompts_json": prompts_json, "questions_json": questions_json,
+    }
+
+
+def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
+    """`flat_map` body: a `video` row becomes one row per clip (or one `failed` row); others pass."""
+    if row["kind"] != "video":
+        return [row]
+    from pipeline.clips import plan_video
+    from pipeline.errors import DecodeError
+
+    try:
+        plan = plan_video(
+            row["uri"], fps=cfg.fps, num_frames=cfg.num_frames, max_frames=cfg.max_frames,
+            clip_seconds=cfg.clip_seconds, cuts=cfg.cuts, storage_options=cfg.storage_options,
+            timeout_s=cfg.decode_timeout_s,
+        )
+    except DecodeError as exc:
+        return [{**row, "kind": "failed", "error": str(exc)}]
+    except Exception as exc:  # noqa: BLE001 - an unexpected planner failure is still one video's failure
+        return [{**row, "kind": "failed", "error": f"planning {row['uri']}: {type(exc).__name__}: {exc}"}]
+    try:
+        by_clip, first_prompted = assign_prompts(row.get("prompts_json") or "", plan)
+    except ValueError as exc:
+        return [{**row, "kind": "failed", "error": f"prompts: {exc}"}]
+    prompted = first_prompted is not None
+    meta = {
+        "duration_s": plan.duration_s, "fps": plan.fps, "width": plan.width, "height": plan.height,
+        "num_frames": plan.num_frames, "sampled_fps": plan.sampled_fps, "thinned": plan.thinned,
+        "num_clips": len(plan.clips), "prompted": prompted,
+    }
+    rows = []
+    for clip in plan.clips:
+        shared = clip.shared_time is not None
+        grid = list(clip.grid_times) + ([clip.shared_time] if shared else [])
+        # Unprompted: discovery on keyframes. Prompted: nothing before the first prompt; after its
+        # clip, discovery on each clip's first frame proposes continuations for linking.
+        discover = "keyframes" if not prompted else "first" if clip.clip_index > first_prompted else "none"
+        prompts = by_clip.get(clip.clip_index, [])
+        rows.append({
+            **row, "kind": "clip", "clip_index": clip.clip_index, "video_json": json.dumps(meta),
+            "clip_json": json.dumps({"ts_start": clip.ts_start, "ts_end": clip.ts_end, "boundary": clip.boundary,
+                                     "grid": grid, "shared": shared}),
+            "discover": discover,
+            "prompts_json": json.dumps(prompts) if prompts else "",
+        })
+    return rows
+
+
+def assign_prompts(prompts_json: str, plan: Any) -> tuple[dict[int, list[dict]], int | None]:
+    """User prompts per clip (each seeds the clip its time falls in), and the first prompted clip.
+
+    Ids are assigned video-wide first (the tracker's rule), so a prompted object keeps its id in
+    every clip. A prompt given by sampled frame index is placed at that frame's grid time.
+    """
+    if not prompts_json:
+        return {}, None
+    from actors.prompts import prompts_from_json
+    from actors.tracker import assign_ids
+
+    prompts = prompts_from_json(prompts_json)
+    if not prompts:
+        return {}, None
+    ids = assign_ids(prompts)
+    out: dict[int, list[dict]] = {}
+    end = plan.clips[-1].ts_end if plan.clips else 0.0
+    for k, (p, oid) in enumerate(zip(prompts, ids, strict=True)):
+        ts = p.ts if p.ts is not None else plan.grid_time(p.frame or 0)
+        clip = next((c for c in plan.clips if c.ts_start <= ts < c.ts_end), None)
+        if clip is None and plan.clips and math.isclose(ts, end, abs_tol=0.5):
+            clip = plan.clips[-1]
+        if clip is None:
+            raise ValueError(f"prompt {k} (object {oid}) at {ts:g} s is outside the video (0..{end:g} s)")
+        spec = {**p.to_dict(), "object_id": oid, "ts": ts}
+        spec.pop("frame", None)
+        out.setdefault(clip.clip_index, []).append(spec)
+    return out, min(out)
+
+
+def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
+    """`map` body: the frames of a clip (its grid, plus the next clip's first frame) or of a track row."""
+    from pipeline.errors import DecodeError
+    from pipeline.sampling import sample_at, sample_clip
+
+    out = {**row, "frames": EMPTY_FRAMES, "timestamps": np.zeros(0)}
+    if row["kind"] not in ("clip", "track") or row["error"]:
+        return out
+    clip = json.loads(row["clip_json"])
+    try:
+        if row["kind"] == "clip":
+            got = sample_clip(
+                row["uri"], ts_start=clip["ts_start"], ts_end=clip["ts_end"], grid_times=clip["grid"],
+                shared=clip["shared"], max_side=cfg.max_side, storage_options=cfg.storage_options,
+                timeout_s=cfg.decode_timeout_s,
+            )
+            num_owned = len(got.timestamps) - (1 if got.shared else 0)
+        else:
+            got = sample_at(row["uri"], clip["timestamps"], max_side=cfg.max_side,
+                            storage_options=cfg.storage_options, timeout_s=cfg.decode_timeout_s)
+            num_owned = -1
+    except DecodeError as exc:
+        return {**out, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one clip's failure, not the job's
+        return {**out, "error": f"decode {row['uri']} clip {row['clip_index']}: {type(exc).__name__}: {exc}"}
+    if len(got.timestamps) == 0:
+        return {**out, "error": f"{row['uri']}: no frame could be decoded in {clip.get('ts_start')}..{clip.get('ts_end')} s"}
+    return {
+        **out, "frames": got.frames, "timestamps": np.asarray(got.timestamps, dtype=np.float64),
+        "num_owned": num_owned, "note": got.error or "",
+    }
