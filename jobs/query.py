@@ -1,7 +1,8 @@
 """Read-only queries over a committed index: `pixelrefer query`.
 
 The work lives in modules this command imports (they never import it):
-`jobs.query_sql` (the read-only DuckDB sandbox, `open_index` for notebooks),
+`jobs.query_sql` (the read-only DuckDB sandbox, `open_index` for notebooks), `jobs.query_layout`
+(the table layouts, including indexes written under the first contract),
 `jobs.query_search` (BM25 text search in SQL), `jobs.query_video` (`--video`'s result),
 `jobs.query_formats` (table, json, jsonl, csv) and `jobs.query_errors` (exit codes).
 
@@ -43,10 +44,15 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--sql",
         metavar="SQL",
-        help="read-only SQL over videos, objects, captions, qa (and latest_videos: latest ok run per video)",
+        help="read-only SQL over videos, clips, objects, masks, captions, qa, runs "
+        "(and latest_videos: latest ok run per video)",
     )
-    mode.add_argument("--video", metavar="ID|URI", help="everything about one video (video_id, id prefix or uri)")
-    mode.add_argument("--text", metavar="WORDS", help="objects whose captions or answers match, best first")
+    mode.add_argument(
+        "--video", metavar="ID|URI", help="one video's clips, objects and per-clip captions (video_id, id prefix or uri)"
+    )
+    mode.add_argument(
+        "--text", metavar="WORDS", help="objects whose captions or answers match, best first, with the matching clip"
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -67,6 +73,8 @@ def _query(args: argparse.Namespace) -> None:
     storage_options = parse_storage_options(args.storage_options)
     out = sys.stdout
     with open_index(args.output, storage_options) as index:
+        for note in index.notes:
+            print(note, file=sys.stderr)
         writer = WRITERS[args.format]
         if args.sql is not None:
             writer(index.reader(args.sql), out)

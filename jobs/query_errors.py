@@ -17,7 +17,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 # What a user query may read; named in the messages of refused and unknown-table errors.
-USER_VIEWS = ("videos", "objects", "captions", "qa", "latest_videos")
+USER_VIEWS = ("videos", "clips", "objects", "masks", "captions", "qa", "runs", "latest_videos")
 
 
 class QueryError(Exception):
@@ -42,6 +42,10 @@ class NoCommittedRun(QueryError):
 
 class VideoNotFound(QueryError):
     """No video matches the given id, id prefix or URI."""
+
+
+class LegacyLayoutError(QueryError):
+    """OUTPUT mixes runs of the first table layout (objects.frames) with runs of the current one."""
 
 
 def translate_duckdb_error(exc: duckdb.Error) -> QueryError:

@@ -192,18 +192,59 @@ def write_video(result: VideoResult, fmt: str, out: TextIO) -> None:
     doc = result.to_dict()
     video = doc["video"]
     out.write(f"video {video['video_id']}  ({video['uri']})\n")
-    for key in ("status", "error", "run_id", "model", "tracker", "indexed_at", "duration_s", "width", "height"):
+    keys = ("status", "error", "run_id", "model", "tracker", "indexed_at", "duration_s", "width", "height",
+            "sampled_fps", "num_sampled", "clips")  # fmt: skip
+    for key in keys:
         if video.get(key) is not None:
             out.write(f"  {key:<11} {_cell_text(video[key])}\n")
     if len(doc["runs"]) > 1:
         others = ", ".join(f"{r['run_id']} ({r['status']}, {r['model']})" for r in doc["runs"])
         out.write(f"  runs        {others}\n")
+    objects = [{**o, "clips": _ranges(o["clips"]), "spans": "; ".join(f"{a:g}-{b:g}" for a, b in o["spans"])}
+               for o in doc["objects"]]  # fmt: skip
+    clips = [{**c, "object_ids": _ranges(c["object_ids"])} for c in doc["clips"]]
     sections = (
-        ("objects", doc["objects"], ["object_id", "source", "first_ts", "last_ts", "num_frames", "spans"]),
-        ("captions", doc["captions"], ["object_id", "ts_start", "ts_end", "caption"]),
-        ("answers", doc["qa"], ["object_ids", "question", "answer"]),
-    )
+        ("clips", clips, ["clip_index", "ts_start", "ts_end", "boundary", "status", "num_sampled", "object_ids",
+                          "error"]),
+        ("objects", objects, ["object_id", "source", "label", "first_ts", "last_ts", "num_frames", "clips",
+                              "spans"]),
+        ("timeline", _timeline_rows(doc), ["clip", "ts_start", "ts_end", "object_ids", "text"]),
+    )  # fmt: skip
     for title, rows, columns in sections:
         out.write(f"\n{title}:\n")
         table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]) if rows else None
         write_table(table if table is not None else pa.table({c: [] for c in columns}), out)
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """`[0, 1, 2, 5]` as "0-2, 5": an object seen in 200 clips still fits a table cell."""
+    parts: list[list[int]] = []
+    for v in sorted(values):
+        if parts and parts[-1][1] == v - 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _timeline_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Captions and answers clip by clip, then the whole-track captions (`clip` "track")."""
+    rows: list[dict[str, Any]] = []
+    for clip in doc["clips"]:
+        for cap in clip["captions"]:
+            rows.append({"clip": str(clip["clip_index"]), "ts_start": cap["ts_start"], "ts_end": cap["ts_end"],
+                         "object_ids": str(cap["object_id"]), "text": cap["caption"]})  # fmt: skip
+        for qa in clip["answers"]:
+            rows.append({"clip": str(clip["clip_index"]), "ts_start": clip["ts_start"], "ts_end": clip["ts_end"],
+                         "object_ids": " ".join(str(i) for i in qa["object_ids"] or []),
+                         "text": f"Q: {qa['question']} A: {qa['answer']}"})  # fmt: skip
+    for cap in doc["captions"]:
+        if cap["clip_index"] is None:
+            rows.append({"clip": "track", "ts_start": cap["ts_start"], "ts_end": cap["ts_end"],
+                         "object_ids": str(cap["object_id"]), "text": cap["caption"]})  # fmt: skip
+    for qa in doc["qa"]:
+        if qa["clip_index"] is None:
+            rows.append({"clip": "video", "ts_start": qa["ts_start"], "ts_end": qa["ts_end"],
+                         "object_ids": " ".join(str(i) for i in qa["object_ids"] or []),
+                         "text": f"Q: {qa['question']} A: {qa['answer']}"})  # fmt: skip
+    return rows

@@ -4,8 +4,9 @@ DuckDB's `fts` extension is not bundled and cannot be installed offline; ranking
 the search streaming over remote Parquet and adds no dependency. This module only holds SQL text
 and its parameters, so it imports nothing from the other query modules.
 
-A document is one object: all its captions plus the answers that name it, for each video's latest
-ok run only (a re-indexed video is neither counted twice nor shown twice).
+A document is one object: all its captions (per clip and whole-track) plus the answers that name
+it, for each video's latest ok run only (a re-indexed video is neither counted twice nor shown
+twice).
 """
 
 from __future__ import annotations
@@ -50,27 +51,37 @@ TERMS_SQL = "SELECT pr_terms($text) AS terms"
 #   score(obj, q) = sum over query terms t of
 #       idf(t) * tf(t, obj) * (k1 + 1) / (tf(t, obj) + k1 * (1 - b + b * len(obj) / avg_len))
 #   idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))      (Lucene's form: never negative)
-# N, avg_len and df count objects of each video's latest ok run only.
+# N, avg_len and df count objects of each video's latest ok run only. An object's document is all
+# its captions (one per clip it was seen in, plus the whole-track one) and the answers naming it,
+# so a long video's object is ranked once; the row shows its best-matching text (most query-term
+# occurrences; ties: a clip's text before the whole track's, then the earliest) with that text's
+# clip and time span, which is where a user would look.
 SEARCH_SQL = """
 WITH latest AS (SELECT video_id, run_id, uri FROM latest_videos),
 texts AS (
-    SELECT c.video_id, c.run_id, c.object_id, c.caption AS text
+    SELECT c.video_id, c.run_id, c.object_id, c.clip_index, c.ts_start, c.ts_end, 'caption' AS kind,
+           c.caption AS text
     FROM captions c JOIN latest l ON c.video_id = l.video_id AND c.run_id = l.run_id
     UNION ALL
-    SELECT video_id, run_id, object_id, text FROM (
-        SELECT q.video_id, q.run_id, unnest(q.object_ids) AS object_id, q.answer AS text
+    SELECT video_id, run_id, object_id, clip_index, ts_start, ts_end, 'answer' AS kind, text FROM (
+        SELECT q.video_id, q.run_id, unnest(q.object_ids) AS object_id, q.clip_index, q.ts_start, q.ts_end,
+               q.answer AS text
         FROM qa q JOIN latest l ON q.video_id = l.video_id AND q.run_id = l.run_id)
 ),
-tokens AS (SELECT video_id, run_id, object_id, text, pr_terms(text) AS terms FROM texts),
-docs AS (
-    SELECT video_id, run_id, object_id, sum(len(terms)) AS doc_len,
-           arg_max(text, len(list_filter(terms, lambda t: list_contains($q, t)))) AS best_text
-    FROM tokens GROUP BY ALL
+tokens AS (
+    SELECT *, len(list_filter(terms, lambda t: list_contains($q, t))) AS hits
+    FROM (SELECT *, pr_terms(text) AS terms FROM texts)
+),
+docs AS (SELECT video_id, run_id, object_id, sum(len(terms)) AS doc_len FROM tokens GROUP BY ALL),
+best AS (
+    SELECT video_id, run_id, object_id, clip_index, ts_start, ts_end, kind, text FROM tokens WHERE hits > 0
+    QUALIFY row_number() OVER (PARTITION BY video_id, run_id, object_id
+                               ORDER BY hits DESC, clip_index IS NULL, ts_start NULLS LAST, kind, text) = 1
 ),
 stats AS (SELECT count(*) AS n_docs, avg(doc_len) AS avg_len FROM docs),
 tf AS (
     SELECT video_id, run_id, object_id, term, count(*) AS tf
-    FROM (SELECT video_id, run_id, object_id, unnest(terms) AS term FROM tokens)
+    FROM (SELECT video_id, run_id, object_id, unnest(terms) AS term FROM tokens WHERE hits > 0)
     WHERE list_contains($q, term)
     GROUP BY ALL
 ),
@@ -85,12 +96,12 @@ scored AS (
     CROSS JOIN stats s
     GROUP BY tf.video_id, tf.run_id, tf.object_id
 )
-SELECT s.score, s.video_id, s.object_id, s.run_id, o.first_ts, o.last_ts, s.matched_terms,
-       d.best_text AS match, l.uri
+SELECT s.score, s.video_id, s.object_id, o.label, s.run_id, b.text AS match, b.kind AS match_kind,
+       b.clip_index, b.ts_start, b.ts_end, s.matched_terms, o.first_ts, o.last_ts, l.uri
 FROM scored s
-JOIN docs d ON d.video_id = s.video_id AND d.run_id = s.run_id AND d.object_id = s.object_id
+JOIN best b ON b.video_id = s.video_id AND b.run_id = s.run_id AND b.object_id = s.object_id
 JOIN latest l ON l.video_id = s.video_id AND l.run_id = s.run_id
-LEFT JOIN (SELECT video_id, run_id, object_id, first_ts, last_ts FROM objects) o
+LEFT JOIN (SELECT video_id, run_id, object_id, label, first_ts, last_ts FROM objects) o
     ON o.video_id = s.video_id AND o.run_id = s.run_id AND o.object_id = s.object_id
 ORDER BY s.score DESC, s.video_id, s.object_id
 LIMIT $limit

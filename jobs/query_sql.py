@@ -1,9 +1,13 @@
 """The read-only SQL sandbox over a committed index: `open_index` and the `Index` it returns.
 
-The four tables (`videos`, `objects`, `captions`, `qa`) are DuckDB views over the committed Parquet
-files `OUTPUT/<table>/**/*.parquet` (hive partitioned by `run_id`, so a filter on `run_id` prunes
-whole runs). Nothing under `OUTPUT/_staging/` is ever read: the globs only name the table folders,
-and after the views exist the connection is locked to exactly those folders.
+The seven tables (`videos`, `clips`, `objects`, `masks`, `captions`, `qa`, `runs`) are DuckDB views
+over the committed Parquet files `OUTPUT/<table>/**/*.parquet` (hive partitioned by `run_id`, so a
+filter on `run_id` prunes whole runs); `latest_videos` is each video's latest ok run. A table whose
+folder holds no file yet (no run had questions, or an index from before the table existed) is an
+empty table of the right schema. An index of the first contract (masks in `objects.frames`, no
+`clips`) is mapped onto the same views by `jobs.query_layout`. Nothing under `OUTPUT/_staging/` is
+ever read: the globs only name the table folders, and after the views exist the connection is
+locked to exactly those folders.
 
 Read-only by construction, in two independent layers:
 
@@ -33,8 +37,9 @@ import fsspec
 import pyarrow as pa
 
 from jobs.query_errors import NoCommittedRun, QueryError, RefusedQuery, UsageError, VideoNotFound, duckdb_errors
+from jobs.query_layout import Layout, current_view_sql, detect_layout, first_parquet, legacy_view_sql
 from jobs.query_search import DEFAULT_SEARCH_LIMIT, MACROS, SEARCH_SQL, TERMS_SQL, search_params
-from jobs.query_video import VideoResult
+from jobs.query_video import CLIPS_SQL, OBJECTS_SQL, RUNS_SQL, VideoResult
 from schemas.tables import TABLES
 
 DEFAULT_BATCH_ROWS = 2048
@@ -82,22 +87,6 @@ def resolve_output(output: str, storage_options: Mapping[str, Any] | None = None
     root = root.rstrip("/") or "/"
     duckdb_root = f"{protocol}://{root}" if remote else root
     return OutputLocation(output, fs, root, duckdb_root.rstrip("/"), remote, options)
-
-
-def has_parquet(fs: fsspec.AbstractFileSystem, folder: str) -> bool:
-    """Whether a table folder holds at least one Parquet file; stops at the first one found.
-
-    Walking top-down touches one run folder on object storage instead of listing every file.
-    """
-    try:
-        if not fs.isdir(folder):
-            return False
-        for _dirpath, _dirs, files in fs.walk(folder):
-            if any(name.endswith(".parquet") for name in files):
-                return True
-    except FileNotFoundError:
-        return False
-    return False
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -154,6 +143,7 @@ class Index:
 
     def __init__(self, location: OutputLocation) -> None:
         self.location = location
+        self.layout = Layout()
         self._tempdir = tempfile.mkdtemp(prefix="pixelrefer-query-")
         self.con = duckdb.connect(
             config={
@@ -175,11 +165,22 @@ class Index:
 
     def _create_views(self) -> None:
         folders = self._table_folders()
-        if self.location.remote:
-            self.con.register_filesystem(self.location.fs)
+        loc = self.location
+        try:
+            self.layout = detect_layout(loc.fs, loc.root, loc.url, folders)
+        except QueryError:
+            raise
+        except Exception as exc:  # OSError, or a storage client's own (e.g. botocore's endpoint errors)
+            raise QueryError(f"cannot read OUTPUT {loc.url!r}: {type(exc).__name__}: {exc}") from exc
+        if loc.remote:
+            self.con.register_filesystem(loc.fs)
         with duckdb_errors():
-            for name, schema in TABLES.items():
-                if not (name in folders and self._try_file_view(name, schema)):
+            for name, schema in TABLES.items():  # in order: legacy `clips` and `qa` use views made before
+                if self.layout.legacy:
+                    source, sql = legacy_view_sql(name, loc.table_glob)
+                else:
+                    source, sql = name, current_view_sql(name, schema, loc.table_glob(name))
+                if not (source in folders and self._try_file_view(sql)):
                     # e.g. no run had questions: an empty table of the right shape, not an error
                     self.con.register(name, schema.empty_table())
             self.con.execute(LATEST_VIDEOS_SQL)
@@ -191,7 +192,7 @@ class Index:
         loc = self.location
         try:
             entries = {posixpath.basename(p.rstrip("/")) for p in loc.fs.ls(loc.root, detail=False)}
-            committed = "videos" in entries and has_parquet(loc.fs, f"{loc.root}/videos")
+            committed = "videos" in entries and first_parquet(loc.fs, f"{loc.root}/videos") is not None
         except FileNotFoundError as exc:
             raise NoCommittedRun(f"OUTPUT {loc.url!r} does not exist") from exc
         except Exception as exc:  # OSError, or a storage client's own (e.g. botocore's endpoint errors)
@@ -203,28 +204,15 @@ class Index:
             )
         return entries & set(TABLES)
 
-    def _try_file_view(self, name: str, schema: pa.Schema) -> bool:
-        """Create the view over the table's files; False when the folder holds no Parquet file."""
+    def _try_file_view(self, sql: str) -> bool:
+        """Create a view over a table's files; False when its folder holds no Parquet file."""
         try:
-            self.con.execute(self._table_view_sql(name, schema))
+            self.con.execute(sql)
             return True
         except duckdb.IOException as exc:
             if "no files found" in str(exc).lower():
                 return False
             raise
-
-    def _table_view_sql(self, name: str, schema: pa.Schema) -> str:
-        """A view listing the schema's columns once, so the hive `run_id` never appears twice.
-
-        `hive_types` pins `run_id` to VARCHAR: DuckDB would otherwise guess BIGINT for a run id
-        made of digits and clash with the string column inside the files.
-        """
-        columns = ", ".join(f'"{field.name}"' for field in schema)
-        glob = self.location.table_glob(name).replace("'", "''")
-        return (
-            f'CREATE VIEW "{name}" AS SELECT {columns} FROM read_parquet(\'{glob}\', '
-            "hive_partitioning = true, hive_types = {'run_id': VARCHAR})"
-        )
 
     def _lock(self) -> None:
         """Second layer of read-only: DuckDB itself refuses any other file, extension or setting."""
@@ -248,20 +236,23 @@ class Index:
         with duckdb_errors():
             return self.reader(query, params).read_all()
 
+    @property
+    def notes(self) -> list[str]:
+        """Lines a command should show the user about how OUTPUT was read (stderr, not the result)."""
+        note = self.layout.note(self.location.url)
+        return [note] if note else []
+
     def runs(self) -> pa.Table:
-        """One row per committed run: when, with which model, how many videos ok / failed."""
-        return self._internal(
-            """SELECT run_id, min(indexed_at) AS indexed_at, string_agg(DISTINCT model, ', ') AS model,
-                      count(*) FILTER (WHERE status = 'ok') AS videos_ok,
-                      count(*) FILTER (WHERE status = 'failed') AS videos_failed
-               FROM videos GROUP BY run_id ORDER BY indexed_at NULLS LAST, run_id"""
-        )
+        """One row per committed run: when, with which model, videos ok / failed, clips, video-hours."""
+        return self._internal(RUNS_SQL)
 
     def video(self, ref: str, run_id: str | None = None) -> VideoResult:
         """Everything about one video, by video_id, unique video_id prefix or source URI.
 
         Without `run_id`, the latest run whose status is ok (a video re-indexed with another model
         shows its newest result); if it never indexed ok, its latest failed run (with the error).
+        Presence spans are computed in DuckDB from the `masks` table, so a 2-hour video's tens of
+        thousands of masks never come into Python.
         """
         runs = self._video_runs(ref)
         if run_id is not None:
@@ -280,9 +271,14 @@ class Index:
                 for r in runs
                 if r["video_id"] == chosen["video_id"]
             ],
-            objects=self._internal(f"SELECT * FROM objects {where} ORDER BY object_id", params),
-            captions=self._internal(f"SELECT * FROM captions {where} ORDER BY object_id, ts_start", params),
-            qa=self._internal(f"SELECT * FROM qa {where}", params),
+            clips=self._internal(CLIPS_SQL, params),
+            objects=self._internal(OBJECTS_SQL, params),
+            captions=self._internal(
+                f"SELECT * FROM captions {where} ORDER BY clip_index NULLS LAST, object_id, ts_start", params
+            ),
+            qa=self._internal(
+                f"SELECT * FROM qa {where} ORDER BY clip_index NULLS LAST, ts_start, object_ids, question", params
+            ),
         )
 
     def search(self, text: str, limit: int = DEFAULT_SEARCH_LIMIT) -> pa.Table:

@@ -1,412 +1,156 @@
 """`pixelrefer report`: one self-contained HTML page about one video of an index.
 
-The page shows sampled frames with each object's mask and box drawn in the object's colour, a
-timeline of when each object is present, its captions, and the answers to the questions. It is a
-single file (frames inlined as base64 JPEG/PNG, CSS inline, no script, no external reference), so
-it can be mailed, attached to a ticket or opened from object storage without a server.
+The page shows a few sampled frames with each object's mask and box drawn in the object's colour,
+the per-clip timeline (a row of clip boxes with their captions), when each object is present, and
+the answers to the questions. It is a single file (frames inlined as base64 JPEG/PNG, CSS inline,
+no script, no external reference), so it can be mailed, attached to a ticket or opened from object
+storage without a server.
 
-Frames are not stored in the index (only masks are), so they are decoded again from the source
-video named by the `videos.uri` column, picking for each object frame the decoded frame whose
-presentation time is nearest to the stored `ts` (PyAV, reading through fsspec so `s3://` sources
-work with the same `--storage-options`).
+A 2-hour video at 1 fps has 7,200 sampled frames; inlining them all would make a page of hundreds
+of megabytes and decode the whole file. So the job picks at most `--max-frames` (default 60) in
+DuckDB: every frame with a mask when they fit; otherwise the frame where each object is first
+seen, then one frame per clip (the one showing most objects, nearest the clip's middle), evenly
+spread over the clips when there are more clips than room. Only the picked frames' masks are read
+from the `masks` table and only those frames are decoded (by seeking), and the page says what was
+picked and how many frames were left out. Drawing and decoding live in `jobs.report_frames`, the
+page in `jobs.report_html`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import colorsys
 import dataclasses
 import datetime as dt
-import html
-import io
 import math
 import os
 import sys
 import tempfile
-from fractions import Fraction
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import av
-import cv2
-import fsspec
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-from pycocotools import mask as mask_utils
 
 from jobs.query import add_common_arguments, run_cli
-from jobs.query_errors import QueryError, UsageError
-from jobs.query_sql import open_index, parse_storage_options
-from jobs.query_video import VideoResult, presence_spans
+from jobs.query_errors import UsageError
+from jobs.query_sql import Index, open_index, parse_storage_options
+from jobs.query_video import VideoResult
+from jobs.report_frames import (
+    Overlay,
+    SourceVideoError,
+    decode_frames,
+    decode_rle,
+    draw_frame,
+    encode_image,
+    source_options,
+)
+from jobs.report_html import render_html
 
-DEFAULT_MAX_FRAMES = 12
+DEFAULT_MAX_FRAMES = 60
+MAX_FRAMES_LIMIT = 300  # beyond this a page is too heavy to mail or open; query the masks table instead
 DEFAULT_MAX_WIDTH = 640
-MIN_DISPLAY_WIDTH = 320  # tiny test clips are upscaled (by an integer factor) to stay legible
-MASK_ALPHA = 0.5
-SEEK_GAP_S = 3.0  # decode forward instead of seeking when the next frame is this close
 IMAGE_FORMATS = ("jpeg", "png")
 
+# One row per candidate frame: every masked frame when they fit in $max, else only the frames where
+# some object is first seen and each clip's best frame (most objects, then nearest the clip's middle).
+CANDIDATES_SQL = """
+WITH m AS (
+    SELECT object_id, clip_index, round(ts, 6) AS ts FROM masks
+    WHERE run_id = $run AND video_id = $vid AND ts IS NOT NULL
+),
+frames AS (SELECT ts, min(clip_index) AS clip_index, count(DISTINCT object_id) AS objects FROM m GROUP BY ts),
+firsts AS (
+    SELECT ts, list(object_id ORDER BY object_id) AS first_of
+    FROM (SELECT object_id, min(ts) AS ts FROM m GROUP BY object_id) GROUP BY ts
+),
+clip_best AS (
+    SELECT f.ts FROM frames f
+    LEFT JOIN (SELECT clip_index, (ts_start + ts_end) / 2 AS middle FROM clips WHERE run_id = $run AND video_id = $vid) c
+        ON c.clip_index = f.clip_index
+    QUALIFY row_number() OVER (PARTITION BY f.clip_index ORDER BY f.objects DESC, abs(f.ts - c.middle) NULLS LAST, f.ts) = 1
+)
+SELECT f.ts, f.clip_index, f.objects, coalesce(fi.first_of, CAST([] AS INTEGER[])) AS first_of,
+       f.ts IN (SELECT ts FROM clip_best) AS clip_best, count(*) OVER () AS masked_frames
+FROM frames f LEFT JOIN firsts fi USING (ts)
+QUALIFY masked_frames <= $max OR len(first_of) > 0 OR clip_best
+ORDER BY f.ts
+"""
 
-class SourceVideoError(QueryError):
-    """The source video named in the index is gone or cannot be decoded."""
-
-
-# --------------------------------------------------------------------------------------------
-# Colours.
-# --------------------------------------------------------------------------------------------
-
-
-def object_color(object_id: int) -> tuple[int, int, int]:
-    """A stable, saturated colour for an object id.
-
-    Hues step by the golden ratio, so consecutive ids get far-apart hues; the same id gets the same
-    colour in every report, run and video, so people can learn "object 3 is orange".
-    """
-    hue = (0.07 + int(object_id) * 0.6180339887498949) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.9, 1.0)
-    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
-
-
-def hex_color(rgb: Sequence[int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-# --------------------------------------------------------------------------------------------
-# Choosing and decoding frames.
-# --------------------------------------------------------------------------------------------
-
-
-def choose_frame_times(result: VideoResult, max_frames: int) -> list[float]:
-    """Evenly spread times among those where some object has a mask (first and last included).
-
-    Falls back to the video's sampled times when it has no objects, so a report still shows it.
-    """
-    times = sorted({round(f["ts"], 6) for frames in result.objects.column("frames").to_pylist() for f in frames or []})
-    if not times:
-        times = sorted({round(t, 6) for t in result.video.get("sampled_ts") or []})
-    if len(times) <= max_frames:
-        return times
-    picks = np.linspace(0, len(times) - 1, max_frames).round().astype(int)
-    return [times[i] for i in sorted(set(picks.tolist()))]
-
-
-def source_options(uri: str, output_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The OUTPUT's storage options apply to the source when both use the same protocol."""
-    def protocol(url: str) -> str:
-        return url.split("://", 1)[0] if "://" in url else "file"
-
-    return dict(storage_options) if protocol(uri) == protocol(output_url) else {}
-
-
-def decode_frames(uri: str, times: Sequence[float], storage_options: Mapping[str, Any]) -> dict[float, tuple[float, np.ndarray]]:
-    """For each wanted time, the decoded RGB frame with the nearest presentation time.
-
-    Returns {wanted_ts: (frame_ts, rgb)}; a time is missing when the stream ended or broke first.
-    Times are seconds from the stream's start, like the index's `ts`.
-    """
-    try:
-        handle = fsspec.open(uri, "rb", **storage_options).open()
-    except FileNotFoundError as exc:
-        raise SourceVideoError(f"the source video {uri} is gone (not found); the report needs it to show frames") from exc
-    except Exception as exc:  # OSError, or a storage client's own (e.g. botocore's endpoint errors)
-        raise SourceVideoError(f"cannot open the source video {uri}: {type(exc).__name__}: {exc}") from exc
-    try:
-        with handle, av.open(handle, mode="r") as container:
-            if not container.streams.video:
-                raise SourceVideoError(f"the source video {uri} has no video stream")
-            return _nearest_frames(container, container.streams.video[0], times)
-    except av.FFmpegError as exc:
-        raise SourceVideoError(f"cannot decode the source video {uri}: {exc}") from exc
-
-
-def _nearest_frames(container: Any, stream: Any, times: Sequence[float]) -> dict[float, tuple[float, np.ndarray]]:
-    """Walk the stream forward, seeking only for the first time and across large gaps.
-
-    `prev`/`current` bracket the wanted time; they persist across wanted times so two close times
-    can both pick the same frame.
-    """
-    stream.thread_type = "AUTO"
-    start = stream.start_time or 0
-    time_base = stream.time_base or Fraction(1, 1000)
-    found: dict[float, tuple[float, np.ndarray]] = {}
-    frames: Iterator[tuple[float, Any]] | None = None
-    prev = current = None
-    for t in sorted(set(times)):
-        if frames is None or current is None or t < current[0] - 1e-6 or t - current[0] > SEEK_GAP_S:
-            container.seek(start + max(0, int(t / time_base)), stream=stream, backward=True)
-            frames = _decoded(container, stream, start, time_base)
-            prev, current = None, next(frames, None)
-        while current is not None and current[0] < t:
-            prev, current = current, next(frames, None)
-        candidates = [c for c in (prev, current) if c is not None]
-        if candidates:
-            ts, frame = min(candidates, key=lambda c: abs(c[0] - t))
-            found[t] = (ts, frame.to_ndarray(format="rgb24"))
-    return found
-
-
-def _decoded(container: Any, stream: Any, start: int, time_base: Fraction) -> Iterator[tuple[float, Any]]:
-    """(seconds from stream start, frame) in presentation order; a broken tail just ends it."""
-    try:
-        for frame in container.decode(stream):
-            if frame.pts is not None:
-                yield float((frame.pts - start) * time_base), frame
-    except av.FFmpegError:
-        return
-
-
-# --------------------------------------------------------------------------------------------
-# Drawing.
-# --------------------------------------------------------------------------------------------
-
-
-def display_size(width: int, height: int, max_width: int) -> tuple[int, int]:
-    """Shrink large frames to `max_width`; enlarge tiny ones by an integer factor (crisp pixels)."""
-    if width > max_width:
-        scale = max_width / width
-    elif width < MIN_DISPLAY_WIDTH:
-        scale = float(min(math.ceil(MIN_DISPLAY_WIDTH / width), max(1, max_width // width)))
-    else:
-        scale = 1.0
-    return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
-
-
-def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
-    """COCO RLE (`size` [h, w], `counts` string) to a bool mask."""
-    counts = rle["counts"]
-    data = {"size": [int(v) for v in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(data).astype(bool)
-
-
-@dataclasses.dataclass
-class Overlay:
-    object_id: int
-    mask: np.ndarray | None  # at the mask's own resolution
-    bbox: Sequence[float] | None  # xyxy in the mask's pixel space
-    size: tuple[int, int]  # (h, w) the mask and bbox refer to
-
-
-def overlays_at(result: VideoResult, ts: float, tolerance: float = 1e-3) -> list[Overlay]:
-    """The object frames stored for (nearly) this time, one per object."""
-    found = []
-    for obj in result.objects.select(["object_id", "frames"]).to_pylist():
-        for f in obj["frames"] or []:
-            if abs(f["ts"] - ts) <= tolerance:
-                rle = f.get("rle")
-                mask = decode_rle(rle) if rle and rle.get("counts") is not None else None
-                size = tuple(rle["size"]) if rle else (int(result.video["height"] or 0), int(result.video["width"] or 0))
-                found.append(Overlay(obj["object_id"], mask, f.get("bbox"), size))  # type: ignore[arg-type]
-                break
-    return found
-
-
-def draw_frame(rgb: np.ndarray, overlays: Sequence[Overlay], max_width: int) -> np.ndarray:
-    """Resize the frame for display, blend each mask, then draw boxes and id labels on top."""
-    h, w = rgb.shape[:2]
-    dw, dh = display_size(w, h, max_width)
-    interpolation = cv2.INTER_AREA if dw < w else cv2.INTER_NEAREST
-    image = cv2.resize(rgb, (dw, dh), interpolation=interpolation) if (dw, dh) != (w, h) else rgb.copy()
-    out = image.astype(np.float32)
-    for ov in overlays:
-        if ov.mask is not None:
-            mask = cv2.resize(ov.mask.astype(np.uint8), (dw, dh), interpolation=cv2.INTER_NEAREST).astype(bool)
-            out[mask] = (1 - MASK_ALPHA) * out[mask] + MASK_ALPHA * np.array(object_color(ov.object_id), np.float32)
-    canvas = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(11, dh // 22))
-    for ov in overlays:
-        if ov.bbox and len(ov.bbox) == 4:
-            _draw_box(draw, font, ov, dw / max(1, ov.size[1]), dh / max(1, ov.size[0]))
-    return np.asarray(canvas)
-
-
-def _draw_box(draw: ImageDraw.ImageDraw, font: Any, ov: Overlay, sx: float, sy: float) -> None:
-    color = object_color(ov.object_id)
-    x0, y0, x1, y1 = (float(v) for v in ov.bbox)  # type: ignore[union-attr]
-    box = (x0 * sx, y0 * sy, max(x0 * sx, x1 * sx - 1), max(y0 * sy, y1 * sy - 1))
-    draw.rectangle(box, outline=color, width=2)
-    label = str(ov.object_id)
-    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-    tw, th = right - left + 6, bottom - top + 4
-    ly = box[1] - th if box[1] - th >= 0 else box[1]  # above the box when there is room
-    draw.rectangle((box[0], ly, box[0] + tw, ly + th), fill=color)
-    luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-    draw.text((box[0] + 3 - left, ly + 2 - top), label, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
-
-
-def encode_image(rgb: np.ndarray, image_format: str) -> str:
-    """A data: URL, so the page needs no other file."""
-    buffer = io.BytesIO()
-    if image_format == "png":
-        Image.fromarray(rgb).save(buffer, format="PNG", optimize=True)
-        mime = "image/png"
-    else:
-        Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-        mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-
-
-# --------------------------------------------------------------------------------------------
-# HTML.
-# --------------------------------------------------------------------------------------------
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#1b1b1b;background:#fff}
-h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:20px 0 8px}
-.meta{color:#555;margin:0} .meta span{margin-right:14px} .error{color:#b00020;font-weight:600}
-.frames{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0}
-figure img{display:block;image-rendering:pixelated}
-figcaption{color:#555;font-size:12px;margin-top:2px}
-.sw{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}
-.obj{border-left:4px solid;padding:4px 10px;margin:8px 0}
-.obj ul{margin:4px 0 0;padding-left:18px}
-table{border-collapse:collapse} td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-.missing{width:200px;height:120px;display:flex;align-items:center;justify-content:center;background:#eee;color:#777}
+MASKS_AT_SQL = """
+SELECT object_id, round(ts, 6) AS ts, bbox, rle FROM masks
+WHERE run_id = $run AND video_id = $vid AND list_contains($ts, round(ts, 6))
+QUALIFY row_number() OVER (PARTITION BY object_id, round(ts, 6) ORDER BY clip_index NULLS LAST) = 1
+ORDER BY ts, object_id
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+@dataclasses.dataclass
+class FramePlan:
+    """The frames a page shows and the sentence that says how they were chosen."""
+
+    picks: list[dict[str, Any]]  # ts, clip_index, first_of
+    note: str
 
 
-def _fmt_ts(t: float | None) -> str:
-    return "?" if t is None else f"{t:.2f}"
+def spread(items: Sequence[Any], count: int) -> list[Any]:
+    """`count` items evenly spread over `items`, first and last included."""
+    if count <= 0:
+        return []
+    if len(items) <= count:
+        return list(items)
+    if count == 1:
+        return [items[0]]
+    step = (len(items) - 1) / (count - 1)
+    return [items[int(math.floor(i * step + 0.5))] for i in range(count)]
 
 
-def render_html(result: VideoResult, panels: Sequence[dict[str, Any]], generated: dt.datetime) -> str:
-    """The page; every value from the index is escaped (captions are model output)."""
-    v = result.video
-    title = f"pixelrefer report: {v['video_id']}"
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Video {_e(v['video_id'])}</h1>",
-        _meta_block(v),
-        "<h2>Frames</h2>",
-        _frames_block(panels),
-        "<h2>Timeline</h2>",
-        timeline_svg(result, [p["ts"] for p in panels]),
-        "<h2>Objects</h2>",
-        _objects_block(result),
-        "<h2>Questions and answers</h2>",
-        _qa_block(result),
-        f'<p class="meta">Generated by pixelrefer report at {_e(generated.isoformat(timespec="seconds"))}.</p>',
-        "</body></html>",
-    ]
-    return "\n".join(parts)
-
-
-def _meta_block(v: Mapping[str, Any]) -> str:
-    fields = [
-        ("source", v.get("uri")),
-        ("run", v.get("run_id")),
-        ("model", v.get("model")),
-        ("tracker", v.get("tracker")),
-        ("status", v.get("status")),
-        ("duration", f"{v['duration_s']:.2f} s" if v.get("duration_s") is not None else None),
-        ("size", f"{v['width']}x{v['height']}" if v.get("width") else None),
-        ("indexed", v.get("indexed_at")),
-    ]
-    spans = "".join(f"<span><b>{_e(k)}</b> {_e(val)}</span>" for k, val in fields if val is not None)
-    error = f'<p class="error">{_e(v["error"])}</p>' if v.get("error") else ""
-    return f'<p class="meta">{spans}</p>{error}'
-
-
-def _frames_block(panels: Sequence[dict[str, Any]]) -> str:
-    if not panels:
-        return "<p>No frames: this video has no objects and no sampled frames.</p>"
-    figures = []
-    for p in panels:
-        ids = ", ".join(str(i) for i in p["object_ids"]) or "none"
-        if p.get("src"):
-            body = f'<img src="{p["src"]}" width="{p["width"]}" height="{p["height"]}" alt="frame at {p["ts"]:.2f} s">'
-            note = f"t = {p['frame_ts']:.3f} s · objects {_e(ids)}"
-        else:
-            body = '<div class="missing">frame not decodable</div>'
-            note = f"t = {p['ts']:.3f} s · objects {_e(ids)}"
-        figures.append(f'<figure data-ts="{p["ts"]:.6f}">{body}<figcaption>{note}</figcaption></figure>')
-    return f'<div class="frames">{"".join(figures)}</div>'
-
-
-def timeline_svg(result: VideoResult, shown_ts: Sequence[float]) -> str:
-    """One row per object with a bar for each span where it is present (see presence_spans)."""
-    objects = result.objects.select(["object_id", "frames"]).to_pylist()
-    sampled = result.video.get("sampled_ts") or []
-    all_ts = [f["ts"] for o in objects for f in o["frames"] or []] + list(sampled)
-    duration = result.video.get("duration_s") or (max(all_ts) if all_ts else 1.0) or 1.0
-    left, right, row_h, top = 90, 20, 22, 10
-    width = 760
-    plot_w = width - left - right
-    height = top + row_h * max(1, len(objects)) + 28
-
-    def x(t: float) -> float:
-        return left + plot_w * min(max(t / duration, 0.0), 1.0)
-
-    els = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="object timeline">']
-    for i, obj in enumerate(objects):
-        y = top + i * row_h
-        color = hex_color(object_color(obj["object_id"]))
-        els.append(f'<text x="4" y="{y + 15}" font-size="12">object {obj["object_id"]}</text>')
-        for a, b in presence_spans((f["ts"] for f in obj["frames"] or []), sampled):
-            w = max(x(b) - x(a), 3.0)
-            els.append(
-                f'<rect class="span" data-object-id="{obj["object_id"]}" data-start="{a:.6f}" data-end="{b:.6f}" '
-                f'x="{x(a):.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" rx="2" fill="{color}"/>'
-            )
-    axis_y = top + row_h * max(1, len(objects)) + 4
-    els.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#888"/>')
-    for t in shown_ts:
-        els.append(f'<line x1="{x(t):.1f}" y1="{axis_y - 4}" x2="{x(t):.1f}" y2="{axis_y}" stroke="#333"/>')
-    for k in range(6):
-        t = duration * k / 5
-        els.append(f'<text x="{x(t):.1f}" y="{axis_y + 16}" font-size="11" text-anchor="middle">{t:.1f}s</text>')
-    els.append("</svg>")
-    return "".join(els)
-
-
-def _objects_block(result: VideoResult) -> str:
-    captions: dict[int, list[dict[str, Any]]] = {}
-    for c in result.captions.to_pylist():
-        captions.setdefault(c["object_id"], []).append(c)
-    answers: dict[int, list[dict[str, Any]]] = {}
-    for q in result.qa.to_pylist():
-        for oid in q["object_ids"] or []:
-            answers.setdefault(oid, []).append(q)
-    blocks = []
-    for obj in result.object_summaries():
-        oid = obj["object_id"]
-        color = hex_color(object_color(oid))
-        spans = ", ".join(f"{a:.2f}–{b:.2f} s" for a, b in obj["spans"]) or "never"
-        items = [
-            f"<li>{_fmt_ts(c['ts_start'])}–{_fmt_ts(c['ts_end'])} s: {_e(c['caption'])}</li>"
-            for c in captions.get(oid, [])
-        ] + [f"<li>Q: {_e(q['question'])} A: {_e(q['answer'])}</li>" for q in answers.get(oid, [])]
-        blocks.append(
-            f'<div class="obj" data-object-id="{oid}" style="border-color:{color}">'
-            f'<span class="sw" style="background:{color}"></span><b>object {oid}</b> '
-            f"({_e(obj['source'] or 'unknown')}), present {_e(spans)}, {obj['num_frames']} frames"
-            f"<ul>{''.join(items) or '<li>no caption</li>'}</ul></div>"
-        )
-    return "".join(blocks) or "<p>No objects.</p>"
-
-
-def _qa_block(result: VideoResult) -> str:
-    rows = result.qa.to_pylist()
+def plan_frames(index: Index, result: VideoResult, max_frames: int) -> FramePlan:
+    """Pick what the page shows (module docstring); only candidate rows come back from DuckDB."""
+    sampled = [round(t, 6) for t in result.video.get("sampled_ts") or []]
+    params = {"run": result.run_id, "vid": result.video_id, "max": max_frames}
+    rows = index.sql(CANDIDATES_SQL, params).to_pylist()
     if not rows:
-        return "<p>No questions were asked.</p>"
-    body = []
-    for q in rows:
-        swatches = "".join(
-            f'<span class="sw" style="background:{hex_color(object_color(i))}"></span>{i} ' for i in q["object_ids"] or []
-        )
-        body.append(f"<tr><td>{swatches or 'video'}</td><td>{_e(q['question'])}</td><td>{_e(q['answer'])}</td></tr>")
-    return f"<table><tr><th>objects</th><th>question</th><th>answer</th></tr>{''.join(body)}</table>"
+        picks = [{"ts": t, "clip_index": None, "first_of": []} for t in spread(sorted(set(sampled)), max_frames)]
+        what = "evenly spread sampled frames (no object has a mask)"
+        return FramePlan(picks, _note(result, len(picks), len(sampled), what))
+    masked = rows[0]["masked_frames"]
+    if masked <= max_frames:
+        return FramePlan(rows, _note(result, len(rows), max(len(sampled), masked), "every sampled frame with a mask"))
+    firsts = spread([r for r in rows if r["first_of"]], max(1, max_frames // 2))
+    chosen = {r["ts"]: r for r in firsts}
+    best = [r for r in rows if r["clip_best"] and r["ts"] not in chosen]
+    clip_count = len({r["clip_index"] for r in rows if r["clip_best"]})
+    shown_clips = spread(best, max_frames - len(chosen))
+    chosen.update((r["ts"], r) for r in shown_clips)
+    objects = sum(len(r["first_of"]) for r in rows)
+    seen_first = sum(len(r["first_of"]) for r in firsts)
+    what = (
+        f"the first sighting of {'each' if seen_first == objects else f'{seen_first}'} of {objects} "
+        f"object{'s' if objects != 1 else ''} and one frame from {len(shown_clips)} of {clip_count} clips with "
+        f"masks{', evenly spread' if len(shown_clips) < len(best) else ''} (the one showing most objects)"
+    )
+    return FramePlan([chosen[t] for t in sorted(chosen)], _note(result, len(chosen), max(len(sampled), masked), what))
 
 
-# --------------------------------------------------------------------------------------------
-# The job.
-# --------------------------------------------------------------------------------------------
+def _note(result: VideoResult, shown: int, total: int, what: str) -> str:
+    return (
+        f"Showing {shown} of {total} sampled frames ({total - shown} left out): {what}. Every mask is in the "
+        f"masks table: pixelrefer query OUTPUT --sql \"SELECT * FROM masks WHERE video_id = '{result.video_id}' "
+        f"AND run_id = '{result.run_id}'\""
+    )
+
+
+def overlays_at(index: Index, result: VideoResult, times: Sequence[float]) -> dict[float, list[Overlay]]:
+    """The stored masks of the picked frames only: a few hundred rows, never a whole video's."""
+    found: dict[float, list[Overlay]] = {t: [] for t in times}
+    if not times:
+        return found
+    params = {"run": result.run_id, "vid": result.video_id, "ts": list(times)}
+    fallback = (int(result.video.get("height") or 0), int(result.video.get("width") or 0))
+    for row in index.sql(MASKS_AT_SQL, params).to_pylist():
+        rle = row["rle"]
+        mask = decode_rle(rle) if rle and rle.get("counts") is not None else None
+        size = (int(rle["size"][0]), int(rle["size"][1])) if rle and rle.get("size") else fallback
+        found.setdefault(row["ts"], []).append(Overlay(row["object_id"], mask, row["bbox"], size))
+    return found
 
 
 def build_report(
@@ -420,22 +164,29 @@ def build_report(
     max_width: int = DEFAULT_MAX_WIDTH,
 ) -> str:
     """The report of one video as an HTML string (the Python API behind `pixelrefer report`)."""
-    if max_frames < 1 or max_width < 16:
-        raise UsageError("--max-frames must be at least 1 and --max-width at least 16")
+    if not 1 <= max_frames <= MAX_FRAMES_LIMIT or max_width < 16:
+        raise UsageError(f"--max-frames must be 1 to {MAX_FRAMES_LIMIT} and --max-width at least 16")
     options = dict(storage_options or {})
     with open_index(output, options) as index:
+        for note in index.notes:
+            print(note, file=sys.stderr)
         result = index.video(video, run_id=run_id)
-    times = choose_frame_times(result, max_frames)
-    decoded = decode_frames(result.video["uri"], times, source_options(result.video["uri"], output, options)) if times else {}
+        plan = plan_frames(index, result, max_frames)
+        times = [p["ts"] for p in plan.picks]
+        overlays = overlays_at(index, result, times)
+        notes = index.notes
+    uri = result.video["uri"]
+    decoded = decode_frames(uri, times, source_options(uri, output, options)) if times else {}
     if times and not decoded:
-        raise SourceVideoError(f"no frame of the source video {result.video['uri']} could be decoded")
-    panels = [_panel(result, t, decoded.get(t), max_width, image_format) for t in times]
-    return render_html(result, panels, dt.datetime.now(dt.timezone.utc))
+        raise SourceVideoError(f"no frame of the source video {uri} could be decoded")
+    panels = [_panel(p, overlays.get(p["ts"], []), decoded.get(p["ts"]), max_width, image_format) for p in plan.picks]
+    return render_html(result, panels, plan.note, notes, dt.datetime.now(dt.timezone.utc))
 
 
-def _panel(result: VideoResult, ts: float, decoded: tuple[float, np.ndarray] | None, max_width: int, fmt: str) -> dict[str, Any]:
-    overlays = overlays_at(result, ts)
-    panel: dict[str, Any] = {"ts": ts, "object_ids": [o.object_id for o in overlays]}
+def _panel(pick: Mapping[str, Any], overlays: Sequence[Overlay], decoded: tuple[float, np.ndarray] | None,
+           max_width: int, fmt: str) -> dict[str, Any]:  # fmt: skip
+    panel: dict[str, Any] = {"ts": pick["ts"], "clip_index": pick["clip_index"], "first_of": pick["first_of"],
+                             "object_ids": [o.object_id for o in overlays]}  # fmt: skip
     if decoded is not None:
         frame_ts, rgb = decoded
         image = draw_frame(rgb, overlays, max_width)
@@ -468,7 +219,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", required=True, metavar="ID|URI", help="video_id, id prefix or source uri")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page")
     parser.add_argument("--run", metavar="RUN_ID", default=None, help="report this run instead of the latest ok one")
-    parser.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES, help="frames to show (evenly spread)")
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"frames to inline (default {DEFAULT_MAX_FRAMES}, at most {MAX_FRAMES_LIMIT}): every frame with a mask "
+        "if they fit, else each object's first sighting and one frame per clip, evenly spread",
+    )
     parser.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH, help="largest frame width in pixels")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="how frames are inlined")
 

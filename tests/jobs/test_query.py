@@ -23,7 +23,6 @@ from jobs.query_errors import RefusedQuery
 from jobs.query_formats import FORMATS, WRITERS
 from jobs.query_search import STOPWORDS
 from jobs.query_sql import open_index
-from jobs.query_video import presence_spans
 from schemas.tables import TABLES
 
 IndexInfo = Any  # tests/jobs/conftest.py: IndexInfo (conftest modules are not imported by name)
@@ -36,6 +35,22 @@ pytestmark = pytest.mark.timeout(120)
 
 def is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def assert_types_match(table: pa.Table, schema: pa.Schema) -> None:
+    """Column types as the schema declares them (DuckDB may hand strings back as string views)."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        if is_text(t):
+            return pa.string()
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+            return pa.list_(plain(t.value_type))
+        if pa.types.is_struct(t):
+            return pa.struct([pa.field(f.name, plain(f.type)) for f in t])
+        if pa.types.is_timestamp(t):  # DuckDB names UTC "Etc/UTC"
+            return pa.timestamp(t.unit, tz="UTC" if t.tz in ("UTC", "Etc/UTC") else t.tz)
+        return t
+
+    assert [plain(f.type) for f in table.schema] == [plain(f.type) for f in schema], (table.schema, schema)
 
 
 def assert_clean_error(code: int, err: str, expected_code: int, *phrases: str) -> None:
@@ -56,6 +71,8 @@ def test_views_have_schema_columns_and_a_single_string_run_id(index: IndexInfo, 
             table = ix.sql(f"SELECT * FROM {name}")
             assert table.column_names == schema.names, name  # hive run_id merged, not duplicated
             assert is_text(table.schema.field("run_id").type), name  # "1700000000" stays a string
+            assert_types_match(table, schema)
+        assert not ix.layout.legacy and ix.notes == []
         expected = data.index_tables(index.uris, index.truths)
         for name in TABLES:
             rows = ix.sql(f"SELECT run_id, count(*) AS n FROM {name} GROUP BY run_id").to_pylist()
@@ -93,17 +110,17 @@ def test_latest_videos_view_picks_latest_ok_run(index: IndexInfo) -> None:
 
 
 def test_sql_in_each_format(index: IndexInfo, run_query) -> None:
-    sql = "SELECT video_id, object_id, run_id, first_ts, frames[1].bbox AS bbox FROM objects ORDER BY ALL"
+    sql = "SELECT video_id, object_id, run_id, ts, bbox FROM masks WHERE frame_index = 0 ORDER BY ALL"
     code, out, err = run_query(*index.cli(), "--sql", sql)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["video_id", "object_id", "run_id", "first_ts", "bbox"]
-    assert lines[-1] == "(8 rows)"
+    assert lines[0].split() == ["video_id", "object_id", "run_id", "ts", "bbox"]
+    assert lines[-1] == "(6 rows)"  # objects 1 and 2 of a (two runs) and of b; 3 enters later
 
     code, out, err = run_query(*index.cli(), "--sql", sql, "--format", "json")
     assert code == 0, err
     rows = json.loads(out)  # one document: an array of row objects
-    assert len(rows) == 8 and rows[0]["bbox"] and all(len(r["bbox"]) == 4 for r in rows)
+    assert len(rows) == 6 and rows[0]["bbox"] and all(len(r["bbox"]) == 4 for r in rows)
     assert {r["run_id"] for r in rows} == {RUN1, RUN2}
 
     code, out, err = run_query(*index.cli(), "--sql", sql, "--format", "csv")
@@ -208,39 +225,85 @@ def video_json(run_query, index: IndexInfo, *argv: str) -> dict:
     return doc
 
 
+def captions_in_clip_order(captions: dict) -> list[str]:
+    """As `--video` lists them: clip by clip (by object within a clip), whole-track captions last."""
+    keys = sorted(captions, key=lambda k: (k[1] is None, k[1] or 0, k[0]))
+    return [captions[k] for k in keys]
+
+
 def test_video_shows_latest_ok_run_by_id_uri_and_prefix(index: IndexInfo, run_query, data) -> None:
     by_id = video_json(run_query, index, "--video", index.video_ids["a"])
     assert by_id["video"]["run_id"] == RUN2 and by_id["video"]["model"] == "tiny-b"
+    assert by_id["video"]["sampled_fps"] == 5.0 and by_id["video"]["clips"] == 2
+    assert by_id["video"]["num_sampled"] == 10 and "sampled_ts" not in by_id["video"]
     assert [r["run_id"] for r in by_id["runs"]] == [RUN3, RUN2, RUN1]
-    assert [c["caption"] for c in by_id["captions"]] == list(data.CAPTIONS[(RUN2, "a")].values())
-    assert [(a["object_ids"], a["answer"]) for a in by_id["qa"]] == [(ids, ans) for ids, _, ans in data.QA[(RUN2, "a")]]
+    assert [c["caption"] for c in by_id["captions"]] == captions_in_clip_order(data.CAPTIONS[(RUN2, "a")])
+    assert [(a["object_ids"], a["answer"], a["clip_index"]) for a in by_id["qa"]] == [
+        (ids, ans, clip) for ids, _, ans, clip in data.QA[(RUN2, "a")]
+    ]
     objects = {o["object_id"]: o for o in by_id["objects"]}
     assert objects[3]["first_ts"] == pytest.approx(1.0) and objects[3]["spans"] == [[1.0, 1.8]]
-    assert objects[1]["num_frames"] == 10 and "frames" not in objects[1]
+    assert objects[3]["clips"] == [1] and objects[3]["track_caption"] is None  # seen in one clip only
+    assert objects[1]["num_frames"] == 10 and objects[1]["clips"] == [0, 1] and objects[1]["label"] == "truck"
+    assert objects[1]["track_caption"] == data.CAPTIONS[(RUN2, "a")][(1, None)]
+    assert "frames" not in objects[1] and "rle" not in json.dumps(by_id)
     assert video_json(run_query, index, "--video", index.uris["a"]) == by_id
     assert video_json(run_query, index, "--video", index.video_ids["a"][:7]) == by_id
 
 
 def test_video_run_option_and_failed_video(index: IndexInfo, run_query, data) -> None:
     old = video_json(run_query, index, "--video", index.video_ids["a"], "--run", RUN1)
-    assert [c["caption"] for c in old["captions"]] == list(data.CAPTIONS[(RUN1, "a")].values())
+    assert [c["caption"] for c in old["captions"]] == captions_in_clip_order(data.CAPTIONS[(RUN1, "a")])
     failed = video_json(run_query, index, "--video", index.uris["c"])
     assert failed["video"]["status"] == "failed" and failed["video"]["error"] == "moov atom not found"
-    assert failed["objects"] == [] and failed["captions"] == []
+    assert failed["objects"] == [] and failed["captions"] == [] and failed["clips"] == []
+
+
+def test_video_json_has_the_clip_timeline(index: IndexInfo, run_query, data) -> None:
+    doc = video_json(run_query, index, "--video", index.video_ids["a"])
+    clips = doc["clips"]
+    assert [(c["clip_index"], c["ts_start"], c["ts_end"], c["boundary"], c["status"], c["num_sampled"])
+            for c in clips] == [(0, 0.0, 1.0, "window", "ok", 5), (1, 1.0, 2.0, "end", "ok", 5)]  # fmt: skip
+    assert [c["object_ids"] for c in clips] == [[1, 2], [1, 2, 3]]
+    want = data.CAPTIONS[(RUN2, "a")]
+    for clip in clips:
+        got = {(cap["object_id"], clip["clip_index"]): cap["caption"] for cap in clip["captions"]}
+        assert got == {k: v for k, v in want.items() if k[1] == clip["clip_index"]}
+        assert all(clip["ts_start"] <= cap["ts_start"] <= cap["ts_end"] <= clip["ts_end"] for cap in clip["captions"])
+    assert [a["question"] for a in clips[1]["answers"]] == ["Which one is faster?"]
+    # The object 3 caption spans only the frames where it is seen in its clip.
+    (cap,) = [c for c in clips[1]["captions"] if c["object_id"] == 3]
+    assert (cap["ts_start"], cap["ts_end"]) == (1.0, 1.8)
+
+
+def test_presence_spans_break_where_the_tracker_missed_a_frame(index: IndexInfo, run_query, data) -> None:
+    """Object 2 of "b" has no mask at 1.2 s: present 0.0-1.0 and 1.4-1.8, computed over `masks` in DuckDB."""
+    doc = video_json(run_query, index, "--video", index.video_ids["b"])
+    objects = {o["object_id"]: o for o in doc["objects"]}
+    assert data.MISSED["b"] == (2, 1.2)
+    assert objects[2]["spans"] == [[0.0, 1.0], [1.4, 1.8]] and objects[2]["num_frames"] == 9
+    assert objects[1]["spans"] == [[0.0, 1.8]]
+    answers = {a["question"]: a for a in doc["qa"]}
+    assert answers["Is it daytime?"]["clip_index"] is None  # a question about the whole video
+    assert all(a["question"] != "Is it daytime?" for c in doc["clips"] for a in c["answers"])
 
 
 def test_video_table_and_csv(local_index: IndexInfo, run_query) -> None:
     code, out, err = run_query(local_index.output, "--video", local_index.video_ids["a"])
     assert code == 0, err
-    assert "run_id      run-2024-02" in out
-    for section in ("objects:", "captions:", "answers:"):
+    assert "run_id      run-2024-02" in out and "sampled_fps 5" in out
+    for section in ("clips:", "objects:", "timeline:"):
         assert section in out
-    assert "a yellow square falling slowly" in out
+    timeline = out[out.index("timeline:"):].splitlines()
+    assert timeline[1].split() == ["clip", "ts_start", "ts_end", "object_ids", "text"]
+    assert [line.split()[0] for line in timeline[3:-1]] == ["0"] * 3 + ["1"] * 4 + ["track"] * 2
+    assert any(line.split()[0] == "1" and "a yellow square falling slowly" in line for line in timeline)
     code, out, err = run_query(local_index.output, "--video", local_index.video_ids["a"], "--format", "csv")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert Counter(r["section"] for r in rows) == {"object": 3, "caption": 3, "answer": 2}
+    assert Counter(r["section"] for r in rows) == {"clip": 2, "object": 3, "caption": 7, "answer": 2}
     assert {r["run_id"] for r in rows} == {RUN2}
+    assert Counter(r["clip_index"] for r in rows if r["section"] == "caption") == {"0": 2, "1": 3, "": 2}
 
 
 def test_video_not_found(index: IndexInfo, run_query) -> None:
@@ -295,9 +358,9 @@ def latest_documents(index: IndexInfo, data) -> dict[tuple[str, int], list[str]]
     docs: dict[tuple[str, int], list[str]] = {}
     for run, name in ((RUN2, "a"), (RUN1, "b")):
         vid = index.video_ids[name]
-        for oid, text in data.CAPTIONS[(run, name)].items():
+        for (oid, _clip), text in data.CAPTIONS[(run, name)].items():
             docs.setdefault((vid, oid), []).append(text)
-        for ids, _, answer in data.QA[(run, name)]:
+        for ids, _, answer, _clip in data.QA[(run, name)]:
             for oid in ids:
                 docs.setdefault((vid, oid), []).append(answer)
     return docs
@@ -318,7 +381,14 @@ def test_text_search_ranking_and_edges(index: IndexInfo, run_query) -> None:
     with open_index(index.output, index.storage_options) as ix:
         top = ix.search("red truck", limit=1).to_pylist()
         assert [(r["video_id"], r["object_id"]) for r in top] == [(index.video_ids["a"], 1)]
-        assert top[0]["match"] == "a red truck with a red cabin moving right"
+        # The best-matching caption of the object, with where it is: clip 0, 0.0-0.8 s.
+        assert top[0]["match"] == "a red truck with a red cabin moving right" and top[0]["match_kind"] == "caption"
+        assert (top[0]["clip_index"], top[0]["ts_start"], top[0]["ts_end"], top[0]["label"]) == (0, 0.0, 0.8, "truck")
+        whole = ix.search("edge").to_pylist()  # only in object 1's whole-track caption
+        assert [(r["object_id"], r["clip_index"], r["ts_start"], r["ts_end"]) for r in whole] == [(1, None, 0.0, 1.8)]
+        answer = ix.search("faster").to_pylist()  # an answer naming objects 1 and 2, asked about clip 1
+        assert {(r["object_id"], r["match_kind"], r["clip_index"]) for r in answer} == {
+            (1, "answer", 1), (2, "answer", 1)}
         assert ix.search("RED TRUCK").to_pylist() == ix.search("red truck").to_pylist()
         assert ix.search("small").num_rows == 0  # only in RUN1's caption of "a": superseded by RUN2
         assert ix.search("cabin").column("run_id").to_pylist() == [RUN2]
@@ -469,13 +539,17 @@ def test_tables_without_files_are_empty_not_errors(tmp_path: Path, local_index: 
     import fsspec
 
     runs = data.index_tables(local_index.uris, local_index.truths)
-    only = {RUN1: {"videos": runs[RUN1]["videos"], "objects": runs[RUN1]["objects"], "captions": [], "qa": []}}
+    only = {RUN1: {"videos": runs[RUN1]["videos"], "objects": runs[RUN1]["objects"]}}
     data.write_index(fsspec.filesystem("file"), str(tmp_path / "out"), only)
     (tmp_path / "out" / "captions").mkdir()  # a folder without files counts as no files
     with open_index(str(tmp_path / "out")) as ix:
-        assert ix.sql("SELECT * FROM qa").column_names == TABLES["qa"].names
+        for name in ("qa", "clips", "masks", "runs"):
+            assert ix.sql(f"SELECT * FROM {name}").column_names == TABLES[name].names
         assert ix.search("red").num_rows == 0
-        assert ix.video(local_index.video_ids["a"]).objects.num_rows == 3
+        result = ix.video(local_index.video_ids["a"])
+        assert result.objects.num_rows == 3 and result.clips.num_rows == 0
+        assert result.objects.column("spans").to_pylist() == [[], [], []]  # no masks: no presence to show
+        assert not ix.layout.legacy
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,8 +562,9 @@ def test_python_api(local_index: IndexInfo) -> None:
         table = ix.sql("SELECT video_id, status FROM videos WHERE status = $s", {"s": "failed"})
         assert isinstance(table, pa.Table) and table.num_rows == 2
         result = ix.video(local_index.uris["b"])
-        assert result.run_id == RUN1 and result.objects.num_rows == 2
-        assert result.objects.column("frames")[0].as_py()[0]["rle"]["counts"]
+        assert result.run_id == RUN1 and result.objects.num_rows == 2 and result.clips.num_rows == 2
+        masks = ix.sql("SELECT rle FROM masks WHERE run_id = $r AND video_id = $v", {"r": RUN1, "v": result.video_id})
+        assert masks.num_rows == 19 and masks.column("rle")[0].as_py()["counts"]  # 10 + 9 (one frame missed)
         assert ix.search("green", limit=5).column("object_id").to_pylist() == [1]
         assert ix.runs().column("run_id").to_pylist() == [RUN1, RUN2, RUN3]
 
@@ -529,19 +604,147 @@ def test_job_modules_import_downward_only() -> None:
             assert "jobs.query" not in imports, f"{path.name} imports the command module jobs.query"
 
 
-def test_presence_spans_break_at_missed_sampled_frames() -> None:
-    sampled = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    assert presence_spans([0.5, 1.0, 2.0, 2.5], sampled) == [(0.5, 1.0), (2.0, 2.5)]
-    assert presence_spans([1.5], sampled) == [(1.5, 1.5)]
-    assert presence_spans([0.1, 0.9], None) == [(0.1, 0.9)]
-    assert presence_spans([], sampled) == []
-
-
 def test_run_summary_without_a_mode(local_index: IndexInfo, run_query) -> None:
     code, out, err = run_query(local_index.output, "--format", "csv")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [(r["run_id"], r["videos_ok"], r["videos_failed"]) for r in rows] == [
-        (RUN1, "2", "1"), (RUN2, "1", "0"), (RUN3, "0", "1"),
+    assert [(r["run_id"], r["videos_ok"], r["videos_failed"], r["clips"], r["commits"]) for r in rows] == [
+        (RUN1, "2", "1", "4", "1"), (RUN2, "1", "0", "2", "2"), (RUN3, "0", "1", "0", "1"),
     ]  # fmt: skip
+    assert float(rows[0]["video_hours"]) == pytest.approx(round(4.0 / 3600, 3))
     assert os.path.isdir(local_index.output)
+
+
+# --------------------------------------------------------------------------------------------
+# The long `masks` table: "what was visible at t" is a filter, not an unnest.
+# --------------------------------------------------------------------------------------------
+
+VISIBLE_AT = """
+WITH f AS (SELECT video_id, run_id, list_filter(sampled_ts, lambda x: x <= {t})[-1] AS ts FROM latest_videos)
+SELECT m.video_id, m.object_id, m.ts, m.bbox FROM masks m JOIN f USING (video_id, run_id, ts) ORDER BY ALL
+"""
+
+
+@pytest.mark.parametrize("t", [0.5, 1.25])
+def test_sql_what_was_visible_at_t(index: IndexInfo, run_query, data, t: float) -> None:
+    """The latest sampled frame at or before t, per video, and each object's box on it."""
+    code, out, err = run_query(*index.cli(), "--sql", VISIBLE_AT.format(t=t), "--format", "json")
+    assert code == 0, err
+    got = [(r["video_id"], r["object_id"], r["ts"], r["bbox"]) for r in json.loads(out)]
+    want = []
+    for name in ("a", "b"):
+        truth = index.truths[name]
+        ts = max(s for s in truth.timestamps[::2] if s <= t)
+        for i in range(len(truth.shapes)):
+            mask = truth.mask(i, ts)
+            if mask is not None and data.MISSED.get(name) != (i + 1, ts):
+                ys, xs = mask.nonzero()
+                want.append((index.video_ids[name], i + 1, ts, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
+    assert got == sorted(want)
+    assert {oid for vid, oid, *_ in got if vid == index.video_ids["a"]} == ({1, 2, 3} if t > 1 else {1, 2})
+
+
+def test_long_video_what_was_visible_and_search(long_index: IndexInfo, run_query, data) -> None:
+    with open_index(long_index.output) as ix:
+        at = lambda t: ix.sql(VISIBLE_AT.format(t=t)).column("object_id").to_pylist()  # noqa: E731
+        assert at(3015.5) == []  # the failed clip: nothing tracked there
+        assert at(4204.0) == list(range(1, 8)) and at(4205.0) == list(range(1, 9))
+        hit = ix.search("zebra").to_pylist()
+        obj, clip = data.LONG_ZEBRA
+        assert [(r["object_id"], r["clip_index"], r["ts_start"], r["match"]) for r in hit] == [
+            (obj, clip, clip * data.LONG_CLIP_SECONDS, "a zebra crossing the street")
+        ]
+
+
+def test_long_video_json_timeline(long_index: IndexInfo, run_query, data) -> None:
+    """A 2-hour video at 1 fps: 240 clips, presence spans over ~46,000 masks computed in DuckDB."""
+    import time
+
+    started = time.monotonic()
+    doc = video_json(run_query, long_index, "--video", long_index.video_ids["long"])
+    assert time.monotonic() - started < 30
+    clips = doc["clips"]
+    assert len(clips) == data.LONG_SECONDS // data.LONG_CLIP_SECONDS == doc["video"]["clips"] == 240
+    assert doc["video"]["num_sampled"] == 7200
+    failed = clips[data.LONG_FAILED_CLIP]
+    assert (failed["status"], failed["error"], failed["object_ids"], failed["captions"]) == (
+        "failed", "invalid NAL unit", [], [])
+    assert clips[-1]["boundary"] == "end" and clips[3]["boundary"] == "shot"
+    objects = {o["object_id"]: o for o in doc["objects"]}
+    assert len(objects) == data.LONG_OBJECTS
+    gap = (data.LONG_FAILED_CLIP * data.LONG_CLIP_SECONDS, (data.LONG_FAILED_CLIP + 1) * data.LONG_CLIP_SECONDS)
+    assert objects[1]["spans"] == [[5.0, gap[0] - 1.0], [float(gap[1]), 7199.0]]
+    assert objects[8]["spans"] == [[float(data.LONG_FIRST[8]), 7199.0]]
+    assert objects[8]["clips"] == list(range(data.LONG_FIRST[8] // 30, 240))
+    assert objects[1]["track_caption"] == "thing 1 over the whole video"
+    assert sum(len(c["captions"]) for c in clips) + data.LONG_OBJECTS == len(doc["captions"])
+
+
+# --------------------------------------------------------------------------------------------
+# Indexes written under the first contract (objects.frames, no clips table).
+# --------------------------------------------------------------------------------------------
+
+
+def test_legacy_index_is_read_as_one_clip_per_video(legacy_index: IndexInfo, run_query, data) -> None:
+    current = data.index_tables(legacy_index.uris, legacy_index.truths)
+    with open_index(legacy_index.output, legacy_index.storage_options) as ix:
+        assert ix.layout.legacy and "older pixelrefer" in ix.notes[0] and "pixelrefer index" in ix.notes[0]
+        for name, schema in TABLES.items():
+            table = ix.sql(f"SELECT * FROM {name}")
+            assert table.column_names == schema.names, name
+            assert_types_match(table, schema)
+        # Every mask of the old objects.frames is a row of `masks`, unchanged.
+        key = lambda m: (m["run_id"], m["video_id"], m["object_id"], m["frame_index"])  # noqa: E731
+        cols = "run_id, video_id, object_id, frame_index, ts, bbox, area, score, rle"
+        rounded = lambda m: {**m, "score": round(m["score"], 5)}  # noqa: E731 - stored as float32
+        masks = sorted((rounded(m) for m in ix.sql(f"SELECT {cols} FROM masks").to_pylist()), key=key)
+        want = sorted((rounded({k: m[k] for k in cols.split(", ")}) for r in current.values() for m in r["masks"]), key=key)
+        assert masks == want and len(masks) == 69  # a: 10 + 10 + 5 (twice), b: 10 + 9
+        counts = ix.sql("SELECT object_id, num_frames, label FROM objects WHERE run_id = $r AND video_id = $v "
+                        "ORDER BY object_id", {"r": RUN1, "v": legacy_index.video_ids["b"]}).to_pylist()  # fmt: skip
+        assert counts == [{"object_id": 1, "num_frames": 10, "label": None}, {"object_id": 2, "num_frames": 9, "label": None}]
+        clips = ix.sql("SELECT * FROM clips ORDER BY run_id, video_id").to_pylist()
+        assert [(c["clip_index"], c["ts_start"], c["ts_end"], c["num_sampled"], c["boundary"]) for c in clips] == [
+            (0, 0.0, 2.0, 10, "end")] * 3  # the ok videos only; "c" and RUN3 failed
+        video = ix.sql("SELECT sampled_fps, clips FROM videos WHERE run_id = $r", {"r": RUN2}).to_pylist()
+        assert video == [{"sampled_fps": pytest.approx(5.0), "clips": 1}]
+    doc = json.loads(run_query(*legacy_index.cli(), "--video", legacy_index.video_ids["a"], "--format", "json")[1])
+    assert [c["clip_index"] for c in doc["clips"]] == [0] and doc["clips"][0]["object_ids"] == [1, 2, 3]
+    objects = {o["object_id"]: o for o in doc["objects"]}
+    assert objects[3]["spans"] == [[1.0, 1.8]] and objects[1]["num_frames"] == 10
+    assert [c["caption"] for c in doc["clips"][0]["captions"]] == [
+        data.CAPTIONS[(RUN2, "a")][k] for k in ((1, None), (2, None), (3, 1))]  # fmt: skip
+    assert [(a["clip_index"], a["ts_start"], a["ts_end"]) for a in doc["qa"]] == [(0, 0.0, 2.0)] * 2
+    code, out, err = run_query(*legacy_index.cli(), "--text", "edge", "--format", "json")
+    assert code == 0 and "older pixelrefer" in err and "Traceback" not in err
+    assert [(r["object_id"], r["clip_index"]) for r in json.loads(out)] == [(1, 0)]
+
+
+def test_mixed_layouts_are_refused_with_how_to_reindex(tmp_path: Path, local_index: IndexInfo, run_query, data) -> None:
+    """Old runs next to new ones would bind one file's schema for all: refuse, never misread."""
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    runs = data.index_tables(local_index.uris, local_index.truths)
+    for new, old in ((RUN2, RUN1), (RUN1, RUN2)):  # either layout first in file order
+        out = str(tmp_path / f"mixed-{new}")
+        data.write_legacy_index(fs, out, data.legacy_tables({old: runs[old]}))
+        data.write_index(fs, out, {new: runs[new]})
+        for argv in (["--sql", "SELECT count(*) FROM objects"], ["--video", local_index.video_ids["a"]], []):
+            code, stdout, err = run_query(out, *argv)
+            assert_clean_error(code, err, 1, "older pixelrefer", "objects.frames", f"run {old}", "pixelrefer index")
+            assert stdout == ""
+
+
+def test_legacy_index_without_objects_is_still_recognised(tmp_path: Path, local_index: IndexInfo, data) -> None:
+    """Only failed videos: no objects file to look at, so the videos footer tells the layout."""
+    import fsspec
+
+    runs = data.legacy_tables(data.index_tables(local_index.uris, local_index.truths))
+    only_failed = {RUN3: {"videos": runs[RUN3]["videos"]}}
+    data.write_legacy_index(fsspec.filesystem("file"), str(tmp_path / "out"), only_failed)
+    with open_index(str(tmp_path / "out")) as ix:
+        assert ix.layout.legacy
+        rows = ix.sql("SELECT status, clips, sampled_fps FROM videos").to_pylist()
+        assert rows == [{"status": "failed", "clips": 0, "sampled_fps": pytest.approx(5.0)}]
+        assert ix.sql("SELECT * FROM clips").num_rows == 0

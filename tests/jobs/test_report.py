@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from jobs import report as r
+from jobs import report_frames as rf
 from pipeline.samples import make_video
 
 IndexInfo = Any  # tests/jobs/conftest.py: IndexInfo
@@ -42,8 +43,8 @@ def embedded_frames(page: str) -> list[tuple[float, np.ndarray]]:
 
 def expected_overlay(shape_color: tuple[int, int, int], object_id: int) -> np.ndarray:
     """What a mask pixel over a solid shape must look like: the documented alpha blend."""
-    color = np.array(r.object_color(object_id), float)
-    return (1 - r.MASK_ALPHA) * np.array(shape_color, float) + r.MASK_ALPHA * color
+    color = np.array(rf.object_color(object_id), float)
+    return (1 - rf.MASK_ALPHA) * np.array(shape_color, float) + rf.MASK_ALPHA * color
 
 
 def overlapped(truth: Any, i: int, ts: float) -> bool:
@@ -73,6 +74,13 @@ def test_report_is_one_self_contained_page(local_report: Path) -> None:
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "<script" not in page and "@import" not in page and "url(" not in page
     assert len(IMG_RE.findall(page)) == 10  # every sampled frame that holds an object (<= max frames)
+    assert "Showing 10 of 10 sampled frames (0 left out): every sampled frame with a mask" in page
+    # The clip row: both clips in order, each with its own captions.
+    clips = re.findall(r'<div class="clip" data-clip-index="(\d+)" data-status="ok"><h3>([^<]*)</h3>(.*?)</div>', page)
+    assert [(int(i), h) for i, h, _ in clips] == [(0, "clip 0 · 0.00–1.00 s · window"), (1, "clip 1 · 1.00–2.00 s · end")]
+    assert "a blue sphere moving left" in clips[0][2] and "a blue sphere drifting up" in clips[1][2]
+    assert "a yellow square falling slowly" in clips[1][2] and "yellow" not in clips[0][2]
+    assert "Whole track: a red truck that drives from the left edge to the middle" in page
     # The latest ok run (RUN2): its captions, its answers, its model.
     for text in ("a red truck with a red cabin moving right", "a yellow square falling slowly",
                  "the red truck is faster than the blue ball", "What color is the truck?", "tiny-b"):  # fmt: skip
@@ -82,7 +90,7 @@ def test_report_is_one_self_contained_page(local_report: Path) -> None:
     spans = re.findall(r'data-object-id="(\d+)" data-start="([0-9.]+)" data-end="([0-9.]+)"', page)
     assert [(int(o), float(a), float(b)) for o, a, b in spans] == [(1, 0.0, 1.8), (2, 0.0, 1.8), (3, 1.0, 1.8)]
     for oid in (1, 2, 3):
-        assert r.hex_color(r.object_color(oid)) in page
+        assert rf.hex_color(rf.object_color(oid)) in page
 
 
 def test_embedded_frames_carry_masks_at_ground_truth_positions(local_report: Path, local_index: IndexInfo) -> None:
@@ -158,7 +166,11 @@ def test_report_from_s3(s3_index: IndexInfo, tmp_path: Path, capsys) -> None:
     assert code == 0, err
     page = out.read_text()
     frames = embedded_frames(page)
-    assert [ts for ts, _ in frames] == [0.0, 0.8, 1.8] and "data:image/png" in page
+    # Both objects are first seen at 0.0; then the best frame of each clip (both objects, mid-clip).
+    times = [ts for ts, _ in frames]
+    assert len(times) == 3 and times[0] == 0.0 and 0.2 <= times[1] <= 0.8 and 1.0 <= times[2] <= 1.8
+    assert times[2] != 1.2 and "data:image/png" in page  # at 1.2 s object 2 has no mask
+    assert "Showing 3 of 10 sampled frames (7 left out): the first sighting of each of 2 objects" in page
     truth = s3_index.truths["b"]
     ts, image = frames[1]
     scale = image.shape[1] // truth.width
@@ -218,22 +230,93 @@ def test_subparser_wiring(local_index: IndexInfo, tmp_path: Path) -> None:
 
 
 def test_object_colours_are_stable_and_distinct() -> None:
-    colours = [r.object_color(i) for i in range(12)]
-    assert colours == [r.object_color(i) for i in range(12)]
+    colours = [rf.object_color(i) for i in range(12)]
+    assert colours == [rf.object_color(i) for i in range(12)]
     assert len(set(colours)) == 12
     for a in range(12):
         for b in range(a + 1, a + 3):  # neighbours in id are far apart in colour
-            assert np.abs(np.subtract(colours[a], r.object_color(b))).max() > 60
+            assert np.abs(np.subtract(colours[a], rf.object_color(b))).max() > 60
 
 
 def test_decoder_picks_nearest_presentation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a variable frame rate clip, a time between frames gets the nearest frame, not index/fps."""
     truth = make_video(tmp_path / "vfr.mp4", duration_s=2.0, vfr=True, gop=5)
     wanted = [0.0, 0.31, 0.94, 1.2, 1.29, 1.51, 1.8, 5.0]
-    got = r.decode_frames(truth.path, wanted, {})
+    got = rf.decode_frames(truth.path, wanted, {})
     nearest = {t: min(truth.timestamps, key=lambda f: abs(f - t)) for t in wanted}
     assert {t: round(v[0], 3) for t, v in got.items()} == nearest
     assert all(v[1].shape == (truth.height, truth.width, 3) for v in got.values())
-    monkeypatch.setattr(r, "SEEK_GAP_S", 0.0)  # seek for every time: the same frames
-    again = r.decode_frames(truth.path, wanted, {})
+    monkeypatch.setattr(rf, "SEEK_GAP_S", 0.0)  # seek for every time: the same frames
+    again = rf.decode_frames(truth.path, wanted, {})
     assert all(np.array_equal(again[t][1], got[t][1]) for t in wanted)
+
+
+def test_long_video_report_inlines_a_bounded_set_of_frames(long_index: IndexInfo, data, tmp_path: Path, capsys,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A 2-hour video (7,200 sampled frames, 240 clips): at most 60 frames decoded and inlined, and the page says so."""
+    import time
+
+    decoded: list[int] = []
+    real_decode = r.decode_frames
+
+    def counting_decode(uri: str, times: list[float], options: dict) -> dict:
+        decoded.append(len(times))
+        return real_decode(uri, times, options)
+
+    monkeypatch.setattr(r, "decode_frames", counting_decode)
+    out = tmp_path / "long.html"
+    started = time.monotonic()
+    code, err = run_report(capsys, long_index.output, "--video", long_index.video_ids["long"], "--out", str(out))
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    page = out.read_text()
+    frames = embedded_frames(page)
+    assert len(frames) == r.DEFAULT_MAX_FRAMES == 60 and decoded == [60]
+    assert elapsed < 60 and len(page) < 5_000_000, (elapsed, len(page))
+    assert ("Showing 60 of 7200 sampled frames (7140 left out): the first sighting of each of 8 objects and one "
+            "frame from 52 of 239 clips with masks, evenly spread") in page  # fmt: skip
+    shown = {ts for ts, _ in frames}
+    firsts = {float(t if t // 30 != data.LONG_FAILED_CLIP else 30 * (data.LONG_FAILED_CLIP + 1))
+              for t in data.LONG_FIRST.values()}  # object 6 enters in the failed clip: seen after it
+    assert firsts <= shown
+    assert re.findall(r"<figcaption>([^<]*)</figcaption>", page)[0].endswith("first sighting of 1")
+    clips = re.findall(r'<div class="clip( failed)?" data-clip-index="(\d+)"', page)
+    assert [int(i) for _, i in clips] == list(range(240))
+    assert [int(i) for failed, i in clips if failed] == [data.LONG_FAILED_CLIP] and "invalid NAL unit" in page
+    # Every inlined frame shows the objects stored for its time, drawn from the masks table.
+    for ts, image in frames[:: len(frames) // 6]:
+        present = [k for k, first in data.LONG_FIRST.items() if first <= ts]
+        assert re.search(rf'<figure data-ts="{ts:.6f}">.*?objects {", ".join(map(str, present))}[ <]', page)
+        assert image.shape[0] >= 48
+
+
+def test_report_of_an_index_written_by_an_older_pixelrefer(legacy_local_index: IndexInfo, tmp_path: Path,
+                                                           capsys) -> None:  # fmt: skip
+    """Masks nested in objects.frames are drawn the same way; the page and stderr say how it was read."""
+    out = tmp_path / "legacy.html"
+    code, err = run_report(capsys, legacy_local_index.output, "--video", legacy_local_index.video_ids["a"],
+                           "--out", str(out))  # fmt: skip
+    assert code == 0 and "older pixelrefer" in err, err
+    page = out.read_text()
+    assert len(IMG_RE.findall(page)) == 10 and "older pixelrefer" in page
+    assert re.findall(r'data-clip-index="(\d+)"', page) == ["0"]
+    truth = legacy_local_index.truths["a"]
+    ts, image = embedded_frames(page)[4]
+    scale = image.shape[1] // truth.width
+    got = np.median(image[interior(truth.mask(0, ts), scale)].astype(float), axis=0)
+    assert np.abs(got - expected_overlay(truth.shapes[0].color, 1)).max() < 20
+
+
+def test_max_frames_is_bounded(local_index: IndexInfo, tmp_path: Path, capsys) -> None:
+    code, err = run_report(capsys, local_index.output, "--video", local_index.video_ids["a"],
+                           "--out", str(tmp_path / "x.html"), "--max-frames", str(r.MAX_FRAMES_LIMIT + 1))  # fmt: skip
+    assert code == 2 and "--max-frames must be 1 to" in err and not (tmp_path / "x.html").exists()
+
+
+def test_spread_keeps_ends_and_count() -> None:
+    items = list(range(240))
+    for k in (1, 2, 7, 52, 239, 240, 300):
+        got = r.spread(items, k)
+        assert len(got) == min(k, 240) and len(set(got)) == len(got) and got == sorted(got)
+        assert got[0] == 0 and (k == 1 or got[-1] == 239)
+    assert r.spread(items, 0) == []
