@@ -1,17 +1,31 @@
 """Benchmark of the index job: the Ray Data graph against a plain single-process loop over the same
-stages and data, and the peak memory of a run over 10 vs 100 videos.
+stages and data, the peak memory of a run over 10 vs 100 videos, and a long-video point (the same
+content as a 1-minute and a 10-minute video).
 
-    python -m bench.pipeline [--videos 10] [--memory-videos 10 100] [--json FILE]
+    python -m bench.pipeline [--videos 10] [--memory-videos 10 100] [--long-video-seconds 60 600]
+                             [--only {compare,memory,long-video}] [--json FILE]
 
 Equal work: the plain loop runs in a fresh interpreter and its time counts from that process's
-start (importing torch and transformers, loading both models, then every video); the Ray job's time
-counts from `run_index` on an already started Ray instance (a standing cluster) and so includes its
-actors' processes importing the same libraries and loading the same models. The busy share of each
-model stage is reported over the whole graph and between the stage's first and last batch.
+start (importing torch and transformers, loading both models, then every video: planned into clips,
+each clip decoded, tracked and captioned, the clips linked, the whole-track captions asked, the
+tables written); the Ray job's time counts from `run_index` on an already started Ray instance (a
+standing cluster) and so includes its actors' processes importing the same libraries and loading the
+same models. The busy share of each model stage is reported over the whole graph and between the
+stage's first and last batch. Every point uses fixed clip windows (`cuts="none"`): TransNetV2 shot
+detection costs ~30 ms a frame on a CPU and would swamp what these points measure (`--long-video-cuts
+shot` measures it on the long-video point).
 
 Peak memory is the largest sum of resident set sizes over the process tree that runs the job
-(driver, raylet, workers, actors), sampled every 0.1 s; each memory point runs in a fresh process
-so one run's caches do not count towards the other's.
+(driver, GCS, raylet, workers, actors), sampled every 0.1 s; each memory point runs in a fresh
+process so one run's caches do not count towards the other's. Pages of Ray's object store (shared
+memory) count in every process that touched them, so the sum overstates what the machine holds;
+it does so alike at both sizes of a point.
+
+Long-video point: `pipeline.samples.make_long_video` repeats one rendered 60-s segment (stream copy)
+into a 1-minute and a 10-minute video of the same content; each is indexed by `run_index` (tiny
+models, 1 frame/s, 30-s clips) in its own fresh process, Ray started there before the clock starts.
+Targets: wall time ratio <= 11x (linear or better: fixed costs such as loading the models are paid
+once) and peak RSS ratio <= 1.3x (memory bounded by the clips in flight, not the video's length).
 """
 
 from __future__ import annotations
@@ -28,8 +42,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+#: Targets of the long-video point (the issue's acceptance criteria).
+LONG_VIDEO_MAX_TIME_RATIO = 11.0
+LONG_VIDEO_MAX_RSS_RATIO = 1.3
+POINTS = ("compare", "memory", "long-video")
 
 
 def make_corpus(folder: Path, count: int, duration_s: float = 3.0) -> Path:
@@ -43,36 +63,63 @@ def make_corpus(folder: Path, count: int, duration_s: float = 3.0) -> Path:
     return folder
 
 
-def plain_loop(cfg) -> dict[str, float]:
-    """The same stages, one video at a time, in this process: the reference the Ray job must match."""
+def _one_row_batch(row: dict[str, Any]):
+    """A row as the 1-row numpy batch `map_batches` would hand an actor (arrays kept whole)."""
     import numpy as np
 
+    batch = {}
+    for key, value in row.items():
+        column = np.empty(1, dtype=object)
+        column[0] = value
+        batch[key] = column
+    return batch
+
+
+def plain_loop(cfg) -> dict[str, float]:
+    """The same stages, one clip at a time, in this process: the reference the Ray job must match.
+
+    Each video is planned into clips (`plan_rows`), each clip decoded, tracked and captioned; the
+    driver's own state (`pipeline.run._Run`) links the clips and asks the whole-track captions,
+    which go through decode, tracker and referrer too; the tables are written at the end.
+    """
     from actors.referrer import ReferrerStage
     from actors.tracker import TrackerStage
-    from pipeline.graph import _video_rows, decode_row, new_run_id
+    from pipeline.run import _input_rows, _Run, new_run_id
     from pipeline.sources import list_videos
+    from pipeline.summary import RunSummary
+    from pipeline.tasks import decode_row, plan_rows
 
     first = start = time.perf_counter()
     tracker = TrackerStage(model=cfg.tracker, max_objects=cfg.max_objects, keyframe_interval_s=cfg.keyframe_interval_s)
-    referrer = ReferrerStage(model=cfg.model, mode=cfg.mode, max_new_tokens=cfg.max_new_tokens)
+    referrer = ReferrerStage(model=cfg.model, mode=cfg.mode, max_new_tokens=cfg.max_new_tokens,
+                             upstream_local_crop=cfg.upstream_local_crop, object_frames=cfg.object_frames)
     setup = time.perf_counter() - start
-    rows = _video_rows(cfg, list_videos(cfg.source), new_run_id())
-    frames = 0
+    run_id = new_run_id()
+    videos = list_videos(cfg.source, cfg.storage_options)
+    rows = _input_rows(cfg, videos, run_id)
+    run = _Run(cfg, run_id, RunSummary(run_id=run_id, videos_listed=len(videos)), len(videos), lambda line: None)
+    clips = 0
     start = time.perf_counter()
-    for row in rows:
+
+    def through(row: dict[str, Any]) -> None:
         decoded = decode_row(row, cfg=cfg)
-        batch = {k: np.asarray([v] if not isinstance(v, np.ndarray) else [v], dtype=object) for k, v in decoded.items()}
-        batch["frames"] = np.empty(1, dtype=object)
-        batch["frames"][0] = decoded["frames"]
-        batch["timestamps"] = np.empty(1, dtype=object)
-        batch["timestamps"][0] = decoded["timestamps"]
-        out = referrer(tracker(batch))
-        if not out["error"][0]:
-            frames += len(decoded["timestamps"])
+        out = referrer(tracker(_one_row_batch(decoded)))
+        run.take({k: v[0] for k, v in out.items()})
+
+    for video in rows:
+        for clip in plan_rows(video, cfg=cfg):
+            if clip["kind"] == "clip":
+                clips += 1
+            through(clip)
+    track_rows, run.track_rows = run.track_rows, []
+    for row in track_rows:
+        through(row)
+    run.commit(final=True)
     seconds = time.perf_counter() - start
+    frames = run.summary.frames
     return {
         "seconds": seconds, "setup_s": setup, "total_s": time.perf_counter() - first, "videos": len(rows),
-        "frames": frames,
+        "clips": clips, "track_rows": len(track_rows), "frames": frames, "videos_ok": run.summary.videos_ok,
     }
 
 
@@ -92,15 +139,15 @@ def plain_loop_process(source: Path, output: Path) -> dict[str, float]:
     return result
 
 
-def ray_job(cfg) -> dict[str, float]:
-    from pipeline.graph import run_index
+def ray_job(cfg) -> dict[str, Any]:
+    from pipeline.run import run_index
 
     start = time.perf_counter()
     summary = run_index(cfg, progress=lambda line: None)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds, "videos": summary.videos_ok + summary.videos_failed, "frames": summary.frames,
-        "graph_s": summary.graph_seconds, "utilisation": summary.utilisation(),
+        "clips": summary.clips, "graph_s": summary.graph_seconds, "utilisation": summary.utilisation(),
         "active": summary.active_utilisation(), "busy_s": dict(summary.busy_seconds),
         "actors": dict(summary.actors),
     }
@@ -109,7 +156,7 @@ def ray_job(cfg) -> dict[str, float]:
 def _config(source: Path, output: Path):
     from pipeline.config import IndexConfig
 
-    return IndexConfig(source=str(source), output=str(output), fps=2.0, max_new_tokens=16)
+    return IndexConfig(source=str(source), output=str(output), fps=2.0, max_new_tokens=16, cuts="none")
 
 
 def _fresh(folder: Path) -> Path:
@@ -118,75 +165,153 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
-    """Run `cmd`, sampling the RSS of its whole process tree; returns (peak MiB, exit code)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def peak_rss_of(cmd: list[str], interval_s: float = 0.1) -> dict[str, Any]:
+    """Run `cmd`, sampling the RSS of its whole process tree every `interval_s`.
+
+    Returns peak_mib, the process count and the per-process RSS (MiB, by name) at the peak, the
+    exit code, the wall seconds and the command's stdout.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     root = psutil.Process(proc.pid)
-    peak = 0
+    peak, at_peak = 0, {}
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, at_peak
         while not stop.is_set():
             try:
                 procs = [root] + root.children(recursive=True)
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak = max(peak, total)
             except psutil.Error:
-                pass
-            time.sleep(0.1)
+                procs = []
+            total, parts = 0, {}
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                    name = "driver" if p.pid == root.pid else p.name()
+                except psutil.Error:
+                    continue
+                total += rss
+                parts[f"{name}[{p.pid}]"] = rss
+            if total > peak:
+                peak, at_peak = total, parts
+            stop.wait(interval_s)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    _, err = proc.communicate()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
     stop.set()
     thread.join()
     if proc.returncode:
         sys.stderr.write(err.decode(errors="replace")[-2000:])
-    return peak / 2**20, proc.returncode
+    return {
+        "peak_mib": peak / 2**20, "processes_at_peak": len(at_peak),
+        "at_peak_mib": {k: round(v / 2**20, 1) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])},
+        "code": proc.returncode, "process_s": wall, "stdout": out.decode(errors="replace"),
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=10, help="videos for the Ray vs plain-loop comparison")
-    parser.add_argument("--memory-videos", type=int, nargs=2, default=(10, 100), metavar=("SMALL", "LARGE"))
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--json", dest="json_path", default=None)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    bench_start = time.perf_counter()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
-    corpus = make_corpus(work / f"videos_{args.videos}", args.videos)
+# -- the long-video point -----------------------------------------------------------------------
 
+
+def long_video_run(source: str, output: str, cuts: str = "none") -> dict[str, Any]:
+    """Body of one long-video subprocess: start Ray, then time `run_index` over `source`."""
+    from pipeline.config import IndexConfig
+    from pipeline.graph import ensure_ray
+    from pipeline.run import run_index
+
+    cfg = IndexConfig(source=source, output=output, cuts=cuts)  # tiny models, 1 frame/s, 30-s clips
+    start = time.perf_counter()
+    ensure_ray(cfg.address)
+    ray_start_s = time.perf_counter() - start
+    start = time.perf_counter()
+    summary = run_index(cfg, progress=lambda line: None)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds, "ray_start_s": ray_start_s, "graph_s": summary.graph_seconds,
+        "video_seconds": summary.video_seconds, "clips": summary.clips, "clips_failed": summary.clips_failed,
+        "frames": summary.frames, "videos_ok": summary.videos_ok, "videos_failed": summary.videos_failed,
+        "objects": summary.objects, "captions": summary.captions, "busy_s": dict(summary.busy_seconds),
+        "failures": summary.failures,
+    }
+
+
+def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "none") -> dict[str, Any]:
+    """The same content as a short and a long video, each indexed in a fresh process."""
+    from pipeline.samples import make_long_video
+
+    runs = {}
+    for duration in durations:
+        folder = work / f"long_{duration:g}s"
+        folder.mkdir(parents=True, exist_ok=True)
+        video = folder / f"long_{duration:g}s.mp4"
+        if not video.exists():
+            make_long_video(video, duration, segment_s=60.0, width=160, height=120, fps=10.0)
+        output = _fresh(work / f"out_long_{duration:g}s_{cuts}")
+        code = (
+            "import json; from bench.pipeline import long_video_run; "
+            f"print(json.dumps(long_video_run({str(folder)!r}, {str(output)!r}, {cuts!r})))"
+        )
+        measured = peak_rss_of([sys.executable, "-c", code])
+        if measured["code"]:
+            raise RuntimeError(f"long-video run over {duration:g} s failed (exit {measured['code']})")
+        result = json.loads(measured.pop("stdout").strip().splitlines()[-1])
+        runs[duration] = {**result, **measured, "video_bytes": video.stat().st_size}
+    short, long = (runs[d] for d in durations)
+    tag = {d: f"{d / 60:g}min" for d in durations}
+    figures: dict[str, Any] = {
+        "long_video_cuts": cuts,
+        "long_video_time_ratio": long["seconds"] / short["seconds"],
+        "long_video_rss_ratio": long["peak_mib"] / short["peak_mib"],
+        "long_video_process_time_ratio": long["process_s"] / short["process_s"],
+        "long_video_graph_time_ratio": long["graph_s"] / short["graph_s"] if short["graph_s"] else None,
+    }
+    for d in durations:
+        r = runs[d]
+        figures[f"video_hours_per_hour_{tag[d]}"] = r["video_seconds"] / r["seconds"] if r["seconds"] else 0.0
+    for d in durations:
+        r, t = runs[d], tag[d]
+        figures.update({
+            f"long_video_run_index_s_{t}": r["seconds"], f"long_video_ray_start_s_{t}": r["ray_start_s"],
+            f"long_video_process_s_{t}": r["process_s"], f"long_video_graph_s_{t}": r["graph_s"],
+            f"long_video_peak_rss_mib_{t}": r["peak_mib"], f"long_video_processes_at_peak_{t}": r["processes_at_peak"],
+            f"long_video_video_s_{t}": r["video_seconds"], f"long_video_clips_{t}": r["clips"],
+            f"long_video_clips_failed_{t}": r["clips_failed"], f"long_video_frames_{t}": r["frames"],
+            f"long_video_objects_{t}": r["objects"], f"long_video_captions_{t}": r["captions"],
+            f"long_video_file_bytes_{t}": r["video_bytes"],
+            **{f"long_video_busy_s_{stage}_{t}": sec for stage, sec in r["busy_s"].items()},
+        })
+    figures["long_video_time_ok"] = figures["long_video_time_ratio"] <= LONG_VIDEO_MAX_TIME_RATIO
+    figures["long_video_rss_ok"] = figures["long_video_rss_ratio"] <= LONG_VIDEO_MAX_RSS_RATIO
+    for d in durations:
+        print(f"long video {tag[d]}: RSS at peak by process (MiB): {json.dumps(runs[d]['at_peak_mib'])}", file=sys.stderr)
+        for uri, error in runs[d]["failures"]:
+            print(f"long video {tag[d]}: failed {uri}: {error}", file=sys.stderr)
+    return figures
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def compare_point(work: Path, videos: int) -> dict[str, Any]:
     import ray
 
+    corpus = make_corpus(work / f"videos_{videos}", videos)
     ray.init(include_dashboard=False, log_to_driver=False)
-    plain = plain_loop_process(corpus, work / "out_plain")
-    ray_run = ray_job(_config(corpus, _fresh(work / "out_ray")))
-    ray.shutdown()
-
-    memory = {}
-    memory_s = {}
-    for n in args.memory_videos:
-        memory_start = time.perf_counter()
-        folder = make_corpus(work / f"videos_{n}", n)
-        cmd = [sys.executable, "-m", "jobs.cli", "index", str(folder), str(_fresh(work / f"out_mem_{n}")), "--fps", "2", "--max-new-tokens", "16"]
-        memory[n], code = peak_rss_of(cmd)
-        if code:
-            print(f"memory run over {n} videos failed (exit {code})", file=sys.stderr)
-        memory_s[n] = time.perf_counter() - memory_start
-    small, large = args.memory_videos
-    figures = {
-        "videos": args.videos,
+    try:
+        plain = plain_loop_process(corpus, _fresh(work / "out_plain"))
+        ray_run = ray_job(_config(corpus, _fresh(work / "out_ray")))
+    finally:
+        ray.shutdown()
+    return {
+        "videos": videos,
         "plain_videos_per_s_after_setup": plain["videos"] / plain["seconds"],
         "plain_frames_per_s_after_setup": plain["frames"] / plain["seconds"],
         "ray_videos_per_s": ray_run["videos"] / ray_run["seconds"],
         "ray_frames_per_s": ray_run["frames"] / ray_run["seconds"],
+        "plain_clips": plain["clips"],
+        "ray_clips": ray_run["clips"],
         "plain_process_s": plain["process_s"],
         "plain_model_setup_s": plain["setup_s"],
         "plain_videos_s": plain["seconds"],
@@ -197,24 +322,84 @@ def main(argv: list[str] | None = None) -> int:
         **{f"ray_busy_share_active_{stage}": share for stage, share in ray_run["active"].items()},
         **{f"ray_busy_s_{stage}": sec for stage, sec in ray_run["busy_s"].items()},
         **{f"ray_actors_{stage}": n for stage, n in ray_run["actors"].items()},
+    }
+
+
+def memory_point(work: Path, sizes: tuple[int, int]) -> dict[str, Any]:
+    memory, memory_s = {}, {}
+    for n in sizes:
+        memory_start = time.perf_counter()
+        folder = make_corpus(work / f"videos_{n}", n)
+        cmd = [sys.executable, "-m", "jobs.cli", "index", str(folder), str(_fresh(work / f"out_mem_{n}")),
+               "--fps", "2", "--max-new-tokens", "16", "--cuts", "none"]
+        measured = peak_rss_of(cmd)
+        memory[n] = measured["peak_mib"]
+        if measured["code"]:
+            print(f"memory run over {n} videos failed (exit {measured['code']})", file=sys.stderr)
+        memory_s[n] = time.perf_counter() - memory_start
+    small, large = sizes
+    return {
         f"peak_rss_mib_{small}_videos": memory.get(small),
         f"peak_rss_mib_{large}_videos": memory.get(large),
         "peak_rss_ratio": (memory[large] / memory[small]) if memory.get(small) and memory.get(large) else None,
         **{f"memory_run_s_{n}_videos": sec for n, sec in memory_s.items()},
-        "bench_seconds_total": time.perf_counter() - bench_start,
     }
-    print(f"{'figure':<32} value")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=10, help="videos for the Ray vs plain-loop comparison")
+    parser.add_argument("--memory-videos", type=int, nargs=2, default=(10, 100), metavar=("SMALL", "LARGE"))
+    parser.add_argument("--long-video-seconds", type=float, nargs=2, default=(60.0, 600.0), metavar=("SHORT", "LONG"),
+                        help="lengths of the long-video point's two videos (same content)")
+    parser.add_argument("--long-video-cuts", choices=("none", "shot"), default="none",
+                        help="clip boundaries on the long-video point (shot: TransNetV2, ~30 ms a frame on a CPU)")
+    parser.add_argument("--only", choices=POINTS, action="append", default=None,
+                        help="run only this point (repeatable); default: every point")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args(argv)
+    points = args.only or list(POINTS)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    bench_start = time.perf_counter()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
+
+    figures: dict[str, Any] = {}
+    if "compare" in points:
+        figures.update(compare_point(work, args.videos))
+    if "memory" in points:
+        figures.update(memory_point(work, tuple(args.memory_videos)))
+    if "long-video" in points:
+        figures.update(long_video_point(work, tuple(args.long_video_seconds), args.long_video_cuts))
+    figures["bench_seconds_total"] = time.perf_counter() - bench_start
+
+    width = max(32, max(len(k) for k in figures) + 1)
+    print(f"{'figure':<{width}} value")
     for key, value in figures.items():
-        print(f"{key:<32} {value:.3f}" if isinstance(value, float) else f"{key:<32} {value}")
-    print(
-        "(plain_process_s: a fresh interpreter importing torch, loading both models and running every video;\n"
-        " ray_total_s: run_index on a started Ray instance, its actors importing and loading the same;\n"
-        " ray_busy_share_<stage>: share of the Ray graph's wall time that stage's actors spent in batches)"
-    )
+        print(f"{key:<{width}} {value:.3f}" if isinstance(value, float) else f"{key:<{width}} {value}")
+    notes = []
+    if "compare" in points:
+        notes += [
+            "plain_process_s: a fresh interpreter importing torch, loading both models and running every video;",
+            "ray_total_s: run_index on a started Ray instance, its actors importing and loading the same;",
+            "ray_busy_share_<stage>: share of the Ray graph's wall time that stage's actors spent in batches",
+        ]
+    if "long-video" in points:
+        notes += [
+            "long_video_time_ratio: run_index wall time, long / short video (Ray started before the clock; "
+            f"target <= {LONG_VIDEO_MAX_TIME_RATIO:g});",
+            "long_video_rss_ratio: peak RSS of the whole process tree, long / short video "
+            f"(target <= {LONG_VIDEO_MAX_RSS_RATIO:g}); video_hours_per_hour_*: video seconds / run_index seconds",
+        ]
+    if notes:
+        print("(" + "\n ".join(notes) + ")")
     if args.json_path:
+        import ray
+
         record = {
             "bench": "pipeline", "when": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": platform.node(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__, **figures,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+            "points": points, **figures,
         }
         Path(args.json_path).write_text(json.dumps(record, indent=2))
     return 0
