@@ -12,6 +12,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from actors.busy import BusyClock
+from actors.columns import times_column
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class ReferrerStage:
                 owned = int(batch["num_owned"][i]) if "num_owned" in batch else None
                 try:
                     cap, qa, notes = self._one_video(
-                        batch["frames"][i], batch["timestamps"][i], batch["tracks_json"][i], batch["questions_json"][i],
+                        batch["frames"][i], times_column(batch["timestamps"][i]), batch["tracks_json"][i], batch["questions_json"][i],
                         owned=owned if owned is not None and owned >= 0 else None,
                     )
                 except Exception as exc:  # noqa: BLE001 - one video's failure must not take the batch down

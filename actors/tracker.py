@@ -44,6 +44,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from actors.busy import BusyClock
+from actors.columns import times_column
 from actors.prompts import ObjectPrompt, PromptsError, prompts_from_json
 
 log = logging.getLogger(__name__)
@@ -765,7 +766,7 @@ class TrackerStage:
         video_id = str(batch["video_id"][i])
         try:
             frames = np.asarray(batch["frames"][i])
-            timestamps = np.asarray(batch["timestamps"][i], dtype=np.float64).reshape(-1)
+            timestamps = times_column(batch["timestamps"][i])
             if frames.size == 0 or len(timestamps) == 0:
                 return [], None
             text = str(batch["prompts_json"][i]) if "prompts_json" in batch and batch["prompts_json"][i] else ""

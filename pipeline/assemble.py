@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any, Mapping
 
+from actors.columns import times_column
 from actors.referrer import spread_frames
 from pipeline.linking import ClipTracks, link_video
 
@@ -62,7 +63,7 @@ class VideoAssembly:
     def add(self, row: Mapping[str, Any]) -> None:
         clip = loads(row.get("clip_json"), {})
         error = text(row.get("error"))
-        timestamps = [float(t) for t in (row.get("timestamps") if row.get("timestamps") is not None else [])]
+        timestamps = times_column(row.get("timestamps")).tolist()
         num_owned = int(row.get("num_owned", -1))
         if num_owned < 0:
             num_owned = len(timestamps)

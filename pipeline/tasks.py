@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.columns import times_to_column
 from pipeline.config import IndexConfig
 
 EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
@@ -119,7 +120,7 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
     from pipeline.errors import DecodeError
     from pipeline.sampling import sample_at, sample_clip
 
-    out = {**row, "frames": EMPTY_FRAMES, "timestamps": np.zeros(0)}
+    out = {**row, "frames": EMPTY_FRAMES, "timestamps": "[]"}  # JSON text: see `actors.columns`
     if row["kind"] not in ("clip", "track") or row["error"]:
         return out
     clip = json.loads(row["clip_json"])
@@ -142,6 +143,6 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
     if len(got.timestamps) == 0:
         return {**out, "error": f"{row['uri']}: no frame could be decoded in {clip.get('ts_start')}..{clip.get('ts_end')} s"}
     return {
-        **out, "frames": got.frames, "timestamps": np.asarray(got.timestamps, dtype=np.float64),
+        **out, "frames": got.frames, "timestamps": times_to_column(got.timestamps),
         "num_owned": num_owned, "note": got.error or "",
     }
