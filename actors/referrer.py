@@ -9,19 +9,13 @@ import logging
 from typing import Any, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
 from actors.busy import BusyClock
 from actors.columns import times_column
+from actors.rle import decode_rle
 
 log = logging.getLogger(__name__)
 
 REGION = "<region>"
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (counts as str) to a bool (H, W) mask."""
-    return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
 def expand_questions(specs: Sequence[dict], object_ids: Sequence[int]) -> tuple[list[tuple[str, list[int]]], list[str]]:

@@ -94,7 +94,7 @@ def assign_prompts(prompts_json: str, plan: Any) -> tuple[dict[int, list[dict]],
     if not prompts_json:
         return {}, None
     from actors.prompts import prompts_from_json
-    from actors.tracker import assign_ids
+    from actors.seeds import assign_ids
 
     prompts = prompts_from_json(prompts_json)
     if not prompts:

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from actors.prompts import ObjectPrompt
-from actors.tracker import Candidate, Seed, Tracker, TrackerInputError, TrackingSession, decode_rle, encode_masks
+from actors.discovery import Candidate
+from actors.rle import decode_rle, encode_masks
+from actors.seeds import Seed, TrackerInputError
+from actors.session import TrackingSession
+from actors.tracker import Tracker
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

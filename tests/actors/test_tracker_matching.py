@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.tracker import (
-    decode_rle,
-    encode_masks,
-    keyframe_indices,
-    mask_overlaps,
-    rle_areas,
-    rle_boxes,
-    select_candidates,
-    uncovered,
-)
+from actors.discovery import select_candidates, uncovered
+from actors.rle import decode_rle, encode_masks, mask_overlaps, rle_areas, rle_boxes
+from actors.seeds import keyframe_indices
 
 H, W = 40, 60
 

@@ -71,7 +71,8 @@ def test_tiny_tracks_a_frame_quickly_enough_for_tests():
     import time
 
     from actors.prompts import ObjectPrompt
-    from actors.tracker import Seed, TrackingSession
+    from actors.seeds import Seed
+    from actors.session import TrackingSession
 
     bundle = sam2.load_sam2("tiny")
     frames = np.random.default_rng(0).integers(0, 255, (6, 120, 160, 3), dtype=np.uint8)

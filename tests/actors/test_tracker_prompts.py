@@ -16,7 +16,7 @@ from actors.prompts import (
     prompts_from_json,
     prompts_to_json,
 )
-from actors.tracker import decode_rle, encode_masks
+from actors.rle import decode_rle, encode_masks
 
 MASK = np.zeros((4, 6), bool)
 MASK[1:3, 2:5] = True
