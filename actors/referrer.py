@@ -1,65 +1,32 @@
-"""The PixelRefer stage: per video, a detailed caption of every tracked object and the answers to
-the user's questions, in batched generate calls on one actor that loads the model once.
+"""The PixelRefer stage: for every clip of a Ray batch, a detailed caption of each tracked object and
+the answers to the user's questions, on one actor that loads the model once.
+
+The clips of a batch share their LLM batches. Each clip is prepared on its own (masks, crops, the
+vision tower, object tokens: `Referrer.prepare`), then every clip's requests decode together in
+batches bounded by a row count and a padded-token budget (`Referrer.decode`). Many short clips with
+one or two objects each thus fill a batch that one clip alone never would, and a clip's answers are
+the same as when it runs alone (greedy, per-row state; tested).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
 from actors.busy import BusyClock
 from actors.columns import times_column
+from actors.requests import expand_questions, owned_tracks, shown_frames
 from actors.rle import decode_rle
 
 log = logging.getLogger(__name__)
 
-REGION = "<region>"
-
-
-def expand_questions(specs: Sequence[dict], object_ids: Sequence[int]) -> tuple[list[tuple[str, list[int]]], list[str]]:
-    """Turn question specs into (question, object ids) pairs for this video's objects.
-
-    One placeholder and no explicit objects: asked of every object. k placeholders and no explicit
-    objects: the first k objects. Returns the pairs and a list of readable reasons for skipped ones.
-    """
-    pairs: list[tuple[str, list[int]]] = []
-    skipped: list[str] = []
-    known = list(object_ids)
-    for spec in specs:
-        question, explicit = spec["question"], spec.get("objects")
-        count = question.count(REGION)
-        if explicit is not None:
-            missing = [o for o in explicit if o not in known]
-            if missing:
-                skipped.append(f"question {question!r}: objects {missing} were not tracked")
-                continue
-            pairs.append((question, list(explicit)))
-        elif count == 1:
-            pairs += [(question, [o]) for o in known]
-        elif len(known) >= count:
-            pairs.append((question, known[:count]))
-        else:
-            skipped.append(f"question {question!r}: needs {count} objects, video has {len(known)}")
-    return pairs, skipped
-
-
-def spread_frames(frame_indices: Sequence[int], limit: int | None) -> list[int]:
-    """At most ``limit`` of an object's frames, evenly spread: its first and last among them (for a
-    ``limit`` of 1, its middle frame).
-
-    Lite spends one 32-token entry in the prompt and three tower images on every frame an object is
-    masked in, so a track over all sampled frames costs about that many times a single mask
-    (``bench.referrer``: 20 masks vs 1). Keeping the track's ends keeps the caption's time span.
-    """
-    ordered = sorted(frame_indices)
-    if limit is None or len(ordered) <= limit:
-        return ordered
-    if limit == 1:
-        return [ordered[len(ordered) // 2]]
-    picks = np.linspace(0, len(ordered) - 1, limit).round().astype(int)
-    return [ordered[i] for i in sorted(set(picks.tolist()))]
+#: Where a referrer batch's time goes (`phase_s_referrer_<phase>` columns): RLE masks decoded,
+#: crops and prompts built, the vision tower, object tokens (region encoder), LLM prefill and decode.
+REFERRER_PHASES = ("masks", "crops", "vision_tower", "region_tokens", "llm_prefill", "llm_decode")
 
 
 def is_error(value: Any) -> bool:
@@ -67,12 +34,59 @@ def is_error(value: Any) -> bool:
     return isinstance(value, str) and value != ""
 
 
-class ReferrerStage:
-    """Callable class for `map_batches`: loads PixelRefer once per actor, then serves batches.
+def frame_positions(column: Any, count: int) -> list[int]:
+    """The clip's frame index of each frame a row carries (`frame_indices`; empty: all of them)."""
+    text = column if isinstance(column, str) else ""
+    return [int(i) for i in json.loads(text)] if text else list(range(count))
 
-    Input columns: `frames`, `timestamps`, `tracks_json`, `questions_json`, `error`. Output: the
-    same row without `frames` (they must not travel further), plus `captions_json` and `qa_json`.
-    A failure on one video becomes that video's `error`; the other videos of the batch go on.
+
+@dataclass
+class _Clip:
+    """One row's requests, between `prepare` and the shared decode."""
+
+    row: int
+    tracks: list[dict[str, Any]]
+    pairs: list[tuple[str, list[int]]]
+    notes: list[str]
+    prepared: Any = None
+    results: list = field(default_factory=list)
+
+    def tables(self) -> tuple[list[dict], list[dict]]:
+        """The row's `captions_json` and `qa_json` entries from its answers."""
+        captions = []
+        for track, result in zip(self.tracks, self.results[: len(self.tracks)]):
+            ts = [f["ts"] for f in track["frames"]]
+            captions.append({
+                "object_id": int(track["object_id"]),
+                "ts_start": min(ts) if ts else None,
+                "ts_end": max(ts) if ts else None,
+                "caption": None if result.error else result.text,
+                "num_tokens": int(result.num_tokens),
+            })
+        spans = {c["object_id"]: (c["ts_start"], c["ts_end"]) for c in captions}
+        qa = []
+        for (q, objs), r in zip(self.pairs, self.results[len(self.tracks):]):
+            starts = [spans[o][0] for o in objs if spans.get(o, (None,))[0] is not None]
+            ends = [spans[o][1] for o in objs if spans.get(o, (None, None))[1] is not None]
+            qa.append({
+                "object_ids": [int(o) for o in objs], "question": q, "answer": None if r.error else r.text,
+                "ts_start": min(starts) if starts else None, "ts_end": max(ends) if ends else None,
+            })
+        self.notes += [f"object {r.error}" for r in self.results if r.error]
+        return captions, qa
+
+
+class ReferrerStage:
+    """Callable class for `map_batches`: loads PixelRefer once per actor, then serves batches of clips.
+
+    Input columns: `frames`, `timestamps`, `tracks_json`, `questions_json`, `error`, and optionally
+    `num_owned` and `frame_indices` (which clip frames `frames` holds, when the tracker shipped only
+    the ones shown to PixelRefer). Output: the same row without `frames` (they must not travel
+    further), plus `captions_json`, `qa_json` and the stage's busy and phase columns. A failure on one
+    clip becomes that clip's `error`; the other clips of the batch go on.
+
+    `batch_size` and `token_budget` bound one LLM batch (prompts, padded prompt tokens), whichever
+    clips the prompts come from.
     """
 
     def __init__(
@@ -81,7 +95,8 @@ class ReferrerStage:
         mode: str = "lite",
         *,
         max_new_tokens: int = 64,
-        batch_size: int = 16,
+        batch_size: int = 64,
+        token_budget: int | None = 16384,
         upstream_local_crop: bool = False,
         caption_prompt: str | None = None,
         object_frames: int | None = None,
@@ -94,87 +109,95 @@ class ReferrerStage:
         self.object_frames = object_frames
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.token_budget = token_budget
         self.caption_prompt = caption_prompt or DEFAULT_CAPTION_PROMPT
-        self.clock = BusyClock("referrer")
+        self.clock = BusyClock("referrer", REFERRER_PHASES, device=str(self.referrer.model.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items() if k != "frames"}
-        captions, answers = [], []
         n = len(batch["video_id"])
+        captions, answers = ["[]"] * n, ["[]"] * n
         with self.clock.batch():
+            clips = []
             for i in range(n):
                 if is_error(batch["error"][i]):
-                    captions.append("[]")
-                    answers.append("[]")
                     continue
-                owned = int(batch["num_owned"][i]) if "num_owned" in batch else None
                 try:
-                    cap, qa, notes = self._one_video(
-                        batch["frames"][i], times_column(batch["timestamps"][i]), batch["tracks_json"][i], batch["questions_json"][i],
-                        owned=owned if owned is not None and owned >= 0 else None,
-                    )
-                except Exception as exc:  # noqa: BLE001 - one video's failure must not take the batch down
-                    log.exception("referrer failed on %s", batch["video_id"][i])
-                    out["error"][i] = f"referrer: {type(exc).__name__}: {exc}"
-                    cap, qa = [], []
-                else:
-                    if notes:
-                        log.warning("video %s: %s", batch["video_id"][i], "; ".join(notes))
-                captions.append(json.dumps(cap))
-                answers.append(json.dumps(qa))
+                    clip = self._prepare(batch, i)
+                except Exception as exc:  # noqa: BLE001 - one clip's failure must not take the batch down
+                    self._fail(out, batch, i, exc)
+                    continue
+                if clip is not None:
+                    clips.append(clip)
+            for clip in self._decode(clips, out, batch):
+                cap, qa = clip.tables()
+                if clip.notes:
+                    log.warning("video %s: %s", batch["video_id"][clip.row], "; ".join(clip.notes))
+                captions[clip.row], answers[clip.row] = json.dumps(cap), json.dumps(qa)
+            self.clock.add(self.referrer.times.take())
         out["captions_json"] = captions
         out["qa_json"] = answers
         result = {k: np.asarray(v, dtype=object) for k, v in out.items()}
         result.update(self.clock.columns(n))
         return result
 
-    def _one_video(self, frames: np.ndarray, timestamps: np.ndarray, tracks_json: str, questions_json: str,
-                   owned: int | None = None) -> tuple[list, list, list[str]]:
-        """Captions and answers for one clip (or one short video, or one track row).
-
-        `owned`: the clip's own frames are the first `owned`; the one after them is the next clip's
-        first frame, sampled only to link tracks across the boundary, so it is captioned there.
-        """
+    def _prepare(self, batch: dict[str, np.ndarray], i: int) -> _Clip | None:
+        """Row `i`'s requests, encoded up to the LLM (None when it has no object to ask about)."""
         from models.referrer import Request
 
-        tracks = json.loads(tracks_json or "[]")
-        if owned is not None:
-            tracks = [{**t, "frames": [f for f in t["frames"] if f["frame_index"] < owned]} for t in tracks]
-            tracks = [t for t in tracks if t["frames"]]
+        owned = int(batch["num_owned"][i]) if "num_owned" in batch else -1
+        tracks = owned_tracks(batch["tracks_json"][i], owned if owned >= 0 else None)
         if not tracks:
-            return [], [], []
-        objects = []
-        for t in tracks:
-            by_index = {f["frame_index"]: f for f in t["frames"]}
-            keep = spread_frames(list(by_index), self.object_frames)
-            objects.append({i: decode_rle(by_index[i]["rle"]) for i in keep})
+            return None
+        frames = batch["frames"][i]
+        times = times_column(batch["timestamps"][i])
+        held = frame_positions(batch["frame_indices"][i] if "frame_indices" in batch else "", len(frames))
+        if len(held) != len(frames) or (held and max(held) >= len(times)):
+            raise ValueError(f"{len(times)} timestamps do not fit {len(frames)} frames (clip frames {held[:8]}...)")
+        position = {clip_index: k for k, clip_index in enumerate(held)}
+        with self.referrer.times("masks"):
+            objects = []
+            for t, keep in zip(tracks, shown_frames(tracks, self.object_frames).values()):
+                by_index = {f["frame_index"]: f for f in t["frames"]}
+                objects.append({position[f]: decode_rle(by_index[f]["rle"]) for f in keep})
         ids = [int(t["object_id"]) for t in tracks]
         index_of = {oid: k for k, oid in enumerate(ids)}
-        pairs, notes = expand_questions(json.loads(questions_json or "[]"), ids)
+        pairs, notes = expand_questions(json.loads(batch["questions_json"][i] or "[]"), ids)
         requests = [Request(prompt=self.caption_prompt, object_indices=[k]) for k in range(len(tracks))]
         requests += [Request(prompt=q, object_indices=[index_of[o] for o in objs]) for q, objs in pairs]
-        results = self.referrer.generate(
-            list(frames), [float(t) for t in timestamps], objects, requests,
-            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-        )
-        captions = []
-        for track, result in zip(tracks, results[: len(tracks)]):
-            ts = [f["ts"] for f in track["frames"]]
-            captions.append({
-                "object_id": int(track["object_id"]),
-                "ts_start": min(ts) if ts else None,
-                "ts_end": max(ts) if ts else None,
-                "caption": None if result.error else result.text,
-                "num_tokens": int(result.num_tokens),
-            })
-        spans = {c["object_id"]: (c["ts_start"], c["ts_end"]) for c in captions}
-        qa = []
-        for (q, objs), r in zip(pairs, results[len(tracks):]):
-            starts = [spans[o][0] for o in objs if spans.get(o, (None,))[0] is not None]
-            ends = [spans[o][1] for o in objs if spans.get(o, (None, None))[1] is not None]
-            qa.append({
-                "object_ids": [int(o) for o in objs], "question": q, "answer": None if r.error else r.text,
-                "ts_start": min(starts) if starts else None, "ts_end": max(ends) if ends else None,
-            })
-        notes += [f"object {r.error}" for r in results if r.error]
-        return captions, qa, notes
+        clip = _Clip(row=i, tracks=tracks, pairs=pairs, notes=notes)
+        clip.prepared = self.referrer.prepare(list(frames), [float(times[k]) for k in held], objects, requests)
+        return clip
+
+    def _decode(self, clips: list[_Clip], out: dict[str, list[Any]], batch: dict[str, np.ndarray]) -> list[_Clip]:
+        """Every clip's requests in shared LLM batches; if that fails, clip by clip, so that only the
+        clip at fault fails. Returns the clips that got their answers."""
+        if not clips:
+            return []
+        kwargs = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                  "token_budget": self.token_budget}
+        try:
+            for clip, results in zip(clips, self.referrer.decode([c.prepared for c in clips], **kwargs)):
+                clip.results = results
+            return clips
+        except Exception as exc:  # noqa: BLE001 - find the clip at fault below
+            if len(clips) == 1:
+                self._fail(out, batch, clips[0].row, exc)
+                return []
+            log.exception("shared decode of %d clips failed; decoding them one by one", len(clips))
+        done = []
+        for clip in clips:
+            try:
+                clip.results = self.referrer.decode([clip.prepared], **kwargs)[0]
+            except Exception as exc:  # noqa: BLE001
+                self._fail(out, batch, clip.row, exc)
+                continue
+            done.append(clip)
+        return done
+
+    @staticmethod
+    def _fail(out: dict[str, list[Any]], batch: dict[str, np.ndarray], i: int, exc: BaseException) -> None:
+        log.error("referrer failed on %s clip %s", batch["video_id"][i],
+                  batch["clip_index"][i] if "clip_index" in batch else "-", exc_info=exc)
+        out["error"][i] = f"referrer: {type(exc).__name__}: {exc}"
+

@@ -13,6 +13,7 @@ import torch
 
 from actors.rle import decode_rle, encode_masks, rle_areas, rle_boxes
 from actors.seeds import Seed
+from models.timing import PhaseTimes
 
 
 @dataclass
@@ -36,8 +37,10 @@ class TrackingSession:
     transformers does not offer.
     """
 
-    def __init__(self, bundle: Any, height: int, width: int, *, offload_state: bool = True) -> None:
+    def __init__(self, bundle: Any, height: int, width: int, *, offload_state: bool = True,
+                 times: PhaseTimes | None = None) -> None:
         self.bundle = bundle
+        self.times = times or PhaseTimes()
         self.height, self.width = height, width
         state_device = "cpu" if offload_state else bundle.device
         self.session = bundle.processor.init_video_session(
@@ -79,15 +82,17 @@ class TrackingSession:
 
     def step(self, frame_idx: int, pixels: torch.Tensor, reverse: bool = False) -> FrameResult:
         """Track every object onto one frame; masks become RLE before leaving this method."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.times("propagation"):
             out = self.bundle.model(inference_session=self.session, frame_idx=frame_idx, frame=pixels,
                                     reverse=reverse)
             masks = self.bundle.processor.post_process_masks(
                 [out.pred_masks], original_sizes=[[self.height, self.width]], binarize=True)[0][:, 0]
             scores = torch.sigmoid(out.object_score_logits.float().reshape(-1)).cpu().numpy()
-        rles = encode_masks(masks.cpu().numpy())
-        return FrameResult(object_ids=list(out.object_ids), rles=rles, areas=rle_areas(rles), boxes=rle_boxes(rles),
-                           scores=scores)
+            masks = masks.cpu().numpy()
+        with self.times("mask_encoding"):
+            rles = encode_masks(masks)
+            return FrameResult(object_ids=list(out.object_ids), rles=rles, areas=rle_areas(rles),
+                               boxes=rle_boxes(rles), scores=scores)
 
     def prune(self, frame_idx: int, reverse: bool = False) -> None:
         """Forget what SAM 2 will not read again: tracked-frame memories beyond its window, processed

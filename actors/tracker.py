@@ -49,13 +49,19 @@ from actors.busy import BusyClock
 from actors.columns import times_column
 from actors.discovery import Discoverer, Sam2Discoverer, select_candidates, uncovered
 from actors.prompts import ObjectPrompt, PromptsError, prompts_from_json
+from actors.requests import owned_tracks, shown_frames
 from actors.rle import encode_masks
 from actors.seeds import Seed, TrackerInputError, keyframe_indices, resolve_prompts
 from actors.session import FrameResult, TrackingSession
+from models.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Tracker", "TrackerInputError", "TrackerStage"]
+__all__ = ["TRACKER_PHASES", "Tracker", "TrackerInputError", "TrackerStage"]
+
+#: Where a tracker batch's time goes (`phase_s_tracker_<phase>` columns): resizing frames for SAM 2,
+#: automatic mask generation on keyframes, propagating every object onto each frame, masks to RLE.
+TRACKER_PHASES = ("preprocess", "discovery", "propagation", "mask_encoding")
 
 
 @dataclass
@@ -135,6 +141,8 @@ class Tracker:
             pred_iou_thresh=_setting(pred_iou_thresh, folder, "pred_iou_thresh", 0.88),
             stability_score_thresh=_setting(stability_score_thresh, folder, "stability_score_thresh", 0.95))
         self.last_stats: dict[str, Any] = {}
+        #: Seconds per phase (TRACKER_PHASES) since the caller last took them.
+        self.times = PhaseTimes(self.bundle.device)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -186,9 +194,11 @@ class Tracker:
         for k in range(0, len(indices), self.chunk_size):
             chunk = indices[k:k + self.chunk_size]
             lo, hi = min(chunk), max(chunk)
-            pixels = self.bundle.processor.video_processor(videos=[frames[lo:hi + 1]], device=self.bundle.device,
-                                                           return_tensors="pt")
-            yield chunk, pixels.pixel_values_videos[0].cpu()[[i - lo for i in chunk]]
+            with self.times("preprocess"):
+                pixels = self.bundle.processor.video_processor(videos=[frames[lo:hi + 1]],
+                                                               device=self.bundle.device, return_tensors="pt")
+                pixels = pixels.pixel_values_videos[0].cpu()[[i - lo for i in chunk]]
+            yield chunk, pixels
 
     def _forward(self, video: _Video, seeds: list[Seed], discover: str) -> None:
         """Track from the first seed (or frame 0 when discovering) to the end of the video."""
@@ -202,7 +212,8 @@ class Tracker:
         keyframes = {"keyframes": keyframe_indices(video.timestamps, self.keyframe_interval_s), "first": [0]}.get(discover, [])
         key_set, prev_key = set(keyframes), {k: (keyframes[j - 1] if j else -1) for j, k in enumerate(keyframes)}
         start = 0 if keyframes else min(by_frame)
-        session = TrackingSession(self.bundle, video.height, video.width, offload_state=self.offload_state)
+        session = TrackingSession(self.bundle, video.height, video.width, offload_state=self.offload_state,
+                                  times=self.times)
         for chunk, pixels in self._chunks(video.frames, start, len(video.frames) - 1, reverse=False):
             for j, i in enumerate(chunk):
                 for s in by_frame.get(i, []):
@@ -234,7 +245,8 @@ class Tracker:
         for s in seeds:
             by_frame.setdefault(s.frame, []).append(s)
         ranges = {s.object_id: (s.stop, s.frame) for s in seeds}
-        session = TrackingSession(self.bundle, video.height, video.width, offload_state=self.offload_state)
+        session = TrackingSession(self.bundle, video.height, video.width, offload_state=self.offload_state,
+                                  times=self.times)
         for chunk, pixels in self._chunks(video.frames, max(by_frame), min(s.stop for s in seeds), reverse=True):
             for j, i in enumerate(chunk):
                 for s in by_frame.get(i, []):
@@ -281,10 +293,11 @@ class Tracker:
         room = self.max_objects - sum(1 for oid in session.object_ids if video.tracks[oid].source == "auto")
         if room <= 0:
             return []
-        candidates = list(self.discover(video.frames[i]))
-        if not candidates:
-            return []
-        rles = encode_masks(np.stack([np.asarray(c.mask, dtype=bool) for c in candidates]))
+        with self.times("discovery"):
+            candidates = list(self.discover(video.frames[i]))
+            if not candidates:
+                return []
+            rles = encode_masks(np.stack([np.asarray(c.mask, dtype=bool) for c in candidates]))
         min_area = int(self.min_area_frac * video.height * video.width)
         kept = select_candidates(rles, [c.score for c in candidates], max_objects=self.max_objects,
                                  min_area=min_area, **self.dedupe)
@@ -322,17 +335,25 @@ def _failed(value: Any) -> bool:
 class TrackerStage:
     """The callable class that Ray Data's `map_batches` instantiates once per actor (GPU if there is one).
 
-    Adds `tracks_json` and `tracker` to each row. A video that fails here (bad prompts, a model
-    error) gets `error` set and `tracks_json` "[]"; rows that failed upstream pass through untouched,
-    and the other videos of the batch go on.
+    Adds `tracks_json`, `tracker` and `frame_indices` to each row. A video that fails here (bad
+    prompts, a model error) gets `error` set and `tracks_json` "[]"; rows that failed upstream pass
+    through untouched, and the other videos of the batch go on.
     """
 
-    def __init__(self, model: str = "tiny", **tracker_kwargs: Any) -> None:
+    def __init__(self, model: str = "tiny", *, ship_frames: str = "all", object_frames: int | None = None,
+                 **tracker_kwargs: Any) -> None:
+        if ship_frames not in ("all", "shown"):
+            raise ValueError(f"ship_frames must be 'all' or 'shown', got {ship_frames!r}")
+        #: "shown": a clip row leaves with only the frames PixelRefer-Lite will see (each object's
+        #: `object_frames` spread frames) and their indices in `frame_indices`; full PixelRefer
+        #: reads every frame of the clip, so it needs "all".
+        self.ship_frames = ship_frames
+        self.object_frames = object_frames
         # Frames arrive as read-only views of Ray's object store; the SAM 2 processor only reads them,
         # so torch's warning about non-writable arrays is noise in every worker log.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.tracker = Tracker(model, **tracker_kwargs)
-        self.clock = BusyClock("tracker")
+        self.clock = BusyClock("tracker", TRACKER_PHASES, device=str(self.tracker.bundle.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["video_id"])
@@ -349,12 +370,37 @@ class TrackerStage:
                     continue
                 tracks, errors[i] = self._one(batch, i)
                 tracks_json.append(json.dumps(tracks, separators=(",", ":")))
+        self.clock.add(self.tracker.times.take())
         out = dict(batch)
+        out["frames"], out["frame_indices"] = self._shipped(batch, kinds, tracks_json, errors)
         out["tracks_json"] = np.array(tracks_json, dtype=object)
         out["tracker"] = np.array([self.tracker.name] * n, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out.update(self.clock.columns(n))
         return out
+
+    def _shipped(self, batch: Mapping[str, np.ndarray], kinds: list, tracks_json: list[str], errors: list
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The frames each row carries on to the referrer, and which clip frames they are ("": all).
+
+        With "shown", a clip of 30 sampled frames and two objects leaves with at most 2 x K frames,
+        not 30: the rest would cross the object store only to be dropped by the referrer.
+        """
+        n = len(kinds)
+        indices = [""] * n
+        if self.ship_frames == "all":
+            return batch["frames"], np.array(indices, dtype=object)
+        frames = np.empty(n, dtype=object)
+        for i in range(n):
+            row_frames = batch["frames"][i]
+            if kinds[i] == "clip" and not _failed(errors[i]):
+                owned = int(batch["num_owned"][i]) if "num_owned" in batch else -1
+                tracks = owned_tracks(tracks_json[i], owned if owned >= 0 else None)
+                keep = sorted({f for shown in shown_frames(tracks, self.object_frames).values() for f in shown})
+                row_frames = np.asarray(row_frames)[keep] if keep else np.asarray(row_frames)[:0]
+                indices[i] = json.dumps(keep)
+            frames[i] = row_frames
+        return frames, np.array(indices, dtype=object)
 
     def _one(self, batch: Mapping[str, np.ndarray], i: int) -> tuple[list[dict], str | None]:
         """One video's tracks, or ([], readable error): never raises."""

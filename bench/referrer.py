@@ -20,7 +20,7 @@ video and the same objects in both modes and measures:
   16 vs one call per object (one at a time); at the 2B widths batch 16 only, to keep the bench short.
   The greedy ids of every batched run are compared with the one-at-a-time ids.
 * **Frames per object** (2B widths, Lite): one object tracked over the 20 frames, shown all of them or
-  K = 8, 4, 1 evenly spread (``actors.referrer.spread_frames``, the index job's ``--object-frames K``).
+  K = 8, 4, 1 evenly spread (``actors.requests.spread_frames``, the index job's ``--object-frames K``).
 * **Optimisations**: the same call with ``PerfOptions.baseline()`` (transformers' ``generate``, nothing
   shared, upstream's k-means expressions) vs the defaults; the greedy ids are compared (must be equal).
   Lite: 4 objects x (caption + question); full: 8 captions (tiny) / 4 captions (2B widths).
@@ -338,7 +338,7 @@ def object_frames(
     label: str, dims: CheckpointDims, figures: dict[str, Any], rows: list[list[str]], *, repeats: int, new_tokens: int
 ) -> None:
     """Lite's cost per object when the index job shows it K of a 20-frame track (``--object-frames``)."""
-    from actors.referrer import spread_frames
+    from actors.requests import spread_frames
 
     frames, times, objects = synthetic_video(1, seed=1)
     eager, prod = load("lite", dims, attn="eager"), load("lite", dims)

@@ -36,6 +36,7 @@ from typing import Sequence
 import torch
 
 from .generation import GenerationSettings, next_tokens, row_generators
+from .timing import PhaseTimes, maybe
 
 __all__ = ["DecodeInput", "common_prefix_length", "greedy_decode"]
 
@@ -112,12 +113,17 @@ def greedy_decode(
     batch_size: int = 16,
     share_prefix: bool = True,
     min_shared_prefix: int = 16,
+    token_budget: int | None = None,
+    times: PhaseTimes | None = None,
 ) -> list[list[int]]:
     """Ids per item (stopping at and including the first eos), in the order of ``items``.
 
     ``settings`` (eos ids, repetition penalty, sampling) default to plain greedy stopping at
     ``eos_token_id``; pass one or the other. ``llm`` is a ``Qwen2ForCausalLM`` (any transformers causal
-    LM with ``.model`` and ``.lm_head``). Items are batched longest first to limit padding.
+    LM with ``.model`` and ``.lm_head``). Items are batched longest first to limit padding, at most
+    ``batch_size`` rows and, with ``token_budget``, at most that many padded prompt tokens a batch
+    (always at least one row): many short prompts fill a batch, a few long ones do not overflow it.
+    ``times`` gets the seconds of ``llm_prefill`` and ``llm_decode``.
     """
     if settings is None:
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -140,56 +146,94 @@ def greedy_decode(
     if share_prefix and len(items) > 1:
         call_prefix = common_prefix_length(items)
         if call_prefix >= min_shared_prefix:
-            call_cache = _prefill_prefix(llm, None, items[order[0]].embeds[:call_prefix].to(dtype), 0)
+            with maybe(times, "llm_prefill"):
+                call_cache = _prefill_prefix(llm, None, items[order[0]].embeds[:call_prefix].to(dtype), 0)
         else:
             call_prefix = 0
 
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in batch_rows([int(items[i].ids.shape[0]) for i in order], order, batch_size, token_budget):
         batch = [items[i] for i in rows]
-        prefix, cache_base = call_prefix, call_cache
-        if share_prefix and len(batch) > 1:
-            longer = common_prefix_length(batch, start=call_prefix)
-            if longer - call_prefix >= min_shared_prefix:
-                extra = batch[0].embeds[call_prefix:longer].to(dtype)
-                cache_base, prefix = _prefill_prefix(llm, call_cache, extra, call_prefix), longer
-        b = len(batch)
-        lengths = [int(x.ids.shape[0]) - prefix for x in batch]
-        width = max(lengths)
-        dim = batch[0].embeds.shape[1]
-        x = torch.zeros(b, width, dim, dtype=dtype, device=device)
-        mask = torch.zeros(b, prefix + width, dtype=torch.long, device=device)
-        mask[:, :prefix] = 1
-        positions = torch.zeros(b, width, dtype=torch.long, device=device)
-        for r, (item, n) in enumerate(zip(batch, lengths)):
-            x[r, width - n :] = item.embeds[prefix:].to(dtype)
-            mask[r, prefix + width - n :] = 1
-            positions[r, width - n :] = torch.arange(prefix, prefix + n, device=device)
-        cache = _cache(llm, cache_base, b)
-        hidden = _forward(llm, x, mask, positions, cache)
-        last = positions[:, -1:]
-        live = list(rows)
-        history = torch.zeros(b, 0, dtype=torch.long, device=device)
-        generators = row_generators(b, settings)
-        for step in range(max_new_tokens):
-            tokens = next_tokens(llm.lm_head(hidden), history, settings, generators)
-            history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
-            token_list = tokens.tolist()
-            keep: list[int] = []
-            for r, (i, t) in enumerate(zip(live, token_list)):
-                results[i].append(int(t))
-                if t not in stops:
-                    keep.append(r)
-            if step == max_new_tokens - 1 or not keep:
-                break
-            if len(keep) < len(live):
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(index)
-                mask, last, tokens, history = mask[index], last[index], tokens[index], history[index]
-                live = [live[r] for r in keep]
-                if generators is not None:
-                    generators = [generators[r] for r in keep]
-            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=device)], dim=1)
-            last = last + 1
-            hidden = _forward(llm, embed(tokens).unsqueeze(1), mask, last, cache)
+        with maybe(times, "llm_prefill"):
+            cache, hidden, mask, positions, prefix = _prefill_batch(
+                llm, batch, call_prefix, call_cache, share_prefix, min_shared_prefix, dtype, device)
+        with maybe(times, "llm_decode"):
+            _decode_batch(llm, embed, cache, hidden, mask, positions, rows, results, max_new_tokens, settings, stops,
+                          device)
     return results
+
+
+def batch_rows(lengths: Sequence[int], order: Sequence[int], batch_size: int, token_budget: int | None
+               ) -> list[list[int]]:
+    """``order`` (longest first, with ``lengths`` in that order) cut into batches of at most
+    ``batch_size`` rows whose padded size (rows x the first, longest, row) stays within ``token_budget``."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i, n in zip(order, lengths):
+        if current and (len(current) >= batch_size or (token_budget and (len(current) + 1) * width > token_budget)):
+            batches.append(current)
+            current = []
+        if not current:
+            width = n
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _prefill_batch(llm, batch: list[DecodeInput], call_prefix: int, call_cache, share_prefix: bool,
+                   min_shared_prefix: int, dtype: torch.dtype, device: torch.device):
+    """One batch's prompts through the LLM after the call's shared prefix: its cache and last hidden states."""
+    prefix, cache_base = call_prefix, call_cache
+    if share_prefix and len(batch) > 1:
+        longer = common_prefix_length(batch, start=call_prefix)
+        if longer - call_prefix >= min_shared_prefix:
+            extra = batch[0].embeds[call_prefix:longer].to(dtype)
+            cache_base, prefix = _prefill_prefix(llm, call_cache, extra, call_prefix), longer
+    b = len(batch)
+    lengths = [int(x.ids.shape[0]) - prefix for x in batch]
+    width = max(lengths)
+    dim = batch[0].embeds.shape[1]
+    x = torch.zeros(b, width, dim, dtype=dtype, device=device)
+    mask = torch.zeros(b, prefix + width, dtype=torch.long, device=device)
+    mask[:, :prefix] = 1
+    positions = torch.zeros(b, width, dtype=torch.long, device=device)
+    for r, (item, n) in enumerate(zip(batch, lengths)):
+        x[r, width - n :] = item.embeds[prefix:].to(dtype)
+        mask[r, prefix + width - n :] = 1
+        positions[r, width - n :] = torch.arange(prefix, prefix + n, device=device)
+    cache = _cache(llm, cache_base, b)
+    hidden = _forward(llm, x, mask, positions, cache)
+    return cache, hidden, mask, positions, prefix
+
+
+def _decode_batch(llm, embed, cache, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                  rows: list[int], results: list[list[int]], max_new_tokens: int, settings: GenerationSettings,
+                  stops: set[int], device: torch.device) -> None:
+    """Greedy steps for one prefilled batch; each row's ids are appended to ``results``."""
+    b = len(rows)
+    last = positions[:, -1:]
+    live = list(rows)
+    history = torch.zeros(b, 0, dtype=torch.long, device=device)
+    generators = row_generators(b, settings)
+    for step in range(max_new_tokens):
+        tokens = next_tokens(llm.lm_head(hidden), history, settings, generators)
+        history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
+        token_list = tokens.tolist()
+        keep: list[int] = []
+        for r, (i, t) in enumerate(zip(live, token_list)):
+            results[i].append(int(t))
+            if t not in stops:
+                keep.append(r)
+        if step == max_new_tokens - 1 or not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            mask, last, tokens, history = mask[index], last[index], tokens[index], history[index]
+            live = [live[r] for r in keep]
+            if generators is not None:
+                generators = [generators[r] for r in keep]
+        mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=device)], dim=1)
+        last = last + 1
+        hidden = _forward(llm, embed(tokens).unsqueeze(1), mask, last, cache)

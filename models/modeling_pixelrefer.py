@@ -69,6 +69,7 @@ from torch.nn import functional as F
 from .config import PixelReferConfig
 from .generation import GenerationSettings, generate_with_transformers
 from .perf import PerfOptions
+from .timing import PhaseTimes, maybe
 from .processing_pixelrefer import EncoderImage, EncoderPlan, FrameInput, SequenceInput
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,6 +561,7 @@ class PixelReferModel(nn.Module):
         kmeans_seed: int,
         trace: Trace | None = None,
         perf: PerfOptions | None = None,
+        times: PhaseTimes | None = None,
     ) -> list[SequenceEmbeds]:
         """Encode every distinct image of the call once (one packed tower call), make the object tokens of
         every sequence, project full's frames once, and write everything into each sequence's embeddings."""
@@ -567,7 +569,8 @@ class PixelReferModel(nn.Module):
         all_images = [plan.images[k] for k in keys]
         if frames is not None:
             all_images += frames.images
-        feats = self.encode_images(all_images)
+        with maybe(times, "vision_tower"):
+            feats = self.encode_images(all_images)
         by_key = dict(zip(keys, feats[: len(keys)]))
         if trace is not None:
             trace.vision.update(by_key)
@@ -576,16 +579,17 @@ class PixelReferModel(nn.Module):
         if self.config.is_lite:
             local_feats = [[by_key[k[1]] for k in seq_keys] for seq_keys in plan.region_keys]
             global_feats = [[by_key[k[2]] for k in seq_keys] for seq_keys in plan.region_keys]
-        region_tokens = self.object_tokens(
-            sequences,
-            crop_feats,
-            local_feats,
-            global_feats,
-            kmeans_seed=kmeans_seed,
-            trace=trace,
-            region_keys=plan.region_keys,
-            perf=perf,
-        )
+        with maybe(times, "region_tokens"):
+            region_tokens = self.object_tokens(
+                sequences,
+                crop_feats,
+                local_feats,
+                global_feats,
+                kmeans_seed=kmeans_seed,
+                trace=trace,
+                region_keys=plan.region_keys,
+                perf=perf,
+            )
 
         frame_tokens = keep = None
         if frames is not None:
@@ -642,6 +646,8 @@ class PixelReferModel(nn.Module):
         settings: GenerationSettings,
         batch_size: int = 16,
         perf: PerfOptions | None = None,
+        token_budget: int | None = None,
+        times: PhaseTimes | None = None,
     ) -> list[list[int]]:
         """Decode many sequences in left-padded batches; ids stop at (and include) the first eos.
 
@@ -665,11 +671,14 @@ class PixelReferModel(nn.Module):
                 batch_size=batch_size,
                 share_prefix=perf.share_prefix,
                 min_shared_prefix=perf.min_shared_prefix,
+                token_budget=token_budget,
+                times=times,
             )
-        return generate_with_transformers(
-            self.llm,
-            [e.inputs_embeds for e in embeds],
-            max_new_tokens=max_new_tokens,
-            settings=settings,
-            batch_size=batch_size,
-        )
+        with maybe(times, "llm_decode"):
+            return generate_with_transformers(
+                self.llm,
+                [e.inputs_embeds for e in embeds],
+                max_new_tokens=max_new_tokens,
+                settings=settings,
+                batch_size=batch_size,
+            )

@@ -64,9 +64,12 @@ from .processing_pixelrefer import (
     plan_encoder_inputs,
     prepare_frames,
 )
+from .timing import PhaseTimes
 from .tiny import tiny_checkpoint
 
-__all__ = ["DEFAULT_CAPTION_PROMPT", "Generation", "InputError", "PerfOptions", "Referrer", "Request", "pick_device"]
+__all__ = [
+    "DEFAULT_CAPTION_PROMPT", "Generation", "InputError", "PerfOptions", "Prepared", "Referrer", "Request", "pick_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,16 @@ class Generation:
     num_tokens: int
     error: str | None = None
     token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """One clip's requests after :meth:`Referrer.prepare`: answers already known (empty objects, crops
+    that cannot be encoded) in ``results``, and the LLM inputs of the others with their slots."""
+
+    results: list[Generation | None]
+    embeds: list = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
 
 
 def pick_device(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype, str]:
@@ -136,6 +149,9 @@ class Referrer:
         self.name: str = name
         self.upstream_local_crop = upstream_local_crop
         self.kmeans_seed = kmeans_seed
+        #: Seconds per phase (crops, vision_tower, region_tokens, llm_prefill, llm_decode) since the
+        #: caller last took them: `actors.referrer` turns them into per-row columns.
+        self.times = PhaseTimes(self.model.device)
         self._prompts = PromptBuilder(
             self.config.mode, self.tokenizer, self.config.region_token_index, self.config.image_token_index
         )
@@ -201,18 +217,36 @@ class Referrer:
         *,
         max_new_tokens: int = 64,
         batch_size: int = 16,
+        token_budget: int | None = None,
     ) -> list[Generation]:
         """Answer every request about the objects of one video (see the module docstring)."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prepared = self.prepare(frames, timestamps, objects, requests)
+        return self.decode([prepared], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           token_budget=token_budget)[0]
+
+    def prepare(
+        self,
+        frames: Sequence[np.ndarray],
+        timestamps: Sequence[float],
+        objects: Sequence[Mapping[int, np.ndarray]],
+        requests: Sequence[Request],
+    ) -> Prepared:
+        """Validate one video's (or clip's) requests and encode them into LLM inputs.
+
+        Everything that depends on the frames happens here (crops, the vision tower, object tokens),
+        so a caller can prepare many clips, let their frames go, and `decode` all their requests in
+        shared batches. Raises :class:`InputError` for input that is wrong as a whole.
+        """
         frames = _check_frames(frames)
         times = _check_timestamps(timestamps, len(frames))
         masks = _check_objects(objects, frames)
         _check_requests(requests, len(masks))
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prepared = Prepared([None] * len(requests), [], [])
         if not requests:
-            return []
+            return prepared
         video = len(frames) > 1
-        results: list[Generation | None] = [None] * len(requests)
         region_of: dict[tuple[int, int], RegionInput] = {}  # one crop per (object, frame) for the whole call
 
         def regions_of_object(k: int) -> list[RegionInput]:
@@ -225,40 +259,71 @@ class Referrer:
             return out
 
         frame_input = None
-        if self.mode == "full":
-            frame_input = prepare_frames(
-                frames, times, self.config.image_processor, self.config.spatial_merge_size, video=video
-            )
         sequences: list[SequenceInput] = []
         index: list[int] = []
-        for i, req in enumerate(requests):
-            empty = [k for k in req.object_indices if not masks[k]]
-            if empty:
-                msg = "; ".join(f"object {k} has no non-empty mask" for k in empty)
-                results[i] = Generation("", 0, msg)
-                continue
-            per_object = [regions_of_object(k) for k in req.object_indices]
-            if self.mode == "lite":
-                seq = self._prompts.lite(req.prompt, per_object, times if video else None)
-            else:
-                assert frame_input is not None
-                flat = [r for regions in per_object for r in regions]
-                seq = self._prompts.full(req.prompt, flat, frame_input, groups=[len(r) for r in per_object])
-            sequences.append(seq)
-            index.append(i)
-
-        if sequences:
+        with self.times("crops"):
+            if self.mode == "full":
+                frame_input = prepare_frames(
+                    frames, times, self.config.image_processor, self.config.spatial_merge_size, video=video
+                )
+            for i, req in enumerate(requests):
+                empty = [k for k in req.object_indices if not masks[k]]
+                if empty:
+                    msg = "; ".join(f"object {k} has no non-empty mask" for k in empty)
+                    prepared.results[i] = Generation("", 0, msg)
+                    continue
+                per_object = [regions_of_object(k) for k in req.object_indices]
+                if self.mode == "lite":
+                    seq = self._prompts.lite(req.prompt, per_object, times if video else None)
+                else:
+                    assert frame_input is not None
+                    flat = [r for regions in per_object for r in regions]
+                    seq = self._prompts.full(req.prompt, flat, frame_input, groups=[len(r) for r in per_object])
+                sequences.append(seq)
+                index.append(i)
+            if not sequences:
+                return prepared
             plan, failed = self._plan(sequences, frames)
-            for j, msg in failed.items():
-                results[index[j]] = Generation("", 0, msg)
-            ok = [j for j in range(len(sequences)) if j not in failed]
-            if ok:
-                if failed:
-                    plan, _ = self._plan([sequences[j] for j in ok], frames)
-                gens = self._run([sequences[j] for j in ok], plan, frame_input, max_new_tokens, batch_size)
-                for j, gen in zip(ok, gens):
-                    results[index[j]] = gen
-        return [r if r is not None else Generation("", 0, "not run") for r in results]
+        for j, msg in failed.items():
+            prepared.results[index[j]] = Generation("", 0, msg)
+        ok = [j for j in range(len(sequences)) if j not in failed]
+        if ok:
+            if failed:
+                plan, _ = self._plan([sequences[j] for j in ok], frames)
+            prepared.embeds = self.model.build_embeds(
+                [sequences[j] for j in ok], plan, frames=frame_input, kmeans_seed=self.kmeans_seed, perf=self.perf,
+                times=self.times,
+            )
+            prepared.slots = [index[j] for j in ok]
+        return prepared
+
+    def decode(
+        self,
+        prepared: Sequence[Prepared],
+        *,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        token_budget: int | None = None,
+    ) -> list[list[Generation]]:
+        """Decode the requests of many prepared clips in shared batches, one list of answers per clip.
+
+        Batches hold at most ``batch_size`` prompts and, with ``token_budget``, at most that many
+        padded prompt tokens, whichever clip they come from: many clips with one or two objects each
+        fill a batch that one of them alone could not. A request decodes the same alone or batched
+        with any others (greedy, per-row penalty and k-means seeds; tested).
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        embeds = [e for p in prepared for e in p.embeds]
+        gens = self._run(embeds, max_new_tokens, batch_size, token_budget) if embeds else []
+        out, at = [], 0
+        for p in prepared:
+            results = list(p.results)
+            for slot in p.slots:
+                results[slot] = gens[at]
+                at += 1
+            out.append([r if r is not None else Generation("", 0, "not run") for r in results])
+        return out
 
     def caption(
         self,
@@ -304,14 +369,10 @@ class Referrer:
                 raise
             return EncoderPlan(), failed
 
-    def _run(
-        self, sequences: list[SequenceInput], plan: EncoderPlan, frame_input, max_new_tokens: int, batch_size: int
-    ) -> list[Generation]:
-        embeds = self.model.build_embeds(
-            sequences, plan, frames=frame_input, kmeans_seed=self.kmeans_seed, perf=self.perf
-        )
+    def _run(self, embeds: list, max_new_tokens: int, batch_size: int, token_budget: int | None) -> list[Generation]:
         outs = self.model.generate(
-            embeds, max_new_tokens=max_new_tokens, settings=self.generation, batch_size=batch_size, perf=self.perf
+            embeds, max_new_tokens=max_new_tokens, settings=self.generation, batch_size=batch_size, perf=self.perf,
+            token_budget=token_budget, times=self.times,
         )
         stops = set(self.generation.eos_token_ids)
         gens = []

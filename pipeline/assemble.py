@@ -14,7 +14,7 @@ import math
 from typing import Any, Mapping
 
 from actors.columns import times_column
-from actors.referrer import spread_frames
+from actors.requests import spread_frames
 from pipeline.linking import ClipTracks, link_video
 
 

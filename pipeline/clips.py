@@ -22,6 +22,7 @@ message the CLI prints as a usage error.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -97,6 +98,8 @@ class VideoPlan:
     cut_times: tuple[float, ...]
     stream_start_s: float
     note: str | None = None
+    #: Seconds the shot pass took (0 with fixed windows): `phase_s_decode_shots`.
+    shots_s: float = 0.0
 
     def grid_time(self, k: int) -> float:
         return grid_time(k, self.sampled_fps)
@@ -272,12 +275,15 @@ def plan_video(
     header: _Header = call_isolated(_header_request, uri, storage_options, timeout_s=timeout_s, label=uri)
     notes: list[str] = []
     duration, num_frames_seen, cut_times = header.duration_s, header.num_frames, []
+    shots_s = 0.0
     if cuts == "shot":
         frames = header.num_frames or (duration or 3600.0) * (header.fps or 30.0)
+        shots_start = time.perf_counter()
         found: ShotPass = call_isolated(
             _shots_request, uri, storage_options, threshold,
             timeout_s=timeout_s + frames * SHOT_PASS_S_PER_FRAME, label=uri, retire=True,
         )
+        shots_s = time.perf_counter() - shots_start
         if not found.num_frames:
             detail = f" (demuxer: {found.stream_error})" if found.stream_error else ""
             raise DecodeError(f"{uri}: no frame could be decoded{detail}")
@@ -303,7 +309,7 @@ def plan_video(
         uri=uri, duration_s=duration, fps=header.fps, width=header.width, height=header.height,
         num_frames=num_frames_seen, sampled_fps=rate, thinned=thinned, num_sampled=grid_size(duration, rate),
         clips=tuple(assign_grid(clips, rate, duration)), cuts=cuts, cut_times=tuple(cut_times),
-        stream_start_s=header.stream_start_s, note="; ".join(notes) or None,
+        stream_start_s=header.stream_start_s, note="; ".join(notes) or None, shots_s=shots_s,
     )
 
 

@@ -43,7 +43,10 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
         ds = ds.map_batches(
             TrackerStage,
             fn_constructor_kwargs={"model": cfg.tracker, "max_objects": cfg.max_objects,
-                                   "keyframe_interval_s": cfg.keyframe_interval_s},
+                                   "keyframe_interval_s": cfg.keyframe_interval_s,
+                                   # Lite sees only each object's K frames: the others stop here.
+                                   "ship_frames": "shown" if cfg.mode == "lite" else "all",
+                                   "object_frames": cfg.object_frames},
             batch_size=cfg.track.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(min_size=cfg.track.concurrency[0], max_size=cfg.track.concurrency[1]),
             num_cpus=cfg.track.num_cpus, num_gpus=cfg.track.num_gpus, max_task_retries=cfg.task_retries,

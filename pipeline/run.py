@@ -120,8 +120,10 @@ class _Run:
 
     def _finish(self, video: VideoAssembly) -> None:
         self.finished.add(video.video_id)
+        started = time.perf_counter()
         done = assemble(video, mode=self.cfg.mode, model=self.cfg.model_label, tracker=self.cfg.tracker_label,
                         indexed_at=self.indexed_at, track_frames=self.cfg.object_frames)
+        self.summary.add_phase("driver_assemble", time.perf_counter() - started)
         if video.meta.get("thinned"):
             self.summary.thinned.append((video.uri, float(video.meta.get("sampled_fps") or 0.0)))
         if done.track_request is None:
@@ -181,6 +183,7 @@ class _Run:
         """
         if not self.ready and not final:
             return
+        started = time.perf_counter()
         writer = RunWriter(self.cfg.output, self.run_id, self.cfg.storage_options,
                            rows_per_file=self.cfg.rows_per_file, commit_index=self.commit_index)
         try:
@@ -207,6 +210,7 @@ class _Run:
         except BaseException:
             writer.abort()
             raise
+        self.summary.add_phase("driver_write", time.perf_counter() - started)
         self.summary.committed = True
         self.summary.commits += 1
         if self.commit_index:
@@ -273,7 +277,7 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
     run with nothing to do, so the history of nightly runs is complete.
     """
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     run_id = cfg.run_id or new_run_id()
     summary = RunSummary(run_id=run_id)
     finished = recover(cfg.output, cfg.storage_options)
@@ -302,6 +306,7 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
         run.commit(final=True)
     finally:
         summary.seconds = time.monotonic() - started
+        summary.driver_cpu_s = time.process_time() - cpu_started
     return summary
 
 

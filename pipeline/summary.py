@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from actors.busy import ACTOR_PREFIX, BUSY_PREFIX, END_PREFIX, START_PREFIX
+from actors.busy import ACTOR_PREFIX, BUSY_PREFIX, END_PREFIX, PHASE_PREFIX, START_PREFIX
 
 
 @dataclasses.dataclass
@@ -42,6 +42,14 @@ class RunSummary:
     actors: dict[str, int] = dataclasses.field(default_factory=dict)
     #: Per model stage, (first batch start, last batch end) as epoch seconds: its active window.
     windows: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    #: Seconds per `<stage>_<phase>` summed over rows (decode, tracker, referrer) and the driver's own
+    #: (`driver_assemble`: linking and tables; `driver_write`: commits), to find where the time goes.
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: CPU seconds of the driver process over the run (its share of a node that also runs workers).
+    driver_cpu_s: float = 0.0
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
 
     def utilisation(self) -> dict[str, float]:
         """Share of the graph's wall time each actor pool was busy (1.0: every actor always busy).
@@ -104,7 +112,11 @@ class RunSummary:
 
 def count_busy(row: Mapping[str, Any], summary: RunSummary, actors: dict[str, set[str]]) -> None:
     for key, value in row.items():
-        if key.startswith(BUSY_PREFIX):
+        if key.startswith(PHASE_PREFIX):
+            seconds = float(value) if value is not None else 0.0
+            if np.isfinite(seconds):
+                summary.add_phase(key[len(PHASE_PREFIX):], seconds)
+        elif key.startswith(BUSY_PREFIX):
             stage = key[len(BUSY_PREFIX):]
             seconds = float(value) if value is not None else 0.0
             if np.isfinite(seconds):

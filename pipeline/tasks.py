@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import numpy as np
 
+from actors.busy import PHASE_PREFIX
 from actors.columns import times_to_column
 from pipeline.config import IndexConfig
 
@@ -29,6 +31,7 @@ EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 ROW_DEFAULTS: dict[str, Any] = {
     "kind": "video", "clip_index": -1, "clip_json": "", "video_json": "", "discover": "", "num_owned": -1,
     "tracks_json": "", "error": "", "note": "",
+    **{f"{PHASE_PREFIX}decode_{phase}": 0.0 for phase in ("probe", "shots", "read")},
 }
 
 
@@ -47,6 +50,7 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
     from pipeline.clips import plan_video
     from pipeline.errors import DecodeError
 
+    started = time.perf_counter()
     try:
         plan = plan_video(
             row["uri"], fps=cfg.fps, num_frames=cfg.num_frames, max_frames=cfg.max_frames,
@@ -67,6 +71,9 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
         "num_frames": plan.num_frames, "sampled_fps": plan.sampled_fps, "thinned": plan.thinned,
         "num_clips": len(plan.clips), "prompted": prompted,
     }
+    # A video's planning cost, spread over its clips so that the driver's sums come out right.
+    share = {f"{PHASE_PREFIX}decode_shots": plan.shots_s / max(1, len(plan.clips)),
+             f"{PHASE_PREFIX}decode_probe": (time.perf_counter() - started - plan.shots_s) / max(1, len(plan.clips))}
     rows = []
     for clip in plan.clips:
         shared = clip.shared_time is not None
@@ -76,7 +83,7 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
         discover = "keyframes" if not prompted else "first" if clip.clip_index > first_prompted else "none"
         prompts = by_clip.get(clip.clip_index, [])
         rows.append({
-            **row, "kind": "clip", "clip_index": clip.clip_index, "video_json": json.dumps(meta),
+            **row, **share, "kind": "clip", "clip_index": clip.clip_index, "video_json": json.dumps(meta),
             "clip_json": json.dumps({"ts_start": clip.ts_start, "ts_end": clip.ts_end, "boundary": clip.boundary,
                                      "grid": grid, "shared": shared}),
             "discover": discover,
@@ -124,6 +131,7 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
     if row["kind"] not in ("clip", "track") or row["error"]:
         return out
     clip = json.loads(row["clip_json"])
+    started = time.perf_counter()
     try:
         if row["kind"] == "clip":
             got = sample_clip(
@@ -144,5 +152,5 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
         return {**out, "error": f"{row['uri']}: no frame could be decoded in {clip.get('ts_start')}..{clip.get('ts_end')} s"}
     return {
         **out, "frames": got.frames, "timestamps": times_to_column(got.timestamps),
-        "num_owned": num_owned, "note": got.error or "",
+        "num_owned": num_owned, "note": got.error or "", f"{PHASE_PREFIX}decode_read": time.perf_counter() - started,
     }

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from actors.referrer import ReferrerStage, spread_frames
+from actors.referrer import ReferrerStage
+from actors.requests import spread_frames
 from pipeline.config import IndexConfig
 
 NUM_FRAMES, H, W = 6, 64, 80
@@ -68,13 +69,13 @@ def stage() -> ReferrerStage:
 @pytest.mark.parametrize("limit, shown", [(None, list(range(NUM_FRAMES))), (2, [0, 5]), (3, [0, 2, 5])])
 def test_object_frames_limits_what_the_model_sees(stage, monkeypatch, limit, shown):
     seen = []
-    generate = stage.referrer.generate
+    prepare = stage.referrer.prepare
 
-    def spy(frames, timestamps, objects, requests, **kw):
+    def spy(frames, timestamps, objects, requests):
         seen.append([sorted(o) for o in objects])
-        return generate(frames, timestamps, objects, requests, **kw)
+        return prepare(frames, timestamps, objects, requests)
 
-    monkeypatch.setattr(stage.referrer, "generate", spy)
+    monkeypatch.setattr(stage.referrer, "prepare", spy)
     monkeypatch.setattr(stage, "object_frames", limit)
     out = stage(_batch())
     assert seen == [[shown]]
@@ -93,3 +94,64 @@ def test_object_frames_must_be_positive():
         ReferrerStage("tiny", object_frames=0)
     with pytest.raises(ValueError, match="--object-frames"):
         IndexConfig(source="s", output="o", object_frames=0)
+
+
+def _rows(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One Ray batch of several one-row batches (object columns, as for ragged frames)."""
+    out = {}
+    for key in batches[0]:
+        col = np.empty(len(batches), dtype=object)
+        for i, b in enumerate(batches):
+            col[i] = b[key][0]
+        out[key] = col
+    return out
+
+
+def _other_clip() -> dict[str, np.ndarray]:
+    batch = _batch()
+    frames = np.ascontiguousarray(batch["frames"][0][::-1])
+    batch["frames"] = _cell(frames)
+    batch["video_id"] = np.array(["v2"], dtype=object)
+    return batch
+
+
+def test_clips_of_a_batch_share_llm_batches_and_keep_their_own_answers(monkeypatch):
+    stage = ReferrerStage("tiny", max_new_tokens=6, object_frames=3)
+    alone = [stage(_batch()), stage(_other_clip())]
+    calls = []
+    decode = stage.referrer.decode
+
+    def spy(prepared, **kw):
+        calls.append(len(prepared))
+        return decode(prepared, **kw)
+
+    monkeypatch.setattr(stage.referrer, "decode", spy)
+    together = stage(_rows([_batch(), _other_clip()]))
+    assert calls == [2]  # one decode call for both clips
+    for i, single in enumerate(alone):
+        assert together["captions_json"][i] == single["captions_json"][0]
+        assert together["qa_json"][i] == single["qa_json"][0]
+    phases = [k for k in together if k.startswith("phase_s_referrer_")]
+    assert sorted(phases) == sorted(f"phase_s_referrer_{p}" for p in
+                                    ("masks", "crops", "vision_tower", "region_tokens", "llm_prefill", "llm_decode"))
+    assert together["phase_s_referrer_llm_decode"].sum() > 0
+
+
+def test_shipped_frames_give_the_same_answers_as_all_frames():
+    stage = ReferrerStage("tiny", max_new_tokens=6, object_frames=3)
+    full = stage(_batch())
+    shipped = _batch()
+    keep = [0, 2, 5]  # spread_frames(range(6), 3)
+    shipped["frames"] = _cell(np.ascontiguousarray(shipped["frames"][0][keep]))
+    shipped["frame_indices"] = np.array([json.dumps(keep)], dtype=object)
+    out = stage(shipped)
+    assert out["captions_json"][0] == full["captions_json"][0] and out["qa_json"][0] == full["qa_json"][0]
+
+
+def test_a_bad_clip_fails_alone():
+    stage = ReferrerStage("tiny", max_new_tokens=4)
+    bad = _other_clip()
+    bad["timestamps"] = _cell(np.arange(2) * 0.5)  # 2 timestamps for 6 frames
+    out = stage(_rows([_batch(), bad]))
+    assert out["error"][0] == "" and json.loads(out["captions_json"][0])
+    assert "timestamps" in out["error"][1] and out["captions_json"][1] == "[]"

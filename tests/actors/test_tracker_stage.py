@@ -81,3 +81,30 @@ def test_same_shape_frames_arrive_as_one_array(stage, shapes_video):
     assert list(out["error"]) == [None, None]
     (track,) = json.loads(out["tracks_json"][1])
     assert [f["ts"] for f in track["frames"]] == pytest.approx(list(v.timestamps[2:4]))
+
+
+def test_lite_rows_leave_with_only_the_frames_pixelrefer_sees(shapes_video):
+    v = shapes_video
+    frames, ts = v.frames[:6], v.timestamps[:6]
+    batch = {
+        "video_id": np.array(["clip", "track"]),
+        "kind": np.array(["clip", "track"], dtype=object),
+        "frames": object_array([frames, frames[:2]]),
+        "timestamps": object_array([ts, ts[:2]]),
+        "num_owned": np.array([5, -1]),  # frame 5 is the next clip's first frame
+        "tracks_json": np.array(["", "[]"], dtype=object),
+        "error": object_array([None, None]),
+    }
+    everything = TrackerStage("tiny", keyframe_interval_s=1.0, max_objects=2)(dict(batch))
+    assert everything["frames"] is batch["frames"] and list(everything["frame_indices"]) == ["", ""]
+    stage = TrackerStage("tiny", keyframe_interval_s=1.0, max_objects=2, ship_frames="shown", object_frames=2)
+    out = stage(dict(batch))
+    tracks = json.loads(out["tracks_json"][0])
+    assert tracks, "the tiny tracker finds objects on the shapes video"
+    shown = sorted({f for t in tracks for f in (lambda fs: [fs[0], fs[-1]] if len(fs) > 1 else fs)(
+        sorted(x["frame_index"] for x in t["frames"] if x["frame_index"] < 5))})
+    assert json.loads(out["frame_indices"][0]) == shown and 5 not in shown
+    assert np.array_equal(out["frames"][0], frames[shown])
+    assert out["frame_indices"][1] == "" and len(out["frames"][1]) == 2  # whole-track rows keep theirs
+    assert {f"phase_s_tracker_{p}" for p in ("preprocess", "discovery", "propagation", "mask_encoding")} <= set(out)
+    assert out["phase_s_tracker_propagation"].sum() > 0 and out["phase_s_tracker_discovery"].sum() > 0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from actors.referrer import expand_questions
+from actors.requests import expand_questions
 from pipeline.questions import QuestionsError, load_questions, questions_for
 
 
