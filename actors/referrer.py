@@ -1,9 +1,10 @@
 """The PixelRefer stage: for every clip of a Ray batch, a detailed caption of each tracked object and
 the answers to the user's questions, on one actor that loads the model once.
 
-The clips of a batch share their LLM batches. Each clip is prepared on its own (masks, crops, the
-vision tower, object tokens: `Referrer.prepare`), then every clip's requests decode together in
-batches bounded by a row count and a padded-token budget (`Referrer.decode`). Many short clips with
+The clips of a batch share their model calls. Each clip's masks, crops and prompts are made on their
+own, then all clips go through the vision tower together (`Referrer.prepare_many`), and every
+clip's requests decode together in batches bounded by a row count and a padded-token budget
+(`Referrer.decode`). Many short clips with
 one or two objects each thus fill a batch that one clip alone never would, and a clip's answers are
 the same as when it runs alone (greedy, per-row state; tested).
 """
@@ -48,6 +49,7 @@ class _Clip:
     tracks: list[dict[str, Any]]
     pairs: list[tuple[str, list[int]]]
     notes: list[str]
+    inputs: Any = None
     prepared: Any = None
     results: list = field(default_factory=list)
 
@@ -129,6 +131,7 @@ class ReferrerStage:
                     continue
                 if clip is not None:
                     clips.append(clip)
+            clips = self._encode(clips, out, batch)
             for clip in self._decode(clips, out, batch):
                 cap, qa = clip.tables()
                 if clip.notes:
@@ -165,9 +168,31 @@ class ReferrerStage:
         pairs, notes = expand_questions(json.loads(batch["questions_json"][i] or "[]"), ids)
         requests = [Request(prompt=self.caption_prompt, object_indices=[k]) for k in range(len(tracks))]
         requests += [Request(prompt=q, object_indices=[index_of[o] for o in objs]) for q, objs in pairs]
-        clip = _Clip(row=i, tracks=tracks, pairs=pairs, notes=notes)
-        clip.prepared = self.referrer.prepare(list(frames), [float(times[k]) for k in held], objects, requests)
-        return clip
+        return _Clip(row=i, tracks=tracks, pairs=pairs, notes=notes,
+                     inputs=(list(frames), [float(times[k]) for k in held], objects, requests))
+
+    def _encode(self, clips: list[_Clip], out: dict[str, list[Any]], batch: dict[str, np.ndarray]) -> list[_Clip]:
+        """Every clip up to the LLM, sharing the vision tower (`Referrer.prepare_many`); a clip whose
+        input is wrong fails alone, and if the shared call fails, clip by clip finds the culprit."""
+        try:
+            results = self.referrer.prepare_many([c.inputs for c in clips])
+        except Exception:  # noqa: BLE001
+            log.exception("shared encoding of %d clips failed; encoding them one by one", len(clips))
+            results = []
+            for clip in clips:
+                try:
+                    results.append(self.referrer.prepare(*clip.inputs))
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+        done = []
+        for clip, result in zip(clips, results):
+            clip.inputs = None  # the frames go as soon as the clip is encoded
+            if isinstance(result, Exception):
+                self._fail(out, batch, clip.row, result)
+            else:
+                clip.prepared = result
+                done.append(clip)
+        return done
 
     def _decode(self, clips: list[_Clip], out: dict[str, list[Any]], batch: dict[str, np.ndarray]) -> list[_Clip]:
         """Every clip's requests in shared LLM batches; if that fails, clip by clip, so that only the

@@ -49,7 +49,7 @@ import psutil
 #: Targets of the long-video point (the issue's acceptance criteria).
 LONG_VIDEO_MAX_TIME_RATIO = 11.0
 LONG_VIDEO_MAX_RSS_RATIO = 1.3
-POINTS = ("compare", "memory", "long-video")
+POINTS = ("compare", "memory", "long-video", "cross-clip")
 
 
 def make_corpus(folder: Path, count: int, duration_s: float = 3.0) -> Path:
@@ -65,62 +65,83 @@ def make_corpus(folder: Path, count: int, duration_s: float = 3.0) -> Path:
 
 def _one_row_batch(row: dict[str, Any]):
     """A row as the 1-row numpy batch `map_batches` would hand an actor (arrays kept whole)."""
-    import numpy as np
-
-    batch = {}
-    for key, value in row.items():
-        column = np.empty(1, dtype=object)
-        column[0] = value
-        batch[key] = column
-    return batch
+    return _rows_batch([row])
 
 
-def plain_loop(cfg) -> dict[str, float]:
-    """The same stages, one clip at a time, in this process: the reference the Ray job must match.
+def plain_loop(cfg) -> dict[str, Any]:
+    """The same stages in this process, no Ray: the reference the Ray job must match.
 
-    Each video is planned into clips (`plan_rows`), each clip decoded, tracked and captioned; the
-    driver's own state (`pipeline.run._Run`) links the clips and asks the whole-track captions,
-    which go through decode, tracker and referrer too; the tables are written at the end.
+    Each video is planned into clips (`plan_rows`), each clip decoded and tracked one at a time
+    (the tracker's Ray batch is one clip too), and the tracked clips captioned `cfg.refer.batch_size`
+    at a time, as the referrer actor gets them; the driver's own state (`pipeline.run._Run`) links
+    the clips and asks the whole-track captions, which go through the same stages; the tables are
+    written at the end. Per-phase seconds come from the same row columns as in the Ray job.
     """
     from actors.referrer import ReferrerStage
     from actors.tracker import TrackerStage
+    from pipeline.graph import referrer_kwargs, tracker_kwargs
     from pipeline.run import _input_rows, _Run, new_run_id
     from pipeline.sources import list_videos
     from pipeline.summary import RunSummary
     from pipeline.tasks import decode_row, plan_rows
 
     first = start = time.perf_counter()
-    tracker = TrackerStage(model=cfg.tracker, max_objects=cfg.max_objects, keyframe_interval_s=cfg.keyframe_interval_s)
-    referrer = ReferrerStage(model=cfg.model, mode=cfg.mode, max_new_tokens=cfg.max_new_tokens,
-                             upstream_local_crop=cfg.upstream_local_crop, object_frames=cfg.object_frames)
+    tracker = TrackerStage(**tracker_kwargs(cfg))
+    referrer = ReferrerStage(**referrer_kwargs(cfg))
     setup = time.perf_counter() - start
     run_id = new_run_id()
     videos = list_videos(cfg.source, cfg.storage_options)
     rows = _input_rows(cfg, videos, run_id)
     run = _Run(cfg, run_id, RunSummary(run_id=run_id, videos_listed=len(videos)), len(videos), lambda line: None)
     clips = 0
+    tracked: list[dict[str, Any]] = []
+    cpu_start = time.process_time()
     start = time.perf_counter()
 
-    def through(row: dict[str, Any]) -> None:
-        decoded = decode_row(row, cfg=cfg)
-        out = referrer(tracker(_one_row_batch(decoded)))
-        run.take({k: v[0] for k, v in out.items()})
+    def caption(final: bool = False) -> None:
+        while tracked and (final or len(tracked) >= max(1, cfg.refer.batch_size)):
+            chunk, tracked[:] = tracked[: max(1, cfg.refer.batch_size)], tracked[max(1, cfg.refer.batch_size):]
+            out = referrer(_rows_batch(chunk))
+            for i in range(len(chunk)):
+                run.take({k: v[i] for k, v in out.items()})
+
+    def track(row: dict[str, Any]) -> None:
+        out = tracker(_one_row_batch(decode_row(row, cfg=cfg)))
+        tracked.append({k: v[0] for k, v in out.items()})
+        caption()
 
     for video in rows:
         for clip in plan_rows(video, cfg=cfg):
             if clip["kind"] == "clip":
                 clips += 1
-            through(clip)
+            track(clip)
+    caption(final=True)
     track_rows, run.track_rows = run.track_rows, []
     for row in track_rows:
-        through(row)
+        track(row)
+    caption(final=True)
     run.commit(final=True)
     seconds = time.perf_counter() - start
     frames = run.summary.frames
     return {
         "seconds": seconds, "setup_s": setup, "total_s": time.perf_counter() - first, "videos": len(rows),
         "clips": clips, "track_rows": len(track_rows), "frames": frames, "videos_ok": run.summary.videos_ok,
+        "busy_s": dict(run.summary.busy_seconds), "phase_s": dict(run.summary.phase_seconds),
+        "cpu_s": time.process_time() - cpu_start,
     }
+
+
+def _rows_batch(rows: list[dict[str, Any]]):
+    """Rows as the numpy batch `map_batches` would hand an actor (object columns)."""
+    import numpy as np
+
+    batch = {}
+    for key in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):
+            column[i] = row[key]
+        batch[key] = column
+    return batch
 
 
 def plain_loop_process(source: Path, output: Path) -> dict[str, float]:
@@ -149,7 +170,7 @@ def ray_job(cfg) -> dict[str, Any]:
         "seconds": seconds, "videos": summary.videos_ok + summary.videos_failed, "frames": summary.frames,
         "clips": summary.clips, "graph_s": summary.graph_seconds, "utilisation": summary.utilisation(),
         "active": summary.active_utilisation(), "busy_s": dict(summary.busy_seconds),
-        "actors": dict(summary.actors),
+        "actors": dict(summary.actors), "phase_s": dict(summary.phase_seconds), "driver_cpu_s": summary.driver_cpu_s,
     }
 
 
@@ -233,7 +254,7 @@ def long_video_run(source: str, output: str, cuts: str = "none") -> dict[str, An
         "video_seconds": summary.video_seconds, "clips": summary.clips, "clips_failed": summary.clips_failed,
         "frames": summary.frames, "videos_ok": summary.videos_ok, "videos_failed": summary.videos_failed,
         "objects": summary.objects, "captions": summary.captions, "busy_s": dict(summary.busy_seconds),
-        "failures": summary.failures,
+        "failures": summary.failures, "phase_s": dict(summary.phase_seconds), "driver_cpu_s": summary.driver_cpu_s,
     }
 
 
@@ -281,6 +302,8 @@ def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "no
             f"long_video_objects_{t}": r["objects"], f"long_video_captions_{t}": r["captions"],
             f"long_video_file_bytes_{t}": r["video_bytes"],
             **{f"long_video_busy_s_{stage}_{t}": sec for stage, sec in r["busy_s"].items()},
+            **{f"long_video_phase_s_{name}_{t}": sec for name, sec in sorted(r["phase_s"].items())},
+            f"long_video_driver_cpu_share_{t}": r["driver_cpu_s"] / r["seconds"] if r["seconds"] else None,
         })
     figures["long_video_time_ok"] = figures["long_video_time_ratio"] <= LONG_VIDEO_MAX_TIME_RATIO
     figures["long_video_rss_ok"] = figures["long_video_rss_ratio"] <= LONG_VIDEO_MAX_RSS_RATIO
@@ -322,6 +345,13 @@ def compare_point(work: Path, videos: int) -> dict[str, Any]:
         **{f"ray_busy_share_active_{stage}": share for stage, share in ray_run["active"].items()},
         **{f"ray_busy_s_{stage}": sec for stage, sec in ray_run["busy_s"].items()},
         **{f"ray_actors_{stage}": n for stage, n in ray_run["actors"].items()},
+        # Where the time goes: seconds per stage and phase, summed over rows (Ray job, then plain loop).
+        **{f"phase_s_{name}": sec for name, sec in sorted(ray_run["phase_s"].items())},
+        **{f"plain_phase_s_{name}": sec for name, sec in sorted(plain["phase_s"].items())},
+        **{f"ray_over_plain_busy_{stage}": ray_run["busy_s"][stage] / plain["busy_s"][stage]
+           for stage in ray_run["busy_s"] if plain["busy_s"].get(stage)},
+        "driver_cpu_s": ray_run["driver_cpu_s"],
+        "driver_cpu_share": ray_run["driver_cpu_s"] / ray_run["seconds"] if ray_run["seconds"] else None,
     }
 
 
@@ -354,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="lengths of the long-video point's two videos (same content)")
     parser.add_argument("--long-video-cuts", choices=("none", "shot"), default="none",
                         help="clip boundaries on the long-video point (shot: TransNetV2, ~30 ms a frame on a CPU)")
+    parser.add_argument("--cross-clip-videos", type=int, default=50,
+                        help="short videos of the cross-clip batching point (bench.cross_clip)")
     parser.add_argument("--only", choices=POINTS, action="append", default=None,
                         help="run only this point (repeatable); default: every point")
     parser.add_argument("--workdir", default=None)
@@ -369,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(compare_point(work, args.videos))
     if "memory" in points:
         figures.update(memory_point(work, tuple(args.memory_videos)))
+    if "cross-clip" in points:
+        from bench.cross_clip import cross_clip_point
+
+        figures.update(cross_clip_point(work, args.cross_clip_videos))
     if "long-video" in points:
         figures.update(long_video_point(work, tuple(args.long_video_seconds), args.long_video_cuts))
     figures["bench_seconds_total"] = time.perf_counter() - bench_start

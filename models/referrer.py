@@ -110,6 +110,27 @@ class Prepared:
     slots: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Staged:
+    """A clip between its checks and the vision tower."""
+
+    prepared: Prepared
+    sequences: list[SequenceInput] = field(default_factory=list)
+    plan: EncoderPlan | None = None
+    frame_input: object = None
+
+
+def _merged_plans(plans: Sequence[EncoderPlan]) -> EncoderPlan:
+    """One encoder plan for several clips: each clip's image keys are put under its own number, so
+    images that look alike by key (frame 0 of two clips) stay apart."""
+    merged = EncoderPlan()
+    for c, plan in enumerate(plans):
+        merged.images.update({(c, key): image for key, image in plan.images.items()})
+        merged.region_keys += [[tuple(None if k is None else (c, k) for k in keys) for keys in seq]
+                               for seq in plan.region_keys]
+    return merged
+
+
 def pick_device(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype, str]:
     """CUDA + bf16 + flash_attention_2 when available (flash-attn is optional), else CPU + fp32 + sdpa."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,13 +260,56 @@ class Referrer:
         so a caller can prepare many clips, let their frames go, and `decode` all their requests in
         shared batches. Raises :class:`InputError` for input that is wrong as a whole.
         """
+        (result,) = self.prepare_many([(frames, timestamps, objects, requests)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare_many(
+        self, items: Sequence[tuple[Sequence[np.ndarray], Sequence[float], Sequence[Mapping[int, np.ndarray]],
+                                    Sequence[Request]]]
+    ) -> list[Prepared | InputError]:
+        """`prepare` for many clips (frames, timestamps, objects, requests), with one vision-tower call
+        for all of them in Lite: a clip's few crops alone leave the tower's batch mostly empty. A clip
+        whose input is wrong gets its :class:`InputError` in its place; the others are prepared.
+
+        Full PixelRefer clips are encoded one by one: each carries its own frames into its prompts.
+        """
+        staged: list[_Staged | InputError] = []
+        for item in items:
+            try:
+                staged.append(self._stage(*item))
+            except InputError as exc:
+                staged.append(exc)
+        ready = [s for s in staged if isinstance(s, _Staged) and s.sequences]
+        groups = [ready] if self.mode == "lite" and ready else [[s] for s in ready]
+        for group in groups:
+            plan = _merged_plans([s.plan for s in group]) if len(group) > 1 else group[0].plan
+            embeds = self.model.build_embeds(
+                [seq for s in group for seq in s.sequences], plan, frames=group[0].frame_input,
+                kmeans_seed=self.kmeans_seed, perf=self.perf, times=self.times,
+            )
+            at = 0
+            for s in group:
+                s.prepared.embeds = embeds[at : at + len(s.sequences)]
+                at += len(s.sequences)
+        return [s.prepared if isinstance(s, _Staged) else s for s in staged]
+
+    def _stage(
+        self,
+        frames: Sequence[np.ndarray],
+        timestamps: Sequence[float],
+        objects: Sequence[Mapping[int, np.ndarray]],
+        requests: Sequence[Request],
+    ) -> _Staged:
+        """Checks, crops, prompts and the encoder plan of one clip: everything before the tower."""
         frames = _check_frames(frames)
         times = _check_timestamps(timestamps, len(frames))
         masks = _check_objects(objects, frames)
         _check_requests(requests, len(masks))
-        prepared = Prepared([None] * len(requests), [], [])
+        staged = _Staged(Prepared([None] * len(requests), [], []))
         if not requests:
-            return prepared
+            return staged
         video = len(frames) > 1
         region_of: dict[tuple[int, int], RegionInput] = {}  # one crop per (object, frame) for the whole call
 
@@ -258,44 +322,40 @@ class Referrer:
                 out.append(region_of[(k, f)])
             return out
 
-        frame_input = None
         sequences: list[SequenceInput] = []
         index: list[int] = []
+        results = staged.prepared.results
         with self.times("crops"):
             if self.mode == "full":
-                frame_input = prepare_frames(
+                staged.frame_input = prepare_frames(
                     frames, times, self.config.image_processor, self.config.spatial_merge_size, video=video
                 )
             for i, req in enumerate(requests):
                 empty = [k for k in req.object_indices if not masks[k]]
                 if empty:
-                    msg = "; ".join(f"object {k} has no non-empty mask" for k in empty)
-                    prepared.results[i] = Generation("", 0, msg)
+                    results[i] = Generation("", 0, "; ".join(f"object {k} has no non-empty mask" for k in empty))
                     continue
                 per_object = [regions_of_object(k) for k in req.object_indices]
                 if self.mode == "lite":
                     seq = self._prompts.lite(req.prompt, per_object, times if video else None)
                 else:
-                    assert frame_input is not None
+                    assert staged.frame_input is not None
                     flat = [r for regions in per_object for r in regions]
-                    seq = self._prompts.full(req.prompt, flat, frame_input, groups=[len(r) for r in per_object])
+                    seq = self._prompts.full(req.prompt, flat, staged.frame_input, groups=[len(r) for r in per_object])
                 sequences.append(seq)
                 index.append(i)
             if not sequences:
-                return prepared
+                return staged
             plan, failed = self._plan(sequences, frames)
-        for j, msg in failed.items():
-            prepared.results[index[j]] = Generation("", 0, msg)
-        ok = [j for j in range(len(sequences)) if j not in failed]
-        if ok:
-            if failed:
+            for j, msg in failed.items():
+                results[index[j]] = Generation("", 0, msg)
+            ok = [j for j in range(len(sequences)) if j not in failed]
+            if ok and failed:
                 plan, _ = self._plan([sequences[j] for j in ok], frames)
-            prepared.embeds = self.model.build_embeds(
-                [sequences[j] for j in ok], plan, frames=frame_input, kmeans_seed=self.kmeans_seed, perf=self.perf,
-                times=self.times,
-            )
-            prepared.slots = [index[j] for j in ok]
-        return prepared
+        staged.sequences = [sequences[j] for j in ok]
+        staged.plan = plan
+        staged.prepared.slots = [index[j] for j in ok]
+        return staged
 
     def decode(
         self,

@@ -17,6 +17,23 @@ from pipeline.config import IndexConfig
 from pipeline.tasks import decode_row, plan_rows
 
 
+def tracker_kwargs(cfg: IndexConfig) -> dict[str, Any]:
+    """`TrackerStage`'s arguments for this run (the graph and `bench.pipeline`'s plain loop share them)."""
+    return {
+        "model": cfg.tracker, "max_objects": cfg.max_objects, "keyframe_interval_s": cfg.keyframe_interval_s,
+        # Lite sees only each object's K frames: the others stop at the tracker.
+        "ship_frames": "shown" if cfg.mode == "lite" else "all", "object_frames": cfg.object_frames,
+    }
+
+
+def referrer_kwargs(cfg: IndexConfig) -> dict[str, Any]:
+    """`ReferrerStage`'s arguments for this run."""
+    return {
+        "model": cfg.model, "mode": cfg.mode, "max_new_tokens": cfg.max_new_tokens,
+        "upstream_local_crop": cfg.upstream_local_crop, "object_frames": cfg.object_frames,
+    }
+
+
 def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     """The graph over `rows` (`pipeline.tasks`: video rows to plan, track rows to caption)."""
     import ray.data
@@ -42,21 +59,14 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
         ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
         ds = ds.map_batches(
             TrackerStage,
-            fn_constructor_kwargs={"model": cfg.tracker, "max_objects": cfg.max_objects,
-                                   "keyframe_interval_s": cfg.keyframe_interval_s,
-                                   # Lite sees only each object's K frames: the others stop here.
-                                   "ship_frames": "shown" if cfg.mode == "lite" else "all",
-                                   "object_frames": cfg.object_frames},
+            fn_constructor_kwargs=tracker_kwargs(cfg),
             batch_size=cfg.track.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(min_size=cfg.track.concurrency[0], max_size=cfg.track.concurrency[1]),
             num_cpus=cfg.track.num_cpus, num_gpus=cfg.track.num_gpus, max_task_retries=cfg.task_retries,
         )
         ds = ds.map_batches(
             ReferrerStage,
-            fn_constructor_kwargs={
-                "model": cfg.model, "mode": cfg.mode, "max_new_tokens": cfg.max_new_tokens,
-                "upstream_local_crop": cfg.upstream_local_crop, "object_frames": cfg.object_frames,
-            },
+            fn_constructor_kwargs=referrer_kwargs(cfg),
             batch_size=cfg.refer.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(min_size=cfg.refer.concurrency[0], max_size=cfg.refer.concurrency[1]),
             num_cpus=cfg.refer.num_cpus, num_gpus=cfg.refer.num_gpus, max_task_retries=cfg.task_retries,

@@ -69,13 +69,13 @@ def stage() -> ReferrerStage:
 @pytest.mark.parametrize("limit, shown", [(None, list(range(NUM_FRAMES))), (2, [0, 5]), (3, [0, 2, 5])])
 def test_object_frames_limits_what_the_model_sees(stage, monkeypatch, limit, shown):
     seen = []
-    prepare = stage.referrer.prepare
+    prepare_many = stage.referrer.prepare_many
 
-    def spy(frames, timestamps, objects, requests):
-        seen.append([sorted(o) for o in objects])
-        return prepare(frames, timestamps, objects, requests)
+    def spy(items):
+        seen.extend([sorted(o) for o in objects] for _, _, objects, _ in items)
+        return prepare_many(items)
 
-    monkeypatch.setattr(stage.referrer, "prepare", spy)
+    monkeypatch.setattr(stage.referrer, "prepare_many", spy)
     monkeypatch.setattr(stage, "object_frames", limit)
     out = stage(_batch())
     assert seen == [[shown]]
@@ -119,15 +119,20 @@ def test_clips_of_a_batch_share_llm_batches_and_keep_their_own_answers(monkeypat
     stage = ReferrerStage("tiny", max_new_tokens=6, object_frames=3)
     alone = [stage(_batch()), stage(_other_clip())]
     calls = []
-    decode = stage.referrer.decode
+    decode, tower = stage.referrer.decode, stage.referrer.model.encode_images
 
     def spy(prepared, **kw):
-        calls.append(len(prepared))
+        calls.append(("decode", len(prepared)))
         return decode(prepared, **kw)
 
+    def tower_spy(images):
+        calls.append(("tower", len(images)))
+        return tower(images)
+
     monkeypatch.setattr(stage.referrer, "decode", spy)
+    monkeypatch.setattr(stage.referrer.model, "encode_images", tower_spy)
     together = stage(_rows([_batch(), _other_clip()]))
-    assert calls == [2]  # one decode call for both clips
+    assert [c[0] for c in calls] == ["tower", "decode"] and calls[1] == ("decode", 2)  # one call each
     for i, single in enumerate(alone):
         assert together["captions_json"][i] == single["captions_json"][0]
         assert together["qa_json"][i] == single["qa_json"][0]
