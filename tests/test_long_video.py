@@ -21,6 +21,7 @@ import duckdb
 import numpy as np
 import pytest
 
+import pipeline.run as run_module
 from jobs.cli import main
 from pipeline.samples import DEFAULT_SHAPES, make_long_video, make_video
 from schemas.tables import TABLES, validate
@@ -62,9 +63,25 @@ def long_run(tmp_path_factory, ray_local) -> dict:
     argv = ["index", str(video.parent), str(output), "--fps", "1", "--cuts", "none", "--max-objects", "2",
             "--max-new-tokens", "4", "--object-frames", "4"]
     log = io.StringIO()
-    with contextlib.redirect_stderr(log):
+    seen: list[dict] = []
+    take = run_module._Run.take
+
+    def spy(self, row):
+        seen.append({k: (np.asarray(v).shape if isinstance(v, np.ndarray) else type(v).__name__) for k, v in row.items()})
+        return take(self, row)
+
+    with contextlib.redirect_stderr(log), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module._Run, "take", spy)
         code = main(argv)
-    return {"output": output, "code": code, "log": log.getvalue(), "video": video}
+    return {"output": output, "code": code, "log": log.getvalue(), "video": video, "driver_rows": seen}
+
+
+def test_the_driver_never_sees_pixels(long_run):
+    """Frames end at the referrer: what reaches the driver is JSON text and numbers per clip."""
+    assert long_run["driver_rows"]
+    for row in long_run["driver_rows"]:
+        assert "frames" not in row
+        assert not any(isinstance(v, tuple) and len(v) >= 2 for v in row.values()), row
 
 
 def test_every_clip_is_there_in_order(long_run):
