@@ -56,6 +56,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="index again videos whose earlier run failed")
     parser.add_argument("--max-attempts", type=int, default=3,
                         help="runs whose workers crash on a video before it is quarantined (default 3)")
+    parser.add_argument("--max-gpus", type=float, default=None,
+                        help="GPUs the cluster may grow to (an autoscaler adding nodes): the model pools may grow "
+                             "that far; default: the GPUs present at the start")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
 
@@ -70,13 +73,15 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         upstream_local_crop=args.upstream_local_crop, retry_failed=args.retry_failed, run_id=args.run_id,
         max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
         clip_seconds=args.clip_seconds, cuts=args.cuts, commit_every_min=args.commit_every,
+        max_gpus=getattr(args, "max_gpus", None),
     )
 
 
 def index_main(args: argparse.Namespace) -> int:
     from actors.prompts import PromptsError
-    from pipeline.run import run_index
     from pipeline.questions import QuestionsError
+    from pipeline.run import run_index
+    from pipeline.sizing import PlacementError
     from pipeline.sink import OutputError
     from pipeline.sources import SourceError
     from pipeline.storage_errors import explain, is_storage_exception, redact
@@ -90,6 +95,9 @@ def index_main(args: argparse.Namespace) -> int:
         summary = run_index(cfg)
     except (SourceError, OutputError, PromptsError, QuestionsError) as exc:
         print(f"error: {redact(str(exc), cfg.storage_options)}", file=sys.stderr)
+        return EXIT_NOT_COMMITTED
+    except PlacementError as exc:
+        print(f"error: this cluster cannot run the index: {exc}", file=sys.stderr)
         return EXIT_NOT_COMMITTED
     except Exception as exc:
         # A storage failure that no stage turned into a SourceError/OutputError is still the user's

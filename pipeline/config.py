@@ -10,19 +10,11 @@ import dataclasses
 import json
 from typing import Any
 
+from pipeline.sizing import REFERRER_ROWS_PER_BATCH, Cluster, StageResources, check_placement, size_stages
+
 
 #: Longer clips hold more frames in one SAM 2 session and one decode task than a worker should.
 MAX_CLIP_SECONDS = 600.0
-
-
-@dataclasses.dataclass
-class StageResources:
-    """What one stage asks Ray for. `concurrency` is the actor-pool size (min, max)."""
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    batch_size: int = 1
-    concurrency: tuple[int, int] = (1, 1)
 
 
 @dataclasses.dataclass
@@ -48,6 +40,8 @@ class IndexConfig:
     prompts: str | None = None
     questions: str | None = None
     address: str | None = None
+    #: GPUs the cluster may grow to (an autoscaler adding nodes): model pools may grow that far.
+    max_gpus: float | None = None
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_objects: int = 8
     keyframe_interval_s: float = 2.0
@@ -67,7 +61,7 @@ class IndexConfig:
     rows_per_file: int = 100_000
     decode: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))
     track: StageResources = dataclasses.field(default_factory=StageResources)
-    refer: StageResources = dataclasses.field(default_factory=StageResources)
+    refer: StageResources = dataclasses.field(default_factory=lambda: StageResources(batch_size=REFERRER_ROWS_PER_BATCH))
 
     def __post_init__(self) -> None:
         if self.mode not in ("lite", "full"):
@@ -88,6 +82,8 @@ class IndexConfig:
             raise ValueError(f"--clip-seconds must be in (0, {MAX_CLIP_SECONDS:g}], got {self.clip_seconds:g}")
         if self.cuts not in ("shot", "none"):
             raise ValueError(f"--cuts must be 'shot' or 'none', got {self.cuts!r}")
+        if self.max_gpus is not None and not self.max_gpus >= 0:
+            raise ValueError(f"--max-gpus must be a number of GPUs >= 0, got {self.max_gpus}")
         if not (0 < self.commit_every_min <= 24 * 60):
             raise ValueError(f"--commit-every must be in (0, 1440] minutes, got {self.commit_every_min:g}")
 
@@ -100,31 +96,12 @@ class IndexConfig:
     def tracker_label(self) -> str:
         return "tiny-sam2" if self.tracker == "tiny" else self.tracker
 
-    def fit_resources(self, cluster_cpus: float, cluster_gpus: float, largest_node_cpus: float | None = None) -> None:
-        """Pick per-stage resources for the cluster at hand.
-
-        With GPUs, each model actor takes one GPU. Without, the two model actors share the largest
-        node's cores less one kept for decoding; Ray pins a worker's intra-op threads to its whole
-        CPU count (``OMP_NUM_THREADS``), so this is also how many threads torch uses there. On small
-        nodes that leaves half a CPU each (one thread), so that even on a 2-core machine, or a
-        cluster of 1-CPU nodes, both pools and at least one decode task fit at once (a pool that
-        cannot be placed stalls the whole stream). Sizes come from the nodes present at the start:
-        GPUs an autoscaler adds later are not used by this run.
-        """
-        node_cpus = cluster_cpus if largest_node_cpus is None else min(cluster_cpus, largest_node_cpus)
-        if cluster_gpus >= 1:
-            pool = max(1, int(cluster_gpus // 2)) if cluster_gpus >= 2 else 1
-            for stage in (self.track, self.refer):
-                stage.num_gpus = 1.0 if cluster_gpus >= 2 else 0.5
-                stage.num_cpus = min(2.0, max(0.5, (node_cpus - 1) / 2))
-                stage.concurrency = (1, pool)
-        else:
-            per_actor = max(0.5, float(int((node_cpus - 1) // 2)))
-            for stage in (self.track, self.refer):
-                stage.num_gpus = 0.0
-                stage.num_cpus = per_actor
-                stage.concurrency = (1, 1)
-        self.decode.num_cpus = 1.0
+    def fit_resources(self, cluster: Cluster) -> None:
+        """Size every stage for `cluster` (`pipeline.sizing`), or raise `PlacementError` when the
+        stages cannot all be placed at once (the run would wait forever)."""
+        sizing = size_stages(cluster)
+        check_placement(sizing, cluster)
+        self.decode, self.track, self.refer = sizing.decode, sizing.track, sizing.refer
 
     @staticmethod
     def parse_storage_options(text: str | None) -> dict[str, Any]:

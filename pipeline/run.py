@@ -32,6 +32,7 @@ from pipeline.questions import load_questions, questions_for
 from pipeline.sink import RunWriter, indexed_video_ids, recover, retry_counts
 from pipeline.sources import VideoFile, list_videos
 from pipeline.storage_errors import redact_url
+from pipeline.sizing import Cluster, Sizing, describe
 from pipeline.summary import RunSummary, count_busy
 from pipeline.tasks import ROW_DEFAULTS, video_row
 
@@ -311,14 +312,11 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
 
 
 def _process(cfg: IndexConfig, run: _Run, todo: list[VideoFile], listed: int) -> None:
-    import ray
-
     rows = _input_rows(cfg, todo, run.run_id)
     ensure_ray(cfg.address)
-    resources = ray.cluster_resources()
-    node_cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    cfg.fit_resources(resources.get("CPU", 1.0), resources.get("GPU", 0.0), max(node_cpus, default=None))
+    cfg.fit_resources(Cluster.from_ray(cfg.max_gpus))
     run.progress(f"run {run.run_id}: indexing {len(todo)} of {listed} videos with {cfg.model_label} / {cfg.tracker_label}")
+    log.info("run %s: %s", run.run_id, describe(Sizing(cfg.decode, cfg.track, cfg.refer)))
     done_bytes, busy_s = 0, 0.0
 
     def speed() -> float | None:

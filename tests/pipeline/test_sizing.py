@@ -1,0 +1,90 @@
+"""Stage resources sized for described clusters (`pipeline.sizing`): everything packs, GPUs are
+shared by the two models, pools may grow to the GPUs there are (or will be), and a cluster that
+cannot run the stages at once is refused before the graph starts, naming what does not fit."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pipeline.config import IndexConfig
+from pipeline.sizing import Cluster, PlacementError, check_placement, decode_cpus, nodes, size_stages
+
+
+def placements_always_leave_room(cluster: Cluster) -> bool:
+    """Wherever Ray puts one tracker and one referrer actor, some node still fits one decode task."""
+    s = size_stages(cluster)
+    for a, b in itertools.product(range(len(cluster.nodes)), repeat=2):
+        free = [[n.cpus, n.gpus] for n in cluster.nodes]
+        ok = True
+        for k, stage in ((a, s.track), (b, s.refer)):
+            if free[k][0] < stage.num_cpus or free[k][1] < stage.num_gpus:
+                ok = False
+                break
+            free[k][0] -= stage.num_cpus
+            free[k][1] -= stage.num_gpus
+        if ok and not any(c >= s.decode.num_cpus for c, _ in free):
+            return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("spec", "cpus", "gpus", "pool", "decode"),
+    [
+        ([(2, 0)], 0.5, 0.0, (1, 1), 1.0),  # the 2-core CI machine: half a CPU (one thread) each
+        ([(16, 0)], 7.0, 0.0, (1, 1), 1.0),  # a big CPU box: the model actors share its cores
+        ([(1, 0), (1, 0)], 0.5, 0.0, (1, 1), 0.5),  # two 1-CPU nodes: the actors may take half of each
+        ([(4, 0)] * 4, 1.0, 0.0, (1, 1), 1.0),
+        ([(8, 0), (16, 1)], 2.0, 0.5, (1, 1), 1.0),  # CPU-only head + one GPU worker
+        ([(16, 1)], 2.0, 0.5, (1, 1), 1.0),  # one GPU shared by both models
+        ([(16, 2)], 2.0, 0.5, (1, 3), 1.0),  # two GPUs: either pool may take three of the four halves
+        ([(8, 0)] + [(16, 1)] * 8, 2.0, 0.5, (1, 15), 1.0),  # CPU head + 8 GPU workers
+        ([(2, 1)], 0.5, 0.5, (1, 1), 1.0),  # a small GPU box still leaves a CPU for decoding
+    ],
+)
+def test_described_clusters(spec, cpus, gpus, pool, decode):
+    cluster = Cluster(nodes(spec))
+    s = size_stages(cluster)
+    for stage in (s.track, s.refer):
+        assert (stage.num_cpus, stage.num_gpus, stage.concurrency) == (cpus, gpus, pool)
+    assert s.decode.num_cpus == decode and (s.track.batch_size, s.refer.batch_size) == (1, 16)
+    check_placement(s, cluster)
+    assert placements_always_leave_room(cluster)
+
+
+def test_on_one_gpu_both_models_share_it():
+    s = size_stages(Cluster(nodes([(16, 1)])))
+    assert s.track.num_gpus + s.refer.num_gpus == 1.0
+
+
+def test_pools_may_grow_to_gpus_an_autoscaler_adds():
+    now = size_stages(Cluster(nodes([(8, 0), (16, 1)])))
+    later = size_stages(Cluster(nodes([(8, 0), (16, 1)]), max_gpus=8))
+    assert now.track.concurrency == (1, 1) and later.track.concurrency == (1, 15)
+    assert later.refer.concurrency == (1, 15)
+
+
+def test_the_decode_request_is_what_every_placement_leaves():
+    cluster = Cluster(nodes([(1, 0), (1, 0)]))
+    s = size_stages(cluster)
+    assert decode_cpus(cluster, s.track, s.refer) == 0.5
+
+
+def test_a_cluster_too_small_is_refused_with_what_to_change():
+    cluster = Cluster(nodes([(0.5, 0)]))
+    with pytest.raises(PlacementError, match=r"(?s)decod.*add a node"):
+        check_placement(size_stages(cluster), cluster)
+
+
+def test_fit_resources_applies_the_sizing_and_checks_it():
+    cfg = IndexConfig(source="s", output="o")
+    cfg.fit_resources(Cluster(nodes([(16, 2)])))
+    assert cfg.track.concurrency == (1, 3) and cfg.refer.num_gpus == 0.5
+    with pytest.raises(PlacementError):
+        cfg.fit_resources(Cluster(nodes([(0.5, 0)])))
+
+
+def test_max_gpus_must_be_a_count():
+    with pytest.raises(ValueError, match="--max-gpus"):
+        IndexConfig(source="s", output="o", max_gpus=-1)
