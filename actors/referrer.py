@@ -93,7 +93,7 @@ class ReferrerStage:
 
     def __init__(
         self,
-        model: str = "tiny",
+        model: Any = "tiny",
         mode: str = "lite",
         *,
         max_new_tokens: int = 64,
@@ -107,7 +107,9 @@ class ReferrerStage:
 
         if object_frames is not None and object_frames <= 0:
             raise ValueError(f"object_frames must be positive, got {object_frames}")
-        self.referrer = Referrer.from_pretrained(model, mode=mode, upstream_local_crop=upstream_local_crop)
+        # A loaded `Referrer` is taken as it is (benches that build a model in memory).
+        self.referrer = (Referrer.from_pretrained(model, mode=mode, upstream_local_crop=upstream_local_crop)
+                         if isinstance(model, str) else model)
         self.object_frames = object_frames
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
