@@ -59,6 +59,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gpus", type=float, default=None,
                         help="GPUs the cluster may grow to (an autoscaler adding nodes): the model pools may grow "
                              "that far; default: the GPUs present at the start")
+    parser.add_argument("--clips-per-call", type=int, default=16,
+                        help="clips the referrer takes a call, sharing its model batches (default 16); fewer "
+                             "finish each video sooner, more fill a large GPU")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
 
@@ -73,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         upstream_local_crop=args.upstream_local_crop, retry_failed=args.retry_failed, run_id=args.run_id,
         max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
         clip_seconds=args.clip_seconds, cuts=args.cuts, commit_every_min=args.commit_every,
-        max_gpus=getattr(args, "max_gpus", None),
+        max_gpus=getattr(args, "max_gpus", None), clips_per_call=getattr(args, "clips_per_call", 16),
     )
 
 

@@ -62,6 +62,8 @@ class IndexConfig:
     decode: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))
     track: StageResources = dataclasses.field(default_factory=StageResources)
     refer: StageResources = dataclasses.field(default_factory=lambda: StageResources(batch_size=REFERRER_ROWS_PER_BATCH))
+    #: Clips per referrer call: their prompts share batches (throughput); fewer finish videos sooner.
+    clips_per_call: int = REFERRER_ROWS_PER_BATCH
 
     def __post_init__(self) -> None:
         if self.mode not in ("lite", "full"):
@@ -82,6 +84,8 @@ class IndexConfig:
             raise ValueError(f"--clip-seconds must be in (0, {MAX_CLIP_SECONDS:g}], got {self.clip_seconds:g}")
         if self.cuts not in ("shot", "none"):
             raise ValueError(f"--cuts must be 'shot' or 'none', got {self.cuts!r}")
+        if self.clips_per_call < 1:
+            raise ValueError(f"--clips-per-call must be at least 1, got {self.clips_per_call}")
         if self.max_gpus is not None and not self.max_gpus >= 0:
             raise ValueError(f"--max-gpus must be a number of GPUs >= 0, got {self.max_gpus}")
         if not (0 < self.commit_every_min <= 24 * 60):
@@ -99,7 +103,7 @@ class IndexConfig:
     def fit_resources(self, cluster: Cluster) -> None:
         """Size every stage for `cluster` (`pipeline.sizing`), or raise `PlacementError` when the
         stages cannot all be placed at once (the run would wait forever)."""
-        sizing = size_stages(cluster)
+        sizing = size_stages(cluster, self.clips_per_call)
         check_placement(sizing, cluster)
         self.decode, self.track, self.refer = sizing.decode, sizing.track, sizing.refer
 

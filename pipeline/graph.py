@@ -56,7 +56,11 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.flat_map(plan_rows, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
-        ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
+        # Its own operator (its `memory` differs from planning's): one task per clip, so decoding
+        # keeps pace with the tracker instead of one task decoding a whole video ahead of it.
+        decode_args = {"memory": cfg.decode.memory} if cfg.decode.memory else {}
+        ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries,
+                    **decode_args)
         ds = ds.map_batches(
             TrackerStage,
             fn_constructor_kwargs=tracker_kwargs(cfg),

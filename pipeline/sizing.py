@@ -27,6 +27,10 @@ from typing import Any, Sequence
 STAGE_GPU_SHARE = {"tracker": 0.5, "referrer": 0.5}
 #: Clips per referrer call: its prompts share LLM batches across clips (`actors.referrer`).
 REFERRER_ROWS_PER_BATCH = 16
+#: Heap of one decode task: a 30-s clip at 1 fps and 1080p is ~190 MB of frames, plus the decoder.
+#: Declaring it also keeps Ray Data from fusing decoding into the planning task: fused, one task
+#: decoded every clip of a video in a row, however far ahead of the tracker.
+DECODE_MEMORY_BYTES = 256 * 2**20
 
 
 class PlacementError(ValueError):
@@ -69,6 +73,8 @@ class StageResources:
     num_gpus: float = 0.0
     batch_size: int = 1
     concurrency: tuple[int, int] = (1, 1)
+    #: Heap a task may use (Ray's `memory` resource); None: not declared.
+    memory: int | None = None
 
 
 @dataclasses.dataclass
@@ -78,22 +84,23 @@ class Sizing:
     refer: StageResources
 
 
-def size_stages(cluster: Cluster) -> Sizing:
-    """Per-stage requests for `cluster` (see the module docstring for the rules)."""
+def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH) -> Sizing:
+    """Per-stage requests for `cluster` (see the module docstring for the rules); the referrer takes
+    `clips_per_call` clips a call."""
     gpu_nodes = [n for n in cluster.nodes if n.gpus >= 1]
     if gpu_nodes:
         gpus = max(cluster.gpus, cluster.max_gpus or 0.0)
         per_actor = min(2.0, max(0.5, (min(n.cpus for n in gpu_nodes) - 1) / 2))
         share = STAGE_GPU_SHARE
         track = StageResources(per_actor, share["tracker"], 1, (1, pool_max(gpus, share["tracker"], share["referrer"])))
-        refer = StageResources(per_actor, share["referrer"], REFERRER_ROWS_PER_BATCH,
+        refer = StageResources(per_actor, share["referrer"], clips_per_call,
                                (1, pool_max(gpus, share["referrer"], share["tracker"])))
     else:
         largest = max(n.cpus for n in cluster.nodes)
         per_actor = max(0.5, float(int((largest - 1) // 2)))
         track = StageResources(per_actor, 0.0, 1, (1, 1))
-        refer = StageResources(per_actor, 0.0, REFERRER_ROWS_PER_BATCH, (1, 1))
-    decode = StageResources(num_cpus=decode_cpus(cluster, track, refer))
+        refer = StageResources(per_actor, 0.0, clips_per_call, (1, 1))
+    decode = StageResources(num_cpus=decode_cpus(cluster, track, refer), memory=DECODE_MEMORY_BYTES)
     return Sizing(decode=decode, track=track, refer=refer)
 
 

@@ -163,8 +163,9 @@ def test_a_killed_run_resumes_from_its_last_commit(tmp_path, ray_local):
     for i in range(4):
         make_video(videos / f"v{i}.mp4", shapes=DEFAULT_SHAPES[:1], duration_s=2.0, seed=10 + i, width=96, height=72)
     output = tmp_path / "index"
+    # One clip per referrer call: videos finish one by one, so the kill lands between commits.
     argv = ["index", str(videos), str(output), "--fps", "1", "--cuts", "none", "--max-objects", "1",
-            "--max-new-tokens", "2", "--commit-every", "0.001"]
+            "--max-new-tokens", "2", "--commit-every", "0.001", "--clips-per-call", "1"]
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv, "--address", address], env=env,

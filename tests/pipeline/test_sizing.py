@@ -88,3 +88,12 @@ def test_fit_resources_applies_the_sizing_and_checks_it():
 def test_max_gpus_must_be_a_count():
     with pytest.raises(ValueError, match="--max-gpus"):
         IndexConfig(source="s", output="o", max_gpus=-1)
+
+
+def test_clips_per_call_sets_the_referrer_batch_and_decoding_declares_its_heap():
+    cfg = IndexConfig(source="s", output="o", clips_per_call=4)
+    cfg.fit_resources(Cluster(nodes([(2, 0)])))
+    assert cfg.refer.batch_size == 4 and cfg.track.batch_size == 1
+    assert cfg.decode.memory and cfg.decode.memory >= 128 * 2**20  # also keeps decoding out of planning's task
+    with pytest.raises(ValueError, match="--clips-per-call"):
+        IndexConfig(source="s", output="o", clips_per_call=0)
