@@ -58,7 +58,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs whose workers crash on a video before it is quarantined (default 3)")
     parser.add_argument("--max-gpus", type=float, default=None,
                         help="GPUs the cluster may grow to (an autoscaler adding nodes): the model pools may grow "
-                             "that far; default: the GPUs present at the start")
+                             "that far; default: the GPUs present as each wave starts")
     parser.add_argument("--clips-per-call", type=int, default=16,
                         help="clips the referrer takes a call, sharing its model batches (default 16); fewer "
                              "finish each video sooner, more fill a large GPU")

@@ -314,9 +314,8 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
 def _process(cfg: IndexConfig, run: _Run, todo: list[VideoFile], listed: int) -> None:
     rows = _input_rows(cfg, todo, run.run_id)
     ensure_ray(cfg.address)
-    cfg.fit_resources(Cluster.from_ray(cfg.max_gpus))
+    _fit(cfg, run, first=True)
     run.progress(f"run {run.run_id}: indexing {len(todo)} of {listed} videos with {cfg.model_label} / {cfg.tracker_label}")
-    log.info("run %s: %s", run.run_id, describe(Sizing(cfg.decode, cfg.track, cfg.refer)))
     done_bytes, busy_s = 0, 0.0
 
     def speed() -> float | None:
@@ -349,3 +348,20 @@ def _process(cfg: IndexConfig, run: _Run, todo: list[VideoFile], listed: int) ->
         wave = next(waves, None)
         if wave is not None or run.track_rows:
             run.commit()
+            _fit(cfg, run, first=False)  # GPUs that joined during this wave serve the next
+
+
+def _fit(cfg: IndexConfig, run: _Run, first: bool) -> None:
+    """Size the stages for the nodes there are now (`pipeline.sizing`); called before every wave, so
+    that GPUs that joined during a wave serve the next one without `--max-gpus`.
+
+    Raises `PlacementError` when one actor of each stage and a decode task cannot be placed at once:
+    the wave would wait forever (before a later wave, the finished videos are committed already).
+    """
+    before = Sizing(cfg.decode, cfg.track, cfg.refer)
+    cfg.fit_resources(Cluster.from_ray(cfg.max_gpus))
+    now = Sizing(cfg.decode, cfg.track, cfg.refer)
+    if first:
+        log.info("run %s: %s", run.run_id, describe(now))
+    elif now != before:
+        run.progress(f"run {run.run_id}: the cluster changed; {describe(now)}")

@@ -6,12 +6,20 @@ a request that can never be met (a 1-CPU decode task on nodes whose CPU is half 
 stalls the stream forever with no error. So requests are sized to pack on the nodes present, and a
 plan that still cannot be placed fails at once with what to change.
 
-GPU clusters: the tracker and the referrer share each GPU (fractional `num_gpus`, by their share of
-the GPU time a clip costs), so a clip's frames go from one actor to the other on the same node and
-both models stay resident; each pool autoscales (Ray Data's actor-pool autoscaler) between one
-actor and as many as the GPUs allow, counting GPUs an autoscaler may still add (`max_gpus`), so
-nodes that join after start-up are used. CPU-only clusters: one actor per stage, each given the
-largest node's cores less one kept for decoding (torch uses as many threads as its actor has CPUs).
+GPU clusters: the tracker and the referrer share each GPU (fractional `num_gpus`, by what a clip
+costs each on a GPU: `STAGE_GPU_COST`), so a clip's frames go from one actor to the other on the
+same node and both models stay resident; each actor gets a GPU node's CPUs less one for decoding,
+split over the actors its GPUs can hold. Each pool autoscales (Ray Data's actor-pool autoscaler,
+within Ray Data's resource budget) between one actor and as many as the GPUs allow: with
+`max_gpus` (`--max-gpus`), counting GPUs an autoscaler may still add, so the pools grow onto nodes
+that join while a wave runs; without it, the GPUs present, and the run sizes again before every
+wave (`pipeline.run`), so GPUs that joined are used from the next wave on (a wave is about
+`--commit-every` minutes). CPU-only clusters: one actor per stage, each given the largest node's
+cores less one kept for decoding (torch uses as many threads as its actor has CPUs).
+
+Decode tasks spend their time waiting on a decoder child process (`pipeline.isolation`), so their
+CPU request is a scheduling token more than a measure of work: it is sized to what every placement
+of the actors leaves, and actors' requests shrink (down to a quarter CPU) before a plan is refused.
 """
 
 from __future__ import annotations
@@ -20,11 +28,15 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-#: Each model stage's share of the GPU time of one clip (1 fps, 30-s clip, SAM 2.1-tiny + Lite-2B),
-#: which sets its fraction of a shared GPU. A first estimate from the CPU phase figures of
-#: `bench.pipeline` (tracker ~70% of model time); `bench/gpu.sh` measures the GPU ones
-#: (`busy_share_tracker`, `busy_share_referrer`): update these from its figures.
-STAGE_GPU_SHARE = {"tracker": 0.5, "referrer": 0.5}
+#: Relative GPU-seconds one clip costs each model stage (1 fps, 30-s clip, SAM 2.1 + Lite-2B); they
+#: set each stage's fraction of a shared GPU (`gpu_shares`). Equal until measured on a GPU: no GPU
+#: was at hand when this was written, and CPU figures do not carry over (on CPU, with tiny models, the
+#: tracker takes most of the model time). `bench/gpu.sh` (`busy_share_tracker` /
+#: `busy_share_referrer` of its stage loop) and `bench.pipeline`'s per-phase seconds on a GPU
+#: cluster (`phase_s_tracker_*`, `phase_s_referrer_*`) give the figures to put here.
+STAGE_GPU_COST = {"tracker": 1.0, "referrer": 1.0}
+#: The smallest CPU request of a model actor or a decode task: below it, sizing refuses the plan.
+MIN_CPUS = 0.25
 #: Clips per referrer call: its prompts share LLM batches across clips (`actors.referrer`).
 REFERRER_ROWS_PER_BATCH = 16
 #: Heap of one decode task: a 30-s clip at 1 fps and 1080p is ~190 MB of frames, plus the decoder.
@@ -84,14 +96,17 @@ class Sizing:
     refer: StageResources
 
 
-def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH) -> Sizing:
+def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH,
+                costs: dict[str, float] | None = None) -> Sizing:
     """Per-stage requests for `cluster` (see the module docstring for the rules); the referrer takes
-    `clips_per_call` clips a call."""
+    `clips_per_call` clips a call; `costs` overrides `STAGE_GPU_COST` (e.g. with measured figures)."""
     gpu_nodes = [n for n in cluster.nodes if n.gpus >= 1]
-    if gpu_nodes:
-        gpus = max(cluster.gpus, cluster.max_gpus or 0.0)
-        per_actor = min(2.0, max(0.5, (min(n.cpus for n in gpu_nodes) - 1) / 2))
-        share = STAGE_GPU_SHARE
+    gpus = max(cluster.gpus, cluster.max_gpus or 0.0)
+    if gpu_nodes or gpus >= 1:  # GPUs promised by `max_gpus` but none here yet: `check_placement` says so
+        share = gpu_shares(costs or STAGE_GPU_COST)
+        # Every GPU may hold one actor of each pool: keep a CPU per node for decoding beside them.
+        room = min(((n.cpus - 1) / (2 * n.gpus) for n in gpu_nodes), default=1.0)
+        per_actor = min(2.0, max(0.5, quarters(room)))
         track = StageResources(per_actor, share["tracker"], 1, (1, pool_max(gpus, share["tracker"], share["referrer"])))
         refer = StageResources(per_actor, share["referrer"], clips_per_call,
                                (1, pool_max(gpus, share["referrer"], share["tracker"])))
@@ -100,8 +115,31 @@ def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH)
         per_actor = max(0.5, float(int((largest - 1) // 2)))
         track = StageResources(per_actor, 0.0, 1, (1, 1))
         refer = StageResources(per_actor, 0.0, clips_per_call, (1, 1))
-    decode = StageResources(num_cpus=decode_cpus(cluster, track, refer), memory=DECODE_MEMORY_BYTES)
+    # Shrink the actors' requests (halving, down to MIN_CPUS) until a decode task always fits beside them.
+    room = decode_room(cluster, track, refer)
+    while (room is None or room < MIN_CPUS) and track.num_cpus > MIN_CPUS and gpus_exist(cluster, track, refer):
+        track.num_cpus = refer.num_cpus = max(MIN_CPUS, track.num_cpus / 2)
+        room = decode_room(cluster, track, refer)
+    decode = StageResources(num_cpus=1.0 if room is None else room, memory=DECODE_MEMORY_BYTES)
     return Sizing(decode=decode, track=track, refer=refer)
+
+
+def gpu_shares(costs: dict[str, float]) -> dict[str, float]:
+    """Each model stage's fraction of one GPU, by its cost, in quarters (so that one actor of each
+    fills a GPU exactly), at least a quarter each."""
+    total = costs["tracker"] + costs["referrer"]
+    track = min(0.75, max(0.25, quarters(costs["tracker"] / total, nearest=True)))
+    return {"tracker": track, "referrer": 1.0 - track}
+
+
+def quarters(x: float, nearest: bool = False) -> float:
+    """`x` in quarters: rounded down (a request must not exceed what is there), or to the nearest."""
+    return (round(x * 4) if nearest else math.floor(x * 4 + 1e-9)) / 4
+
+
+def gpus_exist(cluster: Cluster, *stages: StageResources) -> bool:
+    """Whether some node has the GPU share of each stage (else shrinking CPU requests cannot help)."""
+    return all(any(n.gpus + 1e-9 >= st.num_gpus for n in cluster.nodes) for st in stages)
 
 
 def pool_max(gpus: float, own: float, other: float) -> int:
@@ -109,14 +147,15 @@ def pool_max(gpus: float, own: float, other: float) -> int:
     return max(1, int((gpus - other) / own + 1e-9))
 
 
-def decode_cpus(cluster: Cluster, track: StageResources, refer: StageResources) -> float:
+def decode_room(cluster: Cluster, track: StageResources, refer: StageResources) -> float | None:
     """The largest CPU request (at most 1, in quarters) that a decode task can always get, wherever
-    Ray puts the two actors: on two 1-CPU nodes the actors may land one on each, leaving half a CPU
-    on both, so a task asking for one whole CPU would wait forever."""
+    Ray puts one actor of each pool (None: they fit nowhere). On two 1-CPU nodes the actors may land
+    one on each, leaving half a CPU on both, so a task asking for one whole CPU would wait forever."""
+    shapes = few_of_each(cluster.nodes)
     free_worst = math.inf
-    for a in range(len(cluster.nodes)):
-        for b in range(len(cluster.nodes)):
-            free = [[n.cpus, n.gpus] for n in cluster.nodes]
+    for a in range(len(shapes)):
+        for b in range(len(shapes)):
+            free = [[n.cpus, n.gpus] for n in shapes]
             placed = True
             for k, stage in ((a, track), (b, refer)):
                 if free[k][0] + 1e-9 < stage.num_cpus or free[k][1] + 1e-9 < stage.num_gpus:
@@ -127,29 +166,51 @@ def decode_cpus(cluster: Cluster, track: StageResources, refer: StageResources) 
             if placed:
                 free_worst = min(free_worst, max(c for c, _ in free))
     if free_worst is math.inf:
-        return 1.0  # the actors fit nowhere: `check_placement` says so
-    return max(0.0, min(1.0, math.floor(free_worst * 4 + 1e-9) / 4))
+        return None
+    return max(0.0, min(1.0, quarters(free_worst)))
+
+
+def few_of_each(all_nodes: Sequence[Node]) -> list[Node]:
+    """At most three nodes of each shape: two actors touch two nodes at most, so further nodes of a
+    shape change no placement's outcome (and `decode_room` stays quick on a 1,000-node cluster)."""
+    kept: list[Node] = []
+    for node in all_nodes:
+        if kept.count(node) < 3:
+            kept.append(node)
+    return kept
+
+
+def decode_cpus(cluster: Cluster, track: StageResources, refer: StageResources) -> float:
+    """`decode_room`, or 1 when the actors fit nowhere (`check_placement` then says which)."""
+    room = decode_room(cluster, track, refer)
+    return 1.0 if room is None else room
 
 
 def check_placement(sizing: Sizing, cluster: Cluster) -> None:
     """Raise `PlacementError` unless one actor of each pool and one decode task fit on the nodes at once.
 
-    First-fit decreasing over (CPU, GPU) per node, which is how far Ray's scheduler is guaranteed to
-    get; the message names the request that does not fit and what to change.
+    First fit over (CPU, GPU) per node, the actors largest first and then the decode task, which is
+    how far Ray's scheduler is guaranteed to get; the message names the request that does not fit
+    and what to change.
     """
     free = [[n.cpus, n.gpus] for n in cluster.nodes]
-    wants: list[tuple[str, float, float]] = [
-        ("tracker actor", sizing.track.num_cpus, sizing.track.num_gpus),
-        ("referrer actor", sizing.refer.num_cpus, sizing.refer.num_gpus),
-        ("decode task", sizing.decode.num_cpus, 0.0),
-    ]
+    actors = sorted([("tracker actor", sizing.track.num_cpus, sizing.track.num_gpus),
+                     ("referrer actor", sizing.refer.num_cpus, sizing.refer.num_gpus)], key=lambda w: (-w[2], -w[1]))
+    wants = actors + [("decode task", sizing.decode.num_cpus, 0.0)]
     if sizing.decode.num_cpus <= 0:
         raise PlacementError(
             "no CPU is left for decoding once the tracker and referrer actors are placed "
             f"(nodes: {', '.join(f'{n.cpus:g} CPU/{n.gpus:g} GPU' for n in cluster.nodes)}); "
             "add a node with at least 2 CPUs"
         )
-    for name, cpus, gpus in sorted(wants, key=lambda w: (-w[2], -w[1])):
+    for name, cpus, gpus in wants:
+        if gpus and not any(n.gpus for n in cluster.nodes):
+            promised = (f" (--max-gpus {cluster.max_gpus:g} counts GPUs an autoscaler may add later, but each pool "
+                        "starts with one actor now)") if cluster.max_gpus else ""
+            raise PlacementError(
+                f"the {name} needs {gpus:g} GPU but no node has one{promised}: start the cluster with a GPU node "
+                "(e.g. a GPU worker group with at least one replica), or leave out --max-gpus to run the models on CPU"
+            )
         for node in free:
             if node[0] + 1e-9 >= cpus and node[1] + 1e-9 >= gpus:
                 node[0] -= cpus

@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from pipeline.config import IndexConfig
-from pipeline.sizing import Cluster, PlacementError, check_placement, decode_cpus, nodes, size_stages
+from pipeline.sizing import Cluster, PlacementError, check_placement, decode_cpus, gpu_shares, nodes, size_stages
 
 
 def placements_always_leave_room(cluster: Cluster) -> bool:
@@ -33,6 +33,7 @@ def placements_always_leave_room(cluster: Cluster) -> bool:
     ("spec", "cpus", "gpus", "pool", "decode"),
     [
         ([(2, 0)], 0.5, 0.0, (1, 1), 1.0),  # the 2-core CI machine: half a CPU (one thread) each
+        ([(1, 0)], 0.25, 0.0, (1, 1), 0.5),  # one 1-CPU node: the requests shrink until all three pack
         ([(16, 0)], 7.0, 0.0, (1, 1), 1.0),  # a big CPU box: the model actors share its cores
         ([(1, 0), (1, 0)], 0.5, 0.0, (1, 1), 0.5),  # two 1-CPU nodes: the actors may take half of each
         ([(4, 0)] * 4, 1.0, 0.0, (1, 1), 1.0),
@@ -41,6 +42,9 @@ def placements_always_leave_room(cluster: Cluster) -> bool:
         ([(16, 2)], 2.0, 0.5, (1, 3), 1.0),  # two GPUs: either pool may take three of the four halves
         ([(8, 0)] + [(16, 1)] * 8, 2.0, 0.5, (1, 15), 1.0),  # CPU head + 8 GPU workers
         ([(2, 1)], 0.5, 0.5, (1, 1), 1.0),  # a small GPU box still leaves a CPU for decoding
+        ([(1, 1)], 0.25, 0.5, (1, 1), 0.5),  # a GPU with one CPU: shrunk, not refused
+        ([(16, 8)], 0.75, 0.5, (1, 15), 1.0),  # 8 GPUs, 16 CPUs: 16 actors at most, one CPU kept for decoding
+        ([(96, 8)], 2.0, 0.5, (1, 15), 1.0),
     ],
 )
 def test_described_clusters(spec, cpus, gpus, pool, decode):
@@ -56,6 +60,30 @@ def test_described_clusters(spec, cpus, gpus, pool, decode):
 def test_on_one_gpu_both_models_share_it():
     s = size_stages(Cluster(nodes([(16, 1)])))
     assert s.track.num_gpus + s.refer.num_gpus == 1.0
+
+
+def test_gpu_fractions_follow_the_stages_costs():
+    assert gpu_shares({"tracker": 1.0, "referrer": 1.0}) == {"tracker": 0.5, "referrer": 0.5}
+    assert gpu_shares({"tracker": 3.0, "referrer": 1.0}) == {"tracker": 0.75, "referrer": 0.25}
+    assert gpu_shares({"tracker": 1.0, "referrer": 99.0}) == {"tracker": 0.25, "referrer": 0.75}  # a quarter at least
+    cluster = Cluster(nodes([(16, 2)]))
+    s = size_stages(cluster, costs={"tracker": 3.0, "referrer": 1.0})
+    assert (s.track.num_gpus, s.refer.num_gpus) == (0.75, 0.25)
+    # Each pool may take every GPU slot the other's one actor leaves: 1.75 / 0.75 and 1.25 / 0.25.
+    assert (s.track.concurrency, s.refer.concurrency) == ((1, 2), (1, 5))
+    check_placement(s, cluster)
+
+
+@pytest.mark.parametrize("spec", [[(16, 1)], [(16, 2)], [(16, 8)], [(96, 8)], [(4, 1)], [(8, 0)] + [(16, 1)] * 8])
+def test_pools_grown_to_every_gpu_still_leave_each_node_a_decode_task(spec):
+    """At their largest the pools fill every GPU (one actor of each per GPU): the CPUs beside them
+    still hold a decode task on every GPU node, so the grown pools do not starve decoding."""
+    cluster = Cluster(nodes(spec))
+    s = size_stages(cluster)
+    assert s.track.concurrency[1] + s.refer.concurrency[1] >= 2 * cluster.gpus
+    for node in cluster.nodes:
+        if node.gpus:
+            assert node.cpus - 2 * node.gpus * s.track.num_cpus >= s.decode.num_cpus
 
 
 def test_pools_may_grow_to_gpus_an_autoscaler_adds():
@@ -75,6 +103,34 @@ def test_a_cluster_too_small_is_refused_with_what_to_change():
     cluster = Cluster(nodes([(0.5, 0)]))
     with pytest.raises(PlacementError, match=r"(?s)decod.*add a node"):
         check_placement(size_stages(cluster), cluster)
+    cluster = Cluster(nodes([(0.4, 0)]))  # the first actor fits, the second does not
+    with pytest.raises(PlacementError, match=r"the referrer actor needs 0\.25 CPU.*add a node"):
+        check_placement(size_stages(cluster), cluster)
+
+
+def test_gpus_promised_but_none_present_are_refused_naming_the_stage():
+    """`--max-gpus` on a cluster with no GPU node yet: the pools ask for GPUs (not a silent CPU run),
+    and the plan is refused at once instead of waiting for a node that may never come."""
+    cluster = Cluster(nodes([(8, 0)]), max_gpus=4)
+    s = size_stages(cluster)
+    assert s.track.num_gpus == 0.5 and s.track.concurrency == (1, 7)
+    with pytest.raises(PlacementError, match=r"the tracker actor needs 0\.5 GPU but no node has one.*--max-gpus"):
+        check_placement(s, cluster)
+
+
+def test_the_index_command_refuses_a_cluster_it_cannot_run_on(tmp_path, monkeypatch, capsys):
+    """The refusal reaches the user as one line and a non-zero exit, before any graph starts."""
+    from jobs.cli import main
+    from pipeline import run
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not decoded: the run stops before")
+    monkeypatch.setattr(run, "ensure_ray", lambda address: None)
+    monkeypatch.setattr(Cluster, "from_ray", classmethod(lambda cls, max_gpus=None: cls(nodes([(0.5, 0)]))))
+    monkeypatch.setattr(run, "build_dataset", lambda *a: pytest.fail("the graph started"))
+    code = main(["index", str(tmp_path / "videos"), str(tmp_path / "index"), "--cuts", "none"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: this cluster cannot run the index: no CPU is left for decoding" in err, err
 
 
 def test_fit_resources_applies_the_sizing_and_checks_it():
