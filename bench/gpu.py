@@ -1,317 +1,225 @@
-"""GPU benchmark at the released models' sizes, random weights: what one GPU-hour indexes.
+"""GPU benchmark at the released models' sizes with random weights: what one GPU-hour indexes.
 
-    bash bench/gpu.sh [--json FILE] [--budget-s 420]          # on a GPU machine (see bench/gpu.sh)
-    python -m bench.gpu --smoke [--json FILE]                 # every section at tiny sizes on CPU
+    bash bench/gpu.sh [--json FILE] [--budget-s 400] [--only SECTION]   # on a machine with one GPU
+    python -m bench.gpu --smoke [--json FILE] [--dtype bfloat16]   # every section, tiny sizes, CPU
 
-Sections (each guarded: one that fails records its error, the others still run; a time budget skips
-what would not fit, with a note):
+With this workplace's device tool (`bash bench/gpu.sh --fetch-wheels` here first: see bench/gpu.sh):
 
-* ``sam2``: SAM 2.1 tiny and large (transformers' Sam2 architecture at the released configs, saved
-  and loaded through `models.sam2.load_sam2` like a real folder), `Tracker.track` over 32 frames of
-  1280x720 moving boxes prompted by their boxes: frames/s at 1 and 8 objects.
-* ``lite2b``, ``lite7b``, ``full2b``: PixelRefer at the released widths and depths (Qwen2.5-1.5B /
-  -7B, VL3-SigLIP-NaViT, the released vocabulary size), built in memory on the device: one caption
-  of one object masked on 20 frames of 640x360 with 64 new tokens (eos off, so every caption
-  decodes all 64), and objects/s at batch 1/16/64 (Lite-2B; 1/16 for 7B); peak GPU memory of each.
-* ``loop``: the stages' own code (`TrackerStage`, `ReferrerStage`) as one plain loop over a
-  10-minute video at 1 fps in 30-s clips (SAM 2.1-tiny + Lite-2B, automatic discovery, K = 8):
-  video-hours per GPU-hour and each stage's busy share. Frames are rendered in memory: decoding is
-  CPU work (`bench.decode`), and the GPU machine has no PyAV.
+    run(command="bash bench/gpu.sh --json $OUT/gpu.json", carry=[".whl"], timeout_s=540)
 
-Weights are random, so what the captions say is noise, but every matmul, attention and the vision
-tower's token counts are those of the released models. Not measured here: load time from disk.
+`tests/infra/test_gpu_bench.py` runs the smoke mode (about 15 s on 2 cores).
+
+What it measures (bf16 on CUDA, flash-attention 2 when `flash_attn` imports, else SDPA):
+
+* ``sam2`` (`bench.gpu_sections`): SAM 2.1 hiera-tiny and -large tracking frames/s at 1 and 8
+  objects (`sam2_{tiny,large}_fps_{1,8}obj`), through the tracker stage's own `Tracker`.
+* ``lite2b``, ``full2b``, ``lite7b``: PixelRefer-Lite-2B, full PixelRefer-2B, PixelRefer-Lite-7B:
+  one caption of one object on 20 frames with 64 new tokens (`*_caption_latency_s`, and its
+  phases), objects/s at batch 1/16/64 (`*_objects_per_s_b{1,16,64}`), peak GPU memory; then full
+  vs Lite (`full_over_lite_caption_time`, `full_over_lite_peak_gpu_memory`, per caption).
+* ``loop`` (`bench.gpu_loop`): the tracker and referrer stages as one plain loop (no Ray) over a
+  10-minute video at 1 fps, SAM 2.1-tiny + Lite-2B: `video_hours_per_gpu_hour` and the share of
+  the loop's wall time spent decoding, tracking and captioning (`busy_share_{decode,tracker,referrer}`),
+  with each stage's phases (`loop_phase_s_*`).
+
+Random weights cost what the released ones cost (same shapes); `bench.gpu_models` says what is
+pinned so that random values do not change the work. Each section is guarded: one that fails
+records its error under `errors` and the others still run. A time budget (`--budget-s`, wall
+seconds from the start) keeps the whole run under 8 minutes: a section that would start with less
+than its minimum (`MIN_REMAINING_S`) left is listed in `skipped`, the model sections skip their
+larger batches past it, and the loop stops taking clips at it (its rates are over the clips done).
+The JSON is rewritten after every section, and a watchdog writes it and exits if a section hangs
+past the budget, so a killed run still leaves its figures. Exit status: 0 when no section failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-#: The released SAM 2.1 backbones (transformers' Sam2HieraDetConfig defaults are hiera-tiny).
-SAM2_LARGE_BACKBONE = {
-    "hidden_size": 144, "blocks_per_stage": [2, 6, 36, 4], "embed_dim_per_stage": [144, 288, 576, 1152],
-    "num_attention_heads_per_stage": [2, 4, 8, 16], "window_size_per_stage": [8, 4, 16, 8],
-    "global_attention_blocks": [23, 33, 43], "window_positional_embedding_background_size": [7, 7],
-}
+from bench.gpu_loop import section_loop, start_video
+from bench.gpu_models import release, transformers_compat
+from bench.gpu_sections import referrer_section, section_sam2
 
-
-def moving_boxes(count: int, frames: int, width: int, height: int, seed: int = 0):
-    """Textured frames with `count` boxes moving on straight lines; per frame, each box (xyxy)."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)
-    side = max(8, min(width, height) // 8)
-    starts = rng.integers(0, [max(1, width - side), max(1, height - side)], (count, 2))
-    steps = rng.integers(-4, 5, (count, 2))
-    colours = rng.integers(100, 255, (count, 3))
-    video = np.repeat(background[None], frames, axis=0)
-    boxes = np.zeros((frames, count, 4))
-    for t in range(frames):
-        for k in range(count):
-            x, y = np.clip(starts[k] + steps[k] * t, 0, [width - side, height - side])
-            video[t, y:y + side, x:x + side] = colours[k]
-            boxes[t, k] = (x, y, x + side, y + side)
-    return video, np.arange(frames, dtype=np.float64), boxes
-
-
-def peak_gpu_mib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
-    """Best of `repeats` wall times after the device has finished."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-# -- models ------------------------------------------------------------------------------------------
-
-
-def sam2_folder(size: str, root: Path, smoke: bool) -> Path:
-    """A random SAM 2.1 checkpoint of `size` ("tiny" or "large") saved as the released repos are."""
-    from transformers import Sam2VideoConfig, Sam2VideoModel
-
-    from models.sam2 import tiny_checkpoint
-
-    if smoke:
-        return tiny_checkpoint()
-    folder = root / f"sam2.1-{size}"
-    if (folder / "config.json").is_file():
-        return folder
-    vision = None
-    if size == "large":
-        vision = {"model_type": "sam2_vision_model", "backbone_config": {"model_type": "sam2_hiera_det_model",
-                  **SAM2_LARGE_BACKBONE}, "backbone_channel_list": [1152, 576, 288, 144]}
-    config = Sam2VideoConfig(vision_config=vision) if vision else Sam2VideoConfig()
-    model = Sam2VideoModel(config)
-    model.save_pretrained(folder)
-    from transformers import Sam2ImageProcessor, Sam2VideoProcessor
-    from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
-
-    Sam2VideoProcessor(image_processor=Sam2ImageProcessor(), video_processor=Sam2VideoVideoProcessor()).save_pretrained(folder)
-    return folder
-
-
-def referrer_at(mode: str, size: str, device: str, dtype: torch.dtype, attn: str, smoke: bool):
-    """A `Referrer` with random weights at the released sizes, built in memory (no multi-GB write)."""
-    from models.generation import GenerationSettings
-    from models.loading import LoadedCheckpoint, build_model, load_tokenizer
-    from models.referrer import Referrer
-    from models.tiny import TINY_DIMS, build_tokenizer, real_2b_dims, tiny_config
-
-    if smoke:
-        dims, vocab = TINY_DIMS, None
-    elif size == "2B":
-        dims, vocab = real_2b_dims(layers=28, vision_layers=27), 151936
-    else:
-        dims = dataclasses.replace(real_2b_dims(layers=28, vision_layers=27), hidden=3584, intermediate=18944,
-                                   heads=28, kv_heads=4)
-        vocab = 152064
-    folder = Path(tempfile.mkdtemp(prefix="gpu-bench-tokenizer-"))
-    build_tokenizer(folder)
-    ids = json.loads((folder / "added_tokens.json").read_text())
-    vocab = vocab or ((max(ids.values()) + 1 + 63) // 64) * 64
-    config = tiny_config(mode, vocab, ids, dims)
-    model = build_model(config, device=torch.device(device), dtype=dtype, attn_implementation=attn, init_weights=True)
-    model.requires_grad_(False)
-    ckpt = LoadedCheckpoint(model.eval(), load_tokenizer(folder, config), config, folder,
-                            GenerationSettings(eos_token_ids=()))  # eos off: every caption decodes all tokens
-    return Referrer(ckpt, f"random-{mode}-{size}")
-
-
-# -- sections ---------------------------------------------------------------------------------------
-
-
-def section_sam2(ctx: dict[str, Any]) -> dict[str, Any]:
-    from actors.tracker import Tracker
-    from actors.prompts import ObjectPrompt
-
-    out: dict[str, Any] = {}
-    frames_n, (w, h) = (8, (160, 120)) if ctx["smoke"] else (32, (1280, 720))
-    for size in ("tiny", "large"):
-        tracker = Tracker(str(sam2_folder(size, ctx["root"], ctx["smoke"])), device=ctx["device"],
-                          dtype=ctx["dtype"])
-        for n in (1, 8):
-            video, ts, boxes = moving_boxes(n, frames_n, w, h, seed=n)
-            prompts = [ObjectPrompt(box=tuple(float(v) for v in b), frame=0, object_id=k + 1)
-                       for k, b in enumerate(boxes[0])]
-            tracker.track(video[:2], ts[:2], prompts)  # warm-up
-            seconds, _ = timed(lambda: tracker.track(video, ts, prompts))
-            out[f"sam2_{size}_fps_{n}obj"] = frames_n / seconds
-        out[f"sam2_{size}_peak_gpu_mib"] = peak_gpu_mib()
-        del tracker
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return out
-
-
-def _object_requests(count: int, frames_n: int, w: int, h: int):
-    """Frames, times, `count` objects masked on every frame, and one caption request per object."""
-    from models.referrer import DEFAULT_CAPTION_PROMPT, Request
-
-    video, ts, boxes = moving_boxes(count, frames_n, w, h, seed=count)
-    objects = []
-    for k in range(count):
-        masks = {}
-        for t in range(frames_n):
-            x0, y0, x1, y1 = (int(v) for v in boxes[t, k])
-            m = np.zeros((h, w), dtype=bool)
-            m[y0:y1, x0:x1] = True
-            masks[t] = m
-        objects.append(masks)
-    requests = [Request(DEFAULT_CAPTION_PROMPT, [k]) for k in range(count)]
-    return list(video), list(ts), objects, requests
-
-
-def referrer_section(mode: str, size: str, batches: tuple[int, ...]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def run(ctx: dict[str, Any]) -> dict[str, Any]:
-        tag = f"{mode}{size.lower()}"
-        frames_n, (w, h), tokens = (4, (96, 64), 8) if ctx["smoke"] else (20, (640, 360), 64)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        referrer = referrer_at(mode, size, ctx["device"], ctx["dtype"], ctx["attn"], ctx["smoke"])
-        out: dict[str, Any] = {f"{tag}_params_b": sum(p.numel() for p in referrer.model.parameters()) / 1e9}
-        one = _object_requests(1, frames_n, w, h)
-        referrer.generate(*one, max_new_tokens=2)  # warm-up
-        seconds, gens = timed(lambda: referrer.generate(*one, max_new_tokens=tokens, batch_size=1), repeats=2)
-        out[f"{tag}_caption_latency_s"] = seconds
-        out[f"{tag}_caption_tokens"] = gens[0].num_tokens
-        for b in batches:
-            many = _object_requests(b, frames_n, w, h)
-            seconds, _ = timed(lambda: referrer.generate(*many, max_new_tokens=tokens, batch_size=b))
-            out[f"{tag}_objects_per_s_b{b}"] = b / seconds
-            out[f"{tag}_s_per_object_b{b}"] = seconds / b
-        out[f"{tag}_peak_gpu_mib"] = peak_gpu_mib()
-        del referrer
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        return out
-
-    return run
-
-
-def section_loop(ctx: dict[str, Any]) -> dict[str, Any]:
-    """TrackerStage then ReferrerStage over every 30-s clip of a 10-minute, 1 fps video."""
-    from actors.columns import times_to_column
-    from actors.referrer import ReferrerStage
-    from actors.tracker import TrackerStage
-
-    seconds_total, (w, h) = (60, (160, 120)) if ctx["smoke"] else (600, (640, 360))
-    clip_s = 30
-    tracker = TrackerStage(str(sam2_folder("tiny", ctx["root"], ctx["smoke"])), device=ctx["device"],
-                           dtype=ctx["dtype"], max_objects=8, ship_frames="shown", object_frames=8)
-    referrer = ReferrerStage(referrer_at("lite", "2B", ctx["device"], ctx["dtype"], ctx["attn"], ctx["smoke"]),
-                             max_new_tokens=8 if ctx["smoke"] else 64, object_frames=8)
-    video, ts, _ = moving_boxes(4, seconds_total, w, h, seed=7)
-    busy = {"tracker": 0.0, "referrer": 0.0}
-    start = time.perf_counter()
-    pending = []
-    for c in range(0, seconds_total, clip_s):
-        stop = min(seconds_total, c + clip_s + 1)  # one shared frame with the next clip, as the index does
-        row = {"video_id": "v", "kind": "clip", "clip_index": c // clip_s, "error": "", "prompts_json": "",
-               "discover": "keyframes", "num_owned": min(clip_s, stop - c), "tracks_json": "",
-               "questions_json": "[]", "frames": video[c:stop], "timestamps": times_to_column(ts[c:stop] - c)}
-        t = time.perf_counter()
-        tracked = tracker(_batch([row]))
-        busy["tracker"] += time.perf_counter() - t
-        pending.append({k: v[0] for k, v in tracked.items()})
-        if len(pending) == 16 or stop >= seconds_total:
-            t = time.perf_counter()
-            referrer(_batch(pending))
-            sync()
-            busy["referrer"] += time.perf_counter() - t
-            pending = []
-    wall = time.perf_counter() - start
-    return {
-        "loop_video_s": seconds_total, "loop_wall_s": wall,
-        "video_hours_per_gpu_hour": seconds_total / wall,
-        "busy_share_tracker": busy["tracker"] / wall, "busy_share_referrer": busy["referrer"] / wall,
-    }
-
-
-def _batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    out = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        for i, row in enumerate(rows):
-            column[i] = row[key]
-        out[key] = column
-    return out
-
-
-SECTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+#: Order matters: the budget skips from the end. The loop (the headline figure) comes before the
+#: 7B, and takes clips for at most `bench.gpu_loop.LOOP_MAX_S`, so that both usually fit.
+SECTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "sam2": section_sam2,
-    "lite2b": referrer_section("lite", "2B", (1, 16, 64)),
-    "full2b": referrer_section("full", "2B", (1,)),
+    "lite2b": referrer_section("lite", "2B"),
+    "full2b": referrer_section("full", "2B"),
     "loop": section_loop,
-    "lite7b": referrer_section("lite", "7B", (1, 16)),
+    "lite7b": referrer_section("lite", "7B"),
 }
+
+#: Seconds a section needs at the least (guesses for an H100: model build, warm-up, the first
+#: measurement); one that would start with less of the budget left is skipped rather than abandoned.
+MIN_REMAINING_S = {"sam2": 30.0, "lite2b": 30.0, "full2b": 30.0, "lite7b": 60.0, "loop": 45.0}
+
+#: Modules that the GPU machine lacks: none of them may be imported along the bench's path.
+ABSENT_ON_DEVICE = ("ray", "av", "decord", "duckdb", "ffmpeg")
+
+#: Seconds past the budget after which the watchdog gives up on a hung section.
+WATCHDOG_GRACE_S = 45.0
+
+
+@dataclass
+class Context:
+    """What every section reads: where and how to run, the deadline, a cache and a note list."""
+
+    smoke: bool
+    device: str
+    dtype: torch.dtype
+    attn: str
+    root: Path
+    deadline: float
+    video: Any = None  # the loop video's Future (bench.gpu_loop.start_video)
+    video_spec: dict[str, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        print(f"note: {text}", file=sys.stderr, flush=True)
+        self.notes.append(text)
+
+
+def default_json_path() -> str:
+    """$OUT/gpu-bench.json where the device tool provides $OUT (it comes back from there), else ./."""
+    return os.path.join(os.environ["OUT"], "gpu-bench.json") if os.environ.get("OUT") else "gpu-bench.json"
+
+
+def write_record(record: dict[str, Any], path: str) -> None:
+    """Write atomically, so that a watchdog exit or a kill mid-write never leaves half a file."""
+    text = json.dumps(record, indent=2, default=str, allow_nan=False)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinity become null (JSON has neither); such a value is a bug worth seeing."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def derived(record: dict[str, Any]) -> dict[str, Any]:
+    """Full vs Lite ratios, when both sections ran."""
+    out = {}
+    pairs = {"full_over_lite_caption_time": "caption_latency_s",
+             "full_over_lite_peak_gpu_memory": "caption_peak_gpu_mib"}
+    for name, key in pairs.items():
+        lite, full = record.get(f"lite2b_{key}"), record.get(f"full2b_{key}")
+        if lite and full:
+            out[name] = full / lite
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks that every section runs")
-    parser.add_argument("--json", dest="json_path", default=None)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip sections that start after this")
-    parser.add_argument("--only", action="append", choices=list(SECTIONS), default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks that every section runs")
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help="output file (default $OUT/gpu-bench.json, else ./gpu-bench.json)")
+    parser.add_argument("--budget-s", type=float, default=400.0,
+                        help="no section starts, and the loop takes no clip, after this many seconds")
+    parser.add_argument("--only", action="append", choices=list(SECTIONS), default=None, help="run only these")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: bf16 on CUDA, fp32 on CPU (--smoke --dtype bfloat16 checks bf16 paths on CPU)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    path = args.json_path or default_json_path()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
     from models.referrer import pick_device
 
-    device, dtype, attn = pick_device("cpu" if args.smoke else None, None)
-    root = Path(os.environ.get("GPU_BENCH_DIR") or tempfile.mkdtemp(prefix="gpu-bench-"))
-    ctx = {"smoke": args.smoke, "device": str(device), "dtype": dtype, "attn": attn, "root": root}
+    device, dtype, attn = pick_device("cpu" if args.smoke else None,
+                                      None if args.dtype == "auto" else getattr(torch, args.dtype))
+    if not args.smoke and device.type != "cuda":
+        print("no CUDA device: run with --smoke for the CPU check", file=sys.stderr)
+        return 2
     import transformers
 
+    try:
+        patches = transformers_compat()
+    except Exception as exc:  # noqa: BLE001 - without it only the SAM 2 sections fail, and say why
+        patches = [f"failed: {type(exc).__name__}: {exc}"]
+    root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    ctx = Context(smoke=args.smoke, device=str(device), dtype=dtype, attn=attn, root=root,
+                  deadline=started + args.budget_s)
+    names = args.only or list(SECTIONS)
+    if "loop" in names:
+        ctx.video, ctx.video_spec = start_video(root, args.smoke)
     record: dict[str, Any] = {
-        "bench": "gpu", "smoke": args.smoke, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "dtype": str(dtype).replace("torch.", ""), "attention": attn, "errors": {}, "skipped": [],
+        "bench": "gpu", "smoke": args.smoke,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else 0.0,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""), "attention": attn,
+        "compat_patches": patches, "budget_s": args.budget_s, "sections": names,
+        "errors": {}, "skipped": [], "notes": ctx.notes,
     }
-    start = time.perf_counter()
-    for name in args.only or list(SECTIONS):
-        if time.perf_counter() - start > args.budget_s:
+    lock = threading.Lock()
+
+    def save() -> None:
+        with lock:
+            record["elapsed_s"] = time.perf_counter() - started
+            record["absent_on_device_imported"] = sorted(m for m in ABSENT_ON_DEVICE if m in sys.modules)
+            write_record(_finite({**record, **derived(record)}), path)
+
+    done = threading.Event()
+
+    def watchdog() -> None:
+        """A section hung past the budget: keep what was measured, and leave."""
+        if done.wait(args.budget_s + WATCHDOG_GRACE_S):
+            return
+        ctx.note(f"watchdog: still running {WATCHDOG_GRACE_S:g} s past the budget; exiting with what was measured")
+        record["errors"]["watchdog"] = "a section overran the budget and was abandoned"
+        try:
+            save()
+        finally:
+            os._exit(3)
+
+    threading.Thread(target=watchdog, daemon=True, name="gpu-bench-watchdog").start()
+    try:
+        run_sections(ctx, record, names, args.budget_s, save)
+    finally:
+        done.set()
+    record["total_s"] = time.perf_counter() - started
+    save()
+    print(Path(path).read_text())
+    return 0 if not record["errors"] else 1
+
+
+def run_sections(ctx: Context, record: dict[str, Any], names: list[str], budget_s: float,
+                 save: Callable[[], None]) -> None:
+    """Each section in turn, guarded, skipped past the deadline; the JSON rewritten after each."""
+    for name in names:
+        left = ctx.deadline - time.perf_counter()
+        if left <= (0.0 if ctx.smoke else MIN_REMAINING_S.get(name, 0.0)):
             record["skipped"].append(name)
+            ctx.note(f"{name}: skipped, {max(0.0, left):.0f} s of the {budget_s:g} s budget left")
             continue
         t = time.perf_counter()
         try:
             record.update(SECTIONS[name](ctx))
         except Exception as exc:  # noqa: BLE001 - one section's failure must not lose the others' figures
-            record["errors"][name] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+            record["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
+        release()  # the section's models are unreferenced now: the next one's peak memory is its own
         record[f"section_s_{name}"] = time.perf_counter() - t
-        print(json.dumps({k: v for k, v in record.items() if k.startswith(name) or k.startswith("section")}),
-              file=sys.stderr, flush=True)
-    if record.get("lite2b_caption_latency_s") and record.get("full2b_caption_latency_s"):
-        record["full_over_lite_caption_time"] = record["full2b_caption_latency_s"] / record["lite2b_caption_latency_s"]
-    if record.get("lite2b_peak_gpu_mib") and record.get("full2b_peak_gpu_mib"):
-        record["full_over_lite_peak_gpu_memory"] = record["full2b_peak_gpu_mib"] / record["lite2b_peak_gpu_mib"]
-    record["total_s"] = time.perf_counter() - start
-    text = json.dumps(record, indent=2, default=str)
-    print(text)
-    path = args.json_path or (os.path.join(os.environ["OUT"], "gpu-bench.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).write_text(text)
-    return 0 if not record["errors"] else 1
+        save()
+        failed = f" FAILED {record['errors'][name]}" if name in record["errors"] else ""
+        print(f"{name}: {record[f'section_s_{name}']:.1f} s{failed}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
