@@ -4,7 +4,7 @@ task then fit on neither (Ray Data: `backpressured:tasks(ResourceBudget)`). The 
 decoding for what every placement of the actors leaves (`pipeline.sizing`).
 
 As in `tests/jobs/test_submit.py`, the cluster lives in a helper *subprocess* with its own
-RAY_TMPDIR: `ray.init()` elsewhere on the machine (this session's local Ray, other sessions' tests)
+RAY_TMPDIR (`tests/loopback_cluster.py`): `ray.init()` elsewhere on the machine (this session's local Ray, other sessions' tests)
 cannot find it, the Ray state of this test process is never touched, and stopping it kills only its
 own processes. The index runs in a second subprocess with a deadline, so a stall fails the test
 instead of hanging CI.
@@ -12,18 +12,15 @@ instead of hanging CI.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from loopback_cluster import helper_cluster
 
 from pipeline.samples import DEFAULT_SHAPES, make_video
 
@@ -67,56 +64,11 @@ INDEX = textwrap.dedent(
 )
 
 
-def _kill_leftovers(root: str) -> None:
-    """Terminate, then kill, every process that names `root` or carries RAY_TMPDIR=root (and their
-    children): the cluster's and a driver that outlived its deadline; nothing else."""
-    import psutil
-
-    found: set[int] = set()
-    parents: dict[int, int] = {}
-    procs: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["ppid", "cmdline"]):
-        procs[proc.pid], parents[proc.pid] = proc, proc.info["ppid"]
-        with contextlib.suppress(psutil.Error):
-            if any(root in arg for arg in proc.info["cmdline"] or []) or proc.environ().get("RAY_TMPDIR") == root:
-                found.add(proc.pid)
-    frontier = set(found)
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in found}
-        found |= frontier
-    targets = [procs[pid] for pid in found - {os.getpid()}]
-    for proc in targets:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(targets, timeout=5)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
 @pytest.fixture
 def two_one_cpu_nodes() -> Iterator[dict]:
     """A head and a worker node of one CPU each on loopback; yields its address and environment."""
-    root = tempfile.mkdtemp(prefix="prpack-")  # short: Ray's socket paths live under it
-    os.makedirs(os.path.join(root, "ray"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TMPDIR=root, RAY_USAGE_STATS_ENABLED="0")
-    helper = subprocess.Popen([sys.executable, "-c", CLUSTER, os.path.join(root, "ray")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env, cwd=root, text=True)
-    try:
-        line = helper.stdout.readline()
-        if not line:
-            pytest.fail(f"the test cluster did not start (helper exit {helper.wait(timeout=60)})")
-        yield {"address": json.loads(line)["address"], "env": env}
-    finally:
-        with contextlib.suppress(Exception):
-            helper.stdin.close()
-        try:
-            helper.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            helper.kill()
-        _kill_leftovers(root)
-        shutil.rmtree(root, ignore_errors=True)
+    with helper_cluster(CLUSTER, prefix="prpack-") as (line, _, env):
+        yield {"address": line["address"], "env": env}
 
 
 def test_a_tiny_index_runs_on_two_one_cpu_nodes(tmp_path: Path, two_one_cpu_nodes: dict):

@@ -25,15 +25,14 @@ import json
 import os
 import shlex
 import socket
-import subprocess
 import sys
-import tempfile
 import textwrap
 import types
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from loopback_cluster import cluster_processes, helper_cluster
 
 from jobs.submit import (
     EXIT_OK,
@@ -273,64 +272,12 @@ CLUSTER_HELPER = textwrap.dedent(
 )
 
 
-def _cluster_processes(root: str) -> list:
-    """The processes of the cluster under `root`, and nothing else.
-
-    Ray's processes name the private folder in their command line; job drivers do not, but carry
-    RAY_TMPDIR=root in their environment (everything the helper starts inherits it). Children are
-    found through a parent map taken in one pass (an orphan loses its parent).
-    """
-    import psutil
-
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    procs: dict[int, psutil.Process] = {}
-    parents: dict[int, int] = {}
-    for proc in psutil.process_iter(["ppid", "cmdline"]):
-        procs[proc.pid], parents[proc.pid] = proc, proc.info["ppid"]
-    found: set[int] = set()
-    for pid, proc in procs.items():
-        with contextlib.suppress(psutil.Error):
-            if any(root in arg for arg in proc.info["cmdline"] or []) or proc.environ().get("RAY_TMPDIR") == root:
-                found.add(pid)
-    frontier = set(found)
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in found}
-        found |= frontier
-    return [procs[pid] for pid in sorted(found - mine)]
-
-
-def _kill_leftovers(root: str) -> None:
-    """Kill what is left of the cluster under `root`: terminate, then kill what did not stop."""
-    import psutil
-
-    targets = _cluster_processes(root)
-    for proc in targets:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(targets, timeout=5)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[types.SimpleNamespace]:
-    root = tempfile.mkdtemp(prefix="prsub-")  # short: Ray's socket paths live under it
-    temp_dir = os.path.join(root, "ray")
-    os.makedirs(temp_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     bin_dir = str(Path(sys.executable).parent)  # jobs run `python -m jobs.cli`: this venv's python
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TMPDIR=root, RAY_USAGE_STATS_ENABLED="0",
-               PATH=bin_dir + os.pathsep + env.get("PATH", ""))  # fmt: skip
-    helper = subprocess.Popen(
-        [sys.executable, "-c", CLUSTER_HELPER, temp_dir, *map(str, free_ports(2))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root, text=True,
-    )  # fmt: skip
-    try:
-        line = helper.stdout.readline()
-        if not line:
-            pytest.fail(f"the test cluster did not start (helper exit {helper.wait(timeout=60)})")
-        info = types.SimpleNamespace(**json.loads(line), root=Path(root))
+    path = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    with helper_cluster(CLUSTER_HELPER, [str(p) for p in free_ports(2)], prefix="prsub-", env=path) as (line, root, _):
+        info = types.SimpleNamespace(**line, root=Path(root))
         yield info
         # Stop jobs still running (a failed test can leave one), so that no driver outlives the cluster.
         with contextlib.suppress(Exception):
@@ -338,17 +285,6 @@ def cluster() -> Iterator[types.SimpleNamespace]:
             for job in client.list_jobs():
                 if not job.status.is_terminal():
                     client.stop_job(job.submission_id or job.job_id)
-    finally:
-        with contextlib.suppress(Exception):
-            helper.stdin.close()
-        try:
-            helper.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            helper.kill()
-        _kill_leftovers(root)
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -362,7 +298,7 @@ def test_cluster_listens_on_loopback_only(cluster):
     import psutil
 
     listening = set()
-    for proc in _cluster_processes(str(cluster.root)):
+    for proc in cluster_processes(str(cluster.root)):
         with contextlib.suppress(psutil.Error):
             listening |= {c.laddr.ip for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
     def loopback(ip: str) -> bool:
