@@ -25,8 +25,8 @@ TARGET_GAIN = 2.0
 
 def tracked_rows(cfg) -> list[list[dict[str, Any]]]:
     """Every video's clip rows, decoded and tracked, grouped by video."""
+    from actors.columns import rows_to_batch
     from actors.tracker import TrackerStage
-    from bench.pipeline import _one_row_batch
     from pipeline.graph import tracker_kwargs
     from pipeline.run import _input_rows, new_run_id
     from pipeline.sources import list_videos
@@ -38,7 +38,7 @@ def tracked_rows(cfg) -> list[list[dict[str, Any]]]:
     for video in _input_rows(cfg, list_videos(cfg.source, cfg.storage_options), run_id):
         rows = []
         for clip in plan_rows(video, cfg=cfg):
-            done = tracker(_one_row_batch(decode_row(clip, cfg=cfg)))
+            done = tracker(rows_to_batch([decode_row(clip, cfg=cfg)]))
             rows.append({k: v[0] for k, v in done.items()})
         out.append(rows)
     return out
@@ -46,9 +46,10 @@ def tracked_rows(cfg) -> list[list[dict[str, Any]]]:
 
 def cross_clip_point(work: Path, videos: int, rows_per_call: int = ROWS_PER_CALL) -> dict[str, Any]:
     from actors.busy import PHASE_PREFIX
+    from actors.columns import rows_to_batch
     from actors.referrer import ReferrerStage
     from actors.requests import owned_tracks
-    from bench.pipeline import _fresh, _rows_batch, make_corpus
+    from bench.pipeline import _fresh, make_corpus
     from pipeline.graph import referrer_kwargs
 
     from pipeline.config import IndexConfig
@@ -64,13 +65,13 @@ def cross_clip_point(work: Path, videos: int, rows_per_call: int = ROWS_PER_CALL
     objects = sum(len(owned_tracks(r["tracks_json"], int(r["num_owned"]) if int(r["num_owned"]) >= 0 else None))
                   for r in rows)
     referrer = ReferrerStage(**referrer_kwargs(cfg))
-    referrer(_rows_batch(rows[:1]))  # warm-up: first-call allocations count in neither arm
+    referrer(rows_to_batch(rows[:1]))  # warm-up: first-call allocations count in neither arm
 
     def timed(groups: list[list[dict[str, Any]]], arm: str) -> tuple[float, list[str]]:
         captions: list[str] = []
         start = time.perf_counter()
         for group in groups:
-            out = referrer(_rows_batch(group))
+            out = referrer(rows_to_batch(group))
             captions += list(out["captions_json"])
             for key, values in out.items():
                 if key.startswith(PHASE_PREFIX + "referrer_"):

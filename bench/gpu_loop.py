@@ -205,17 +205,6 @@ class KeyedDiscoverer:
 # -- the section --------------------------------------------------------------------------------------
 
 
-def _batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Rows as the columnar numpy batch that `map_batches` hands an actor (object columns)."""
-    out = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        for i, row in enumerate(rows):
-            column[i] = row[key]
-        out[key] = column
-    return out
-
-
 def _clip_row(plan: Any, frames: np.ndarray, times: list[float], owned: int) -> dict[str, Any]:
     """A decoded clip row with the columns the stages read (`pipeline.tasks`' names)."""
     from actors.columns import times_to_column
@@ -228,6 +217,7 @@ def _clip_row(plan: Any, frames: np.ndarray, times: list[float], owned: int) -> 
 def section_loop(ctx: Any) -> dict[str, Any]:
     """Decode, track and caption the loop video's clips until done or the budget's deadline."""
     from actors.busy import PHASE_PREFIX
+    from actors.columns import rows_to_batch
     from actors.referrer import ReferrerStage
     from actors.tracker import TrackerStage
     from pipeline.config import IndexConfig
@@ -261,7 +251,7 @@ def section_loop(ctx: Any) -> dict[str, Any]:
     # Warm-up (first kernels, allocator growth): three frames of the first clip, not timed.
     first = plans[0]
     frames, times = decode_times(path, first.grid_times[:3], fps, frames_total)
-    referrer(tracker(_batch([_clip_row(first, frames, times, len(times))])))
+    referrer(tracker(rows_to_batch([_clip_row(first, frames, times, len(times))])))
     keyed.calls = 0
 
     busy = {"decode": 0.0, "tracker": 0.0, "referrer": 0.0}
@@ -282,7 +272,7 @@ def section_loop(ctx: Any) -> dict[str, Any]:
         if not pending:
             return
         t = time.perf_counter()
-        out = referrer(_batch(pending))
+        out = referrer(rows_to_batch(pending))
         sync()
         busy["referrer"] += time.perf_counter() - t
         take(out, "referrer")
@@ -305,7 +295,7 @@ def section_loop(ctx: Any) -> dict[str, Any]:
         frames, times = decode_times(path, wanted, fps, frames_total)
         busy["decode"] += time.perf_counter() - t
         t = time.perf_counter()
-        out = tracker(_batch([_clip_row(plan, frames, times, len(plan.grid_times))]))
+        out = tracker(rows_to_batch([_clip_row(plan, frames, times, len(plan.grid_times))]))
         sync()
         busy["tracker"] += time.perf_counter() - t
         take(out, "tracker")

@@ -63,11 +63,6 @@ def make_corpus(folder: Path, count: int, duration_s: float = 3.0) -> Path:
     return folder
 
 
-def _one_row_batch(row: dict[str, Any]):
-    """A row as the 1-row numpy batch `map_batches` would hand an actor (arrays kept whole)."""
-    return _rows_batch([row])
-
-
 def plain_loop(cfg) -> dict[str, Any]:
     """The same stages in this process, no Ray: the reference the Ray job must match.
 
@@ -77,6 +72,7 @@ def plain_loop(cfg) -> dict[str, Any]:
     the clips and asks the whole-track captions, which go through the same stages; the tables are
     written at the end. Per-phase seconds come from the same row columns as in the Ray job.
     """
+    from actors.columns import rows_to_batch
     from actors.referrer import ReferrerStage
     from actors.tracker import TrackerStage
     from pipeline.graph import referrer_kwargs, tracker_kwargs
@@ -101,12 +97,12 @@ def plain_loop(cfg) -> dict[str, Any]:
     def caption(final: bool = False) -> None:
         while tracked and (final or len(tracked) >= max(1, cfg.refer.batch_size)):
             chunk, tracked[:] = tracked[: max(1, cfg.refer.batch_size)], tracked[max(1, cfg.refer.batch_size):]
-            out = referrer(_rows_batch(chunk))
+            out = referrer(rows_to_batch(chunk))
             for i in range(len(chunk)):
                 run.take({k: v[i] for k, v in out.items()})
 
     def track(row: dict[str, Any]) -> None:
-        out = tracker(_one_row_batch(decode_row(row, cfg=cfg)))
+        out = tracker(rows_to_batch([decode_row(row, cfg=cfg)]))
         tracked.append({k: v[0] for k, v in out.items()})
         caption()
 
@@ -129,19 +125,6 @@ def plain_loop(cfg) -> dict[str, Any]:
         "busy_s": dict(run.summary.busy_seconds), "phase_s": dict(run.summary.phase_seconds),
         "cpu_s": time.process_time() - cpu_start,
     }
-
-
-def _rows_batch(rows: list[dict[str, Any]]):
-    """Rows as the numpy batch `map_batches` would hand an actor (object columns)."""
-    import numpy as np
-
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        for i, row in enumerate(rows):
-            column[i] = row[key]
-        batch[key] = column
-    return batch
 
 
 def plain_loop_process(source: Path, output: Path) -> dict[str, float]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from actors.columns import rows_to_batch
 from actors.referrer import ReferrerStage
 from actors.requests import spread_frames
 from pipeline.config import IndexConfig
@@ -98,13 +99,7 @@ def test_object_frames_must_be_positive():
 
 def _rows(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One Ray batch of several one-row batches (object columns, as for ragged frames)."""
-    out = {}
-    for key in batches[0]:
-        col = np.empty(len(batches), dtype=object)
-        for i, b in enumerate(batches):
-            col[i] = b[key][0]
-        out[key] = col
-    return out
+    return rows_to_batch([{key: column[0] for key, column in b.items()} for b in batches])
 
 
 def _other_clip() -> dict[str, np.ndarray]:
