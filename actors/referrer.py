@@ -150,8 +150,8 @@ class ReferrerStage:
         """Row `i`'s requests, encoded up to the LLM (None when it has no object to ask about)."""
         from models.referrer import Request
 
-        owned = int(batch["num_owned"][i]) if "num_owned" in batch else -1
-        tracks = owned_tracks(batch["tracks_json"][i], owned if owned >= 0 else None)
+        owned = int(batch["num_owned"][i]) if "num_owned" in batch else None
+        tracks = owned_tracks(batch["tracks_json"][i], owned)
         if not tracks:
             return None
         frames = batch["frames"][i]

@@ -58,15 +58,18 @@ def spread_frames(frame_indices: Sequence[int], limit: int | None) -> list[int]:
     return [ordered[i] for i in sorted(set(picks.tolist()))]
 
 
-def owned_tracks(tracks_json: str, owned: int | None) -> list[dict[str, Any]]:
-    """A clip row's tracks restricted to the clip's own frames (the first `owned`).
+def owned_tracks(tracks: str | list[dict[str, Any]], owned: int | None) -> list[dict[str, Any]]:
+    """A clip row's tracks (its `tracks_json`, or the tracks already parsed) restricted to the
+    clip's own frames, the first `owned` (None or negative, as `num_owned` says for rows that are
+    not clips: all of them).
 
     The frame after them is the next clip's first frame, sampled only to link tracks across the
     boundary; it is captioned there. A track with no own frame is dropped.
     """
-    tracks = json.loads(tracks_json or "[]")
-    if owned is None:
-        return tracks
+    if isinstance(tracks, str):
+        tracks = json.loads(tracks or "[]")
+    if owned is None or owned < 0:
+        return list(tracks)
     tracks = [{**t, "frames": [f for f in t["frames"] if f["frame_index"] < owned]} for t in tracks]
     return [t for t in tracks if t["frames"]]
 

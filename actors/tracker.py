@@ -359,6 +359,7 @@ class TrackerStage:
         n = len(batch["video_id"])
         errors = list(batch["error"]) if "error" in batch else [None] * n
         tracks_json = []
+        tracked: dict[int, list[dict]] = {}  # clip rows tracked here, for the frames they ship
         kinds = list(batch["kind"]) if "kind" in batch else [""] * n
         with self.clock.batch():
             for i in range(n):
@@ -369,37 +370,39 @@ class TrackerStage:
                     tracks_json.append("[]")
                     continue
                 tracks, errors[i] = self._one(batch, i)
+                if kinds[i] == "clip" and not _failed(errors[i]):
+                    tracked[i] = tracks
                 tracks_json.append(json.dumps(tracks, separators=(",", ":")))
         self.clock.add(self.tracker.times.take())
         out = dict(batch)
-        out["frames"], out["frame_indices"] = self._shipped(batch, kinds, tracks_json, errors)
+        out["frames"], out["frame_indices"] = self._shipped(batch, tracked)
         out["tracks_json"] = np.array(tracks_json, dtype=object)
         out["tracker"] = np.array([self.tracker.name] * n, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out.update(self.clock.columns(n))
         return out
 
-    def _shipped(self, batch: Mapping[str, np.ndarray], kinds: list, tracks_json: list[str], errors: list
+    def _shipped(self, batch: Mapping[str, np.ndarray], tracked: Mapping[int, list[dict]]
                  ) -> tuple[np.ndarray, np.ndarray]:
         """The frames each row carries on to the referrer, and which clip frames they are ("": all).
 
         With "shown", a clip of 30 sampled frames and two objects leaves with at most 2 x K frames,
-        not 30: the rest would cross the object store only to be dropped by the referrer.
+        not 30: the rest would cross the object store only to be dropped by the referrer. Only the
+        clip rows tracked here (`tracked`: row -> its tracks) are cut; the others keep theirs.
         """
-        n = len(kinds)
+        n = len(batch["video_id"])
         indices = [""] * n
         if self.ship_frames == "all":
             return batch["frames"], np.array(indices, dtype=object)
         frames = np.empty(n, dtype=object)
         for i in range(n):
-            row_frames = batch["frames"][i]
-            if kinds[i] == "clip" and not _failed(errors[i]):
-                owned = int(batch["num_owned"][i]) if "num_owned" in batch else -1
-                tracks = owned_tracks(tracks_json[i], owned if owned >= 0 else None)
-                keep = sorted({f for shown in shown_frames(tracks, self.object_frames).values() for f in shown})
-                row_frames = np.asarray(row_frames)[keep] if keep else np.asarray(row_frames)[:0]
+            frames[i] = batch["frames"][i]
+            if i in tracked:
+                owned = int(batch["num_owned"][i]) if "num_owned" in batch else None
+                shown = shown_frames(owned_tracks(tracked[i], owned), self.object_frames)
+                keep = sorted({f for picks in shown.values() for f in picks})
+                frames[i] = np.asarray(frames[i])[keep]
                 indices[i] = json.dumps(keep)
-            frames[i] = row_frames
         return frames, np.array(indices, dtype=object)
 
     def _one(self, batch: Mapping[str, np.ndarray], i: int) -> tuple[list[dict], str | None]:

@@ -62,8 +62,7 @@ def cross_clip_point(work: Path, videos: int, rows_per_call: int = ROWS_PER_CALL
     by_video = tracked_rows(cfg)
     track_s = time.perf_counter() - start
     rows = [r for video in by_video for r in video]
-    objects = sum(len(owned_tracks(r["tracks_json"], int(r["num_owned"]) if int(r["num_owned"]) >= 0 else None))
-                  for r in rows)
+    objects = sum(len(owned_tracks(r["tracks_json"], int(r["num_owned"]))) for r in rows)
     referrer = ReferrerStage(**referrer_kwargs(cfg))
     referrer(rows_to_batch(rows[:1]))  # warm-up: first-call allocations count in neither arm
 
