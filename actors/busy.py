@@ -15,8 +15,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from models.timing import PhaseTimes
-
 log = logging.getLogger(__name__)
 
 #: Column prefix: ``busy_s_<stage>`` holds a row's share of the wall time its actor spent in the batch.
@@ -35,23 +33,23 @@ class BusyClock:
     """Times one batch of a stage, and the named phases within it, and spreads the time evenly over
     the batch's rows (the driver sums rows, so the totals come out right whatever the batching)."""
 
-    def __init__(self, stage: str, phases: Sequence[str] = (), device: str | None = None) -> None:
+    def __init__(self, stage: str, phases: Sequence[str] = ()) -> None:
         self.stage = stage
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
         self.seconds = 0.0
         self.started = self.ended = 0.0
         self.phase_names = tuple(phases)
-        #: The phases of the current batch; components with their own clock report through `add`.
-        self.phase = PhaseTimes(device)
+        #: Seconds per phase of the current batch, as the stage's components measured them.
+        self.phase_seconds: dict[str, float] = {}
 
     def add(self, seconds: Mapping[str, float]) -> None:
-        """Seconds measured by a component's own `PhaseTimes` (the model's), added to this batch."""
+        """Seconds measured by a component's own clock (`models.timing.PhaseTimes`), added to this batch."""
         for name, value in seconds.items():
-            self.phase.add(name, value)
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + value
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        self.phase.take()
+        self.phase_seconds = {}
         self.started = time.time()
         start = time.perf_counter()
         try:
@@ -62,7 +60,7 @@ class BusyClock:
 
     def columns(self, rows: int) -> dict[str, np.ndarray]:
         share = self.seconds / rows if rows else 0.0
-        measured = self.phase.take()
+        measured, self.phase_seconds = self.phase_seconds, {}
         unknown = set(measured) - set(self.phase_names)
         if unknown:  # a component grew a phase the stage does not declare: visible, never fatal
             log.warning("stage %s: undeclared phases %s are not reported", self.stage, sorted(unknown))

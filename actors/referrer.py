@@ -115,7 +115,7 @@ class ReferrerStage:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.caption_prompt = caption_prompt or DEFAULT_CAPTION_PROMPT
-        self.clock = BusyClock("referrer", REFERRER_PHASES, device=str(self.referrer.model.device))
+        self.clock = BusyClock("referrer", REFERRER_PHASES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items() if k != "frames"}

@@ -353,7 +353,7 @@ class TrackerStage:
         # so torch's warning about non-writable arrays is noise in every worker log.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.tracker = Tracker(model, **tracker_kwargs)
-        self.clock = BusyClock("tracker", TRACKER_PHASES, device=str(self.tracker.bundle.device))
+        self.clock = BusyClock("tracker", TRACKER_PHASES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["video_id"])
