@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Iterator
 
 from pipeline.config import IndexConfig
+from pipeline.sizing import frames_budget_bytes
 from pipeline.tasks import decode_row, plan_rows
 
 
@@ -49,6 +50,8 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     # not stop the others; the driver notices the missing clips and records their videos for the
     # next run. Set before `from_items`: a Dataset snapshots the current DataContext when created.
     ctx.max_errored_blocks = 1 << 30
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=frames_budget_bytes(cfg.track))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     # Ray Data retries crashed tasks and actors forever by default; a clip that kills its worker
     # every time must stop after `task_retries`. Ray 2.60 takes the bound only through the
@@ -56,8 +59,11 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.flat_map(plan_rows, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
+        # A video's clips leave planning as one block, and a map task takes a whole block: without
+        # this, one task decoded all 240 clips of a 2-hour video in a row, beyond backpressure's reach.
+        ds = ds.repartition(target_num_rows_per_block=1)
         # Its own operator (its `memory` differs from planning's): one task per clip, so decoding
-        # keeps pace with the tracker instead of one task decoding a whole video ahead of it.
+        # keeps pace with the tracker (within `frames_budget_bytes`) instead of running ahead.
         decode_args = {"memory": cfg.decode.memory} if cfg.decode.memory else {}
         ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries,
                     **decode_args)

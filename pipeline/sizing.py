@@ -40,9 +40,10 @@ MIN_CPUS = 0.25
 #: Clips per referrer call: its prompts share LLM batches across clips (`actors.referrer`).
 REFERRER_ROWS_PER_BATCH = 16
 #: Heap of one decode task: a 30-s clip at 1 fps and 1080p is ~190 MB of frames, plus the decoder.
-#: Declaring it also keeps Ray Data from fusing decoding into the planning task: fused, one task
-#: decoded every clip of a video in a row, however far ahead of the tracker.
+#: Declaring it also keeps Ray Data from fusing decoding into the planning task.
 DECODE_MEMORY_BYTES = 256 * 2**20
+#: Object-store bytes of decoded frames Ray Data may hold per tracker actor (`frames_budget_bytes`).
+FRAMES_BUDGET_PER_TRACKER = 512 * 2**20
 
 
 class PlacementError(ValueError):
@@ -122,6 +123,18 @@ def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH,
         room = decode_room(cluster, track, refer)
     decode = StageResources(num_cpus=1.0 if room is None else room, memory=DECODE_MEMORY_BYTES)
     return Sizing(decode=decode, track=track, refer=refer)
+
+
+def frames_budget_bytes(track: StageResources) -> int:
+    """Ray Data's object-store budget for the run: `FRAMES_BUDGET_PER_TRACKER` per tracker actor.
+
+    Ray Data's default budget is half the object store (~30% of RAM), sized for throughput; decoded
+    frames are large and the tracker is the slow stage, so with it decoding ran up to ~120 clips (600
+    MB at 360p, 0.25 fps) ahead of the tracker on a 2-hour video, and each page the decoder wrote
+    into the shared-memory arena stays resident. A couple of 1080p clips queued per tracker keeps it
+    busy; the rest only made peak memory grow with a video's length.
+    """
+    return FRAMES_BUDGET_PER_TRACKER * max(1, track.concurrency[1])
 
 
 def gpu_shares(costs: dict[str, float]) -> dict[str, float]:
