@@ -50,6 +50,11 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     # not stop the others; the driver notices the missing clips and records their videos for the
     # next run. Set before `from_items`: a Dataset snapshots the current DataContext when created.
     ctx.max_errored_blocks = 1 << 30
+    # A block per row: a video's clips leave planning as one list, and a map task takes a whole block,
+    # so with Ray's 128 MiB blocks one task decoded all 240 clips of a 2-hour video in a row, beyond
+    # backpressure's reach. (`repartition` would do it too, as one more operator whose tasks ask for
+    # a whole CPU: on 1-CPU nodes beside the actors they would never be placed.)
+    ctx.target_max_block_size = 1
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=frames_budget_bytes(cfg.track))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
@@ -59,11 +64,8 @@ def build_dataset(cfg: IndexConfig, rows: list[dict[str, Any]]):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.flat_map(plan_rows, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries)
-        # A video's clips leave planning as one block, and a map task takes a whole block: without
-        # this, one task decoded all 240 clips of a 2-hour video in a row, beyond backpressure's reach.
-        ds = ds.repartition(target_num_rows_per_block=1)
-        # Its own operator (its `memory` differs from planning's): one task per clip, so decoding
-        # keeps pace with the tracker (within `frames_budget_bytes`) instead of running ahead.
+        # Its own operator (its `memory` differs from planning's): one task per clip (one block each,
+        # above), so decoding keeps pace with the tracker within `frames_budget_bytes`.
         decode_args = {"memory": cfg.decode.memory} if cfg.decode.memory else {}
         ds = ds.map(decode_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode.num_cpus, max_retries=cfg.task_retries,
                     **decode_args)
