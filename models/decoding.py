@@ -47,6 +47,9 @@ class DecodeInput:
 
     ids: torch.Tensor
     embeds: torch.Tensor
+    #: This prompt's own cap on new tokens (None: the call's): a category answer needs a few
+    #: tokens while the captions beside it in the batch need dozens.
+    max_new_tokens: int | None = None
 
 
 def common_prefix_length(items: Sequence[DecodeInput], start: int = 0) -> int:
@@ -157,7 +160,8 @@ def greedy_decode(
             cache, hidden, mask, positions, prefix = _prefill_batch(
                 llm, batch, call_prefix, call_cache, share_prefix, min_shared_prefix, dtype, device)
         with maybe(times, "llm_decode"):
-            _decode_batch(llm, embed, cache, hidden, mask, positions, rows, results, max_new_tokens, settings, stops,
+            limits = [min(max_new_tokens, items[i].max_new_tokens or max_new_tokens) for i in rows]
+            _decode_batch(llm, embed, cache, hidden, mask, positions, rows, results, limits, settings, stops,
                           device)
     return results
 
@@ -208,10 +212,13 @@ def _prefill_batch(llm, batch: list[DecodeInput], call_prefix: int, call_cache, 
 
 
 def _decode_batch(llm, embed, cache, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                  rows: list[int], results: list[list[int]], max_new_tokens: int, settings: GenerationSettings,
+                  rows: list[int], results: list[list[int]], limits: list[int], settings: GenerationSettings,
                   stops: set[int], device: torch.device) -> None:
-    """Greedy steps for one prefilled batch; each row's ids are appended to ``results``."""
+    """Greedy steps for one prefilled batch; each row's ids (at most its `limits` entry) are appended
+    to ``results``."""
     b = len(rows)
+    limit_of = dict(zip(rows, limits))
+    max_new_tokens = max(limits)
     last = positions[:, -1:]
     live = list(rows)
     history = torch.zeros(b, 0, dtype=torch.long, device=device)
@@ -223,7 +230,7 @@ def _decode_batch(llm, embed, cache, hidden: torch.Tensor, mask: torch.Tensor, p
         keep: list[int] = []
         for r, (i, t) in enumerate(zip(live, token_list)):
             results[i].append(int(t))
-            if t not in stops:
+            if t not in stops and len(results[i]) < limit_of[i]:
                 keep.append(r)
         if step == max_new_tokens - 1 or not keep:
             break

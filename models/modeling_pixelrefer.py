@@ -648,8 +648,11 @@ class PixelReferModel(nn.Module):
         perf: PerfOptions | None = None,
         token_budget: int | None = None,
         times: PhaseTimes | None = None,
+        limits: Sequence[int | None] | None = None,
     ) -> list[list[int]]:
         """Decode many sequences in left-padded batches; ids stop at (and include) the first eos.
+
+        ``limits``: a cap on new tokens per sequence (None entries: ``max_new_tokens``).
 
         ``settings`` are the checkpoint's (``models.generation``: greedy with its repetition penalty and eos
         ids unless sampling was asked for). By default through :func:`models.decoding.greedy_decode`
@@ -660,12 +663,13 @@ class PixelReferModel(nn.Module):
         perf = perf or PerfOptions()
         if not embeds:
             return []
+        limits = list(limits) if limits is not None else [None] * len(embeds)
         if perf.native_decode:
             from .decoding import DecodeInput, greedy_decode
 
             return greedy_decode(
                 self.llm,
-                [DecodeInput(e.input_ids, e.inputs_embeds) for e in embeds],
+                [DecodeInput(e.input_ids, e.inputs_embeds, n) for e, n in zip(embeds, limits)],
                 max_new_tokens=max_new_tokens,
                 settings=settings,
                 batch_size=batch_size,
@@ -675,10 +679,12 @@ class PixelReferModel(nn.Module):
                 times=times,
             )
         with maybe(times, "llm_decode"):
-            return generate_with_transformers(
+            outs = generate_with_transformers(
                 self.llm,
                 [e.inputs_embeds for e in embeds],
                 max_new_tokens=max_new_tokens,
                 settings=settings,
                 batch_size=batch_size,
             )
+        # Greedy rows are independent, so cutting a row at its cap equals stopping it there.
+        return [ids[:n] if n else ids for ids, n in zip(outs, limits)]

@@ -84,6 +84,8 @@ class Request:
 
     prompt: str
     object_indices: list[int]
+    #: A cap on this answer's tokens below the call's `max_new_tokens` (e.g. a category's few words).
+    max_new_tokens: int | None = None
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Prepared:
     results: list[Generation | None]
     embeds: list = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    #: Each slot's request cap on new tokens (`Request.max_new_tokens`).
+    limits: list[int | None] = field(default_factory=list)
 
 
 @dataclass
@@ -354,6 +358,7 @@ class Referrer:
         staged.sequences = [sequences[j] for j in ok]
         staged.plan = plan
         staged.prepared.slots = [index[j] for j in ok]
+        staged.prepared.limits = [requests[index[j]].max_new_tokens for j in ok]
         return staged
 
     def decode(
@@ -374,7 +379,8 @@ class Referrer:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         embeds = [e for p in prepared for e in p.embeds]
-        gens = self._run(embeds, max_new_tokens, batch_size, token_budget) if embeds else []
+        limits = [n for p in prepared for n in (p.limits or [None] * len(p.embeds))]
+        gens = self._run(embeds, max_new_tokens, batch_size, token_budget, limits) if embeds else []
         out, at = [], 0
         for p in prepared:
             results = list(p.results)
@@ -428,10 +434,11 @@ class Referrer:
                 raise
             return EncoderPlan(), failed
 
-    def _run(self, embeds: list, max_new_tokens: int, batch_size: int, token_budget: int | None) -> list[Generation]:
+    def _run(self, embeds: list, max_new_tokens: int, batch_size: int, token_budget: int | None,
+             limits: list[int | None] | None = None) -> list[Generation]:
         outs = self.model.generate(
             embeds, max_new_tokens=max_new_tokens, settings=self.generation, batch_size=batch_size, perf=self.perf,
-            token_budget=token_budget, times=self.times,
+            token_budget=token_budget, times=self.times, limits=limits,
         )
         stops = set(self.generation.eos_token_ids)
         gens = []

@@ -86,6 +86,8 @@ def check_requests(requests: Sequence["Request"], num_objects: int) -> None:
         indices = list(req.object_indices)
         if not indices:
             raise InputError(f"request {i}: refers to no object")
+        if req.max_new_tokens is not None and req.max_new_tokens < 1:
+            raise InputError(f"request {i}: max_new_tokens must be >= 1, got {req.max_new_tokens}")
         for k in indices:
             if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) < num_objects:
                 raise InputError(f"request {i}: object index {k!r} is not one of the {num_objects} objects")

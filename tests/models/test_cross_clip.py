@@ -68,3 +68,15 @@ def test_batch_rows_respects_rows_and_padded_tokens():
     assert batch_rows(lengths, order, 64, 250) == [[0, 1], [2, 3, 4, 5]]
     # A budget smaller than one prompt still runs that prompt alone.
     assert batch_rows(lengths, order, 64, 20) == [[0], [1], [2], [3], [4], [5]]
+
+
+def test_a_request_cap_stops_only_its_own_answer(tiny_lite):
+    """A category question (a few tokens) shares batches with captions without shortening them."""
+    frames, times, objects, reqs = _clips(2)[1]
+    capped = [Request(r.prompt, r.object_indices, max_new_tokens=3 if k == 0 else None) for k, r in enumerate(reqs)]
+    full = tiny_lite.decode([tiny_lite.prepare(frames, times, objects, reqs)], max_new_tokens=12)[0]
+    cut = tiny_lite.decode([tiny_lite.prepare(frames, times, objects, capped)], max_new_tokens=12)[0]
+    assert cut[0].token_ids == full[0].token_ids[:3] and len(full[0].token_ids) > 3
+    assert [g.token_ids for g in cut[1:]] == [g.token_ids for g in full[1:]]
+    with pytest.raises(InputError, match="max_new_tokens"):
+        tiny_lite.prepare(frames, times, objects, [Request(reqs[0].prompt, reqs[0].object_indices, max_new_tokens=0)])
