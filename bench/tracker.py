@@ -10,6 +10,14 @@ frame 0. Peak memory is the process's resident set size, sampled every 5 ms, wit
 during the timed run (the rest is the interpreter, torch and the model), and on CUDA
 `torch.cuda.max_memory_allocated`. Timings on a machine shared with other jobs are noisy; on a small
 shared CPU `--threads 1` avoids OpenMP threads spin-waiting on each other.
+
+SAM 3 against SAM 2: `--sam3 tiny-sam3` (or a SAM 3 folder or hub id) also times the concept tracker
+(`actors.concepts.ConceptTracker`, finding `--concepts` by name) on the same frames, each N in its own
+process as well, with the same peak-memory figures per clip; `--sam3-full` times the full-size SAM 3
+architecture (the default `Sam3VideoConfig`, random weights made to detect as tiny's are, not saved)
+on `--sam3-full-frames` frames, skipped past `--sam3-full-timeout` seconds.
+
+    python -m bench.tracker --threads 1 --frames 8 --objects 1 4 --sam3 tiny-sam3 [--sam3-full] --json FILE
 """
 
 from __future__ import annotations
@@ -123,6 +131,75 @@ def run_single(model: str, objects: int, frames: int, width: int, height: int, d
     }
 
 
+def _measure_track(track: Any, cuda: bool) -> tuple[Any, float, PeakRss]:
+    """Run `track()` once under the RSS sampler (and CUDA peak statistics): result, seconds, sampler."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRss() as rss:
+        started = time.perf_counter()
+        result = track()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    return result, seconds, rss
+
+
+def run_single_sam3(model: str, objects: int, frames: int, width: int, height: int, device: str | None,
+                    concepts: list[str], bundle: Any = None, warm_up: bool = True) -> dict[str, Any]:
+    """The concept tracker on the frames `run_single` tracks: find `concepts` over `frames` frames."""
+    import torch
+
+    from actors.concepts import ConceptTracker
+
+    started = time.perf_counter()
+    tracker = ConceptTracker(model, device=device, bundle=bundle)
+    load_s = time.perf_counter() - started
+    video, times, _ = moving_boxes(objects, frames, width, height)
+    if warm_up:
+        tracker.track(video[:1], times[:1], concepts)  # kernel selection, lazy imports
+    tracker.times.take()
+    cuda = tracker.bundle.device.type == "cuda"
+    tracks, seconds, rss = _measure_track(lambda: tracker.track(video, times, concepts), cuda)
+    return {
+        "objects": objects, "frames": frames, "seconds": seconds, "fps": frames / seconds,
+        "ms_per_frame": 1000 * seconds / frames, "peak_rss_mb": rss.peak / 2**20,
+        "rss_growth_mb": (rss.peak - rss.before) / 2**20,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "max_state_frames": tracker.last_stats["max_state_frames"], "tracked_objects": len(tracks),
+        "phase_s": {k: round(v, 4) for k, v in tracker.times.take().items()}, "concepts": concepts,
+        "load_s": load_s, "model": tracker.name, "device": str(tracker.bundle.device),
+        "dtype": str(tracker.bundle.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    }
+
+
+def run_single_sam3_full(frames: int, width: int, height: int, device: str | None,
+                         concepts: list[str]) -> dict[str, Any]:
+    """The full-size SAM 3 architecture with random weights (built here, not saved) on `frames` frames."""
+    import torch
+    from transformers import Sam3VideoConfig, Sam3VideoModel
+
+    from models.sam2 import resolve_device
+    from models.sam3 import Sam3Bundle, make_detectable, tiny_processor
+
+    dev, dt = resolve_device(device)
+    started = time.perf_counter()
+    config = Sam3VideoConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make_detectable(Sam3VideoModel(config)).to(dev, dt).eval()
+    bundle = Sam3Bundle(name="sam3-full-size-random", path=Path("."), model=model,
+                        processor=tiny_processor(config.image_size), device=dev, dtype=dt)
+    build_s = time.perf_counter() - started
+    # No warm-up: on a CPU one full-size frame takes minutes, and its first-call overhead is noise.
+    out = run_single_sam3("", 2, frames, width, height, device, concepts, bundle=bundle, warm_up=False)
+    out.update(build_s=build_s, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+               image_size=config.image_size)
+    return out
+
+
 def environment() -> dict[str, Any]:
     import torch
     import transformers
@@ -141,17 +218,26 @@ def environment() -> dict[str, Any]:
     }
 
 
-def measure_in_subprocess(args: argparse.Namespace, objects: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.tracker", "--single", str(objects), "--model", args.model,
-           "--frames", str(args.frames), "--size", args.size]
+def measure_in_subprocess(args: argparse.Namespace, objects: int, kind: str = "sam2",
+                          timeout: float | None = None) -> dict[str, Any] | None:
+    """One measurement in a fresh process; `kind` sam2, sam3 or sam3-full. None when it timed out."""
+    flag = {"sam2": "--single", "sam3": "--single-sam3", "sam3-full": "--single-sam3-full"}[kind]
+    cmd = [sys.executable, "-m", "bench.tracker", flag, str(objects), "--model", args.model,
+           "--frames", str(args.sam3_full_frames if kind == "sam3-full" else args.frames), "--size", args.size,
+           "--concepts", args.concepts]
+    if args.sam3:
+        cmd += ["--sam3", args.sam3]
     if args.device:
         cmd += ["--device", args.device]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark for {objects} objects failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{kind} benchmark for {objects} objects failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -166,6 +252,61 @@ def render(results: Sequence[dict[str, Any]], frames: int, size: str) -> str:
         lines.append(f"{r['objects']:>7} {r['fps']:>9.2f} {r['ms_per_frame']:>9.1f} {r['object_frames_per_s']:>13.1f} "
                      f"{r['peak_rss_mb']:>12.0f} {r['rss_growth_mb']:>14.1f} {gpu:>12} {r['max_state_frames']:>13}")
     return "\n".join(lines)
+
+
+def render_sam3(results: Sequence[dict[str, Any]], sam2: Sequence[dict[str, Any]], full: dict[str, Any] | None,
+                 args: argparse.Namespace) -> str:
+    """The concept tracker's lines, with its cost per frame relative to SAM 2's on the same frames."""
+    lines = []
+    if results:
+        first = results[0]
+        lines += [f"SAM 3 concept tracker {first['model']} on {first['device']} ({first['dtype']}), "
+                  f"concepts {', '.join(first['concepts'])}, same frames",
+                  f"{'boxes':>7} {'ms/frame':>9} {'x SAM 2':>8} {'found':>6} {'peak RSS MB':>12} {'RSS growth MB':>14} "
+                  f"{'peak GPU MB':>12}  phases (s)"]
+        for r, base in zip(results, sam2, strict=True):
+            gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
+            ratio = r["ms_per_frame"] / base["ms_per_frame"]
+            phases = " ".join(f"{k}={v:.3f}" for k, v in r["phase_s"].items())
+            lines.append(f"{r['objects']:>7} {r['ms_per_frame']:>9.1f} {ratio:>8.2f} {r['tracked_objects']:>6} "
+                         f"{r['peak_rss_mb']:>12.0f} {r['rss_growth_mb']:>14.1f} {gpu:>12}  {phases}")
+    if args.sam3_full:
+        if full is None:
+            lines.append(f"full-size SAM 3: skipped, over {args.sam3_full_timeout:.0f} s")
+        else:
+            lines.append(f"full-size SAM 3 ({full['params_m']:.0f} M parameters, {full['image_size']} px, random "
+                         f"weights) on {full['device']} ({full['dtype']}): {full['ms_per_frame'] / 1000:.2f} s/frame "
+                         f"over {full['frames']} frames, peak RSS {full['peak_rss_mb']:.0f} MB, "
+                         f"built in {full['build_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def flat_sam3(results: Sequence[dict[str, Any]], sam2: Sequence[dict[str, Any]], full: dict[str, Any] | None,
+              args: argparse.Namespace) -> dict[str, Any]:
+    """The concept tracker's figures for the flat JSON object, `sam3_` before SAM 2's names."""
+    out: dict[str, Any] = {}
+    if results:
+        out.update(sam3_model=results[0]["model"], sam3_concepts=results[0]["concepts"],
+                   sam3_load_s=round(results[0]["load_s"], 3))
+    for r, base in zip(results, sam2 if results else [], strict=True):
+        n = r["objects"]
+        out[f"sam3_ms_per_frame_n{n}"] = round(r["ms_per_frame"], 2)
+        out[f"sam3_vs_sam2_per_frame_n{n}"] = round(r["ms_per_frame"] / base["ms_per_frame"], 3)
+        out[f"sam3_objects_found_n{n}"] = r["tracked_objects"]
+        out[f"sam3_peak_rss_mb_n{n}"] = round(r["peak_rss_mb"], 1)
+        out[f"sam3_rss_growth_mb_n{n}"] = round(r["rss_growth_mb"], 1)
+        out[f"sam3_peak_gpu_mb_n{n}"] = None if r["peak_gpu_mb"] is None else round(r["peak_gpu_mb"], 1)
+        out[f"sam3_max_state_frames_n{n}"] = r["max_state_frames"]
+        out[f"sam3_phase_s_n{n}"] = r["phase_s"]
+    if args.sam3_full:
+        out["sam3_full_s_per_frame"] = None if full is None else round(full["ms_per_frame"] / 1000, 3)
+        out["sam3_full_frames"] = args.sam3_full_frames
+        if full is not None:
+            gpu = None if full["peak_gpu_mb"] is None else round(full["peak_gpu_mb"], 1)
+            out.update(sam3_full_peak_rss_mb=round(full["peak_rss_mb"], 1), sam3_full_peak_gpu_mb=gpu,
+                       sam3_full_params_m=round(full["params_m"], 1), sam3_full_build_s=round(full["build_s"], 1),
+                       sam3_full_phase_s=full["phase_s"])
+    return out
 
 
 def flat(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -196,17 +337,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (OMP_NUM_THREADS)")
     parser.add_argument("--json", type=Path, help="also write one flat JSON object of the figures to this file")
+    parser.add_argument("--sam3", help="also time this SAM 3 concept tracker (tiny-sam3, a folder or a hub id)")
+    parser.add_argument("--concepts", default="person,car", help="what SAM 3 looks for, comma-separated")
+    parser.add_argument("--sam3-full", action="store_true", help="also time the full-size SAM 3 architecture")
+    parser.add_argument("--sam3-full-frames", type=int, default=1, help="frames for --sam3-full")
+    parser.add_argument("--sam3-full-timeout", type=float, default=240.0,
+                        help="skip --sam3-full past this many seconds (building the model included)")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--single-sam3", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--single-sam3-full", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     if args.single is not None:
         print(json.dumps(run_single(args.model, args.single, args.frames, width, height, args.device)))
         return 0
+    if args.single_sam3 is not None:
+        print(json.dumps(run_single_sam3(args.sam3, args.single_sam3, args.frames, width, height, args.device,
+                                         concepts)))
+        return 0
+    if args.single_sam3_full is not None:
+        print(json.dumps(run_single_sam3_full(args.frames, width, height, args.device, concepts)))
+        return 0
     results = [measure_in_subprocess(args, n) for n in args.objects]
+    sam3 = [measure_in_subprocess(args, n, "sam3") for n in args.objects] if args.sam3 else []
+    full = measure_in_subprocess(args, 2, "sam3-full", timeout=args.sam3_full_timeout) if args.sam3_full else None
     print(render(results, args.frames, args.size))
+    if sam3 or args.sam3_full:
+        print(render_sam3(sam3, results, full, args))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(flat(results, args), indent=2) + "\n")
+        figures = flat(results, args)
+        figures.update(flat_sam3(sam3, results, full, args))
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 
