@@ -20,6 +20,7 @@ import numpy as np
 
 from actors.busy import BusyClock
 from actors.columns import times_column
+from actors.labels import CATEGORY_PROMPT, CATEGORY_TOKENS, normalise_category
 from actors.requests import expand_questions, owned_tracks, shown_frames
 from actors.rle import decode_rle
 
@@ -49,32 +50,38 @@ class _Clip:
     tracks: list[dict[str, Any]]
     pairs: list[tuple[str, list[int]]]
     notes: list[str]
+    #: Positions in `tracks` of the objects asked for their category (those without a label).
+    asked: list[int] = field(default_factory=list)
     inputs: Any = None
     prepared: Any = None
     results: list = field(default_factory=list)
 
     def tables(self) -> tuple[list[dict], list[dict]]:
         """The row's `captions_json` and `qa_json` entries from its answers."""
+        n, m = len(self.tracks), len(self.pairs)
+        categories = {k: r for k, r in zip(self.asked, self.results[n + m:])}
         captions = []
-        for track, result in zip(self.tracks, self.results[: len(self.tracks)]):
+        for k, (track, result) in enumerate(zip(self.tracks, self.results[:n])):
             ts = [f["ts"] for f in track["frames"]]
+            answer = categories.get(k)
             captions.append({
                 "object_id": int(track["object_id"]),
                 "ts_start": min(ts) if ts else None,
                 "ts_end": max(ts) if ts else None,
                 "caption": None if result.error else result.text,
                 "num_tokens": int(result.num_tokens),
+                "category": normalise_category(answer.text) if answer is not None and not answer.error else None,
             })
         spans = {c["object_id"]: (c["ts_start"], c["ts_end"]) for c in captions}
         qa = []
-        for (q, objs), r in zip(self.pairs, self.results[len(self.tracks):]):
+        for (q, objs), r in zip(self.pairs, self.results[n:n + m]):
             starts = [spans[o][0] for o in objs if spans.get(o, (None,))[0] is not None]
             ends = [spans[o][1] for o in objs if spans.get(o, (None, None))[1] is not None]
             qa.append({
                 "object_ids": [int(o) for o in objs], "question": q, "answer": None if r.error else r.text,
                 "ts_start": min(starts) if starts else None, "ts_end": max(ends) if ends else None,
             })
-        self.notes += [f"object {r.error}" for r in self.results if r.error]
+        self.notes += [f"object {r.error}" for r in self.results[:n + m] if r.error]
         return captions, qa
 
 
@@ -102,6 +109,7 @@ class ReferrerStage:
         upstream_local_crop: bool = False,
         caption_prompt: str | None = None,
         object_frames: int | None = None,
+        categories: bool = True,
     ) -> None:
         from models.referrer import DEFAULT_CAPTION_PROMPT, Referrer
 
@@ -115,6 +123,8 @@ class ReferrerStage:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.caption_prompt = caption_prompt or DEFAULT_CAPTION_PROMPT
+        #: Ask each unlabelled object's category beside its caption (`actors.labels`).
+        self.categories = categories
         self.clock = BusyClock("referrer", REFERRER_PHASES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -170,7 +180,9 @@ class ReferrerStage:
         pairs, notes = expand_questions(json.loads(batch["questions_json"][i] or "[]"), ids)
         requests = [Request(prompt=self.caption_prompt, object_indices=[k]) for k in range(len(tracks))]
         requests += [Request(prompt=q, object_indices=[index_of[o] for o in objs]) for q, objs in pairs]
-        return _Clip(row=i, tracks=tracks, pairs=pairs, notes=notes,
+        asked = [k for k, t in enumerate(tracks) if self.categories and not t.get("label")]
+        requests += [Request(prompt=CATEGORY_PROMPT, object_indices=[k], max_new_tokens=CATEGORY_TOKENS) for k in asked]
+        return _Clip(row=i, tracks=tracks, pairs=pairs, notes=notes, asked=asked,
                      inputs=(list(frames), [float(times[k]) for k in held], objects, requests))
 
     def _encode(self, clips: list[_Clip], out: dict[str, list[Any]], batch: dict[str, np.ndarray]) -> list[_Clip]:

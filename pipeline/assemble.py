@@ -14,6 +14,7 @@ import math
 from typing import Any, Mapping
 
 from actors.columns import times_column
+from actors.labels import vote
 from actors.requests import spread_frames
 from pipeline.linking import ClipTracks, link_video
 
@@ -126,9 +127,11 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
             gid = ids.get((i, int(t["object_id"])))
             if gid is None:
                 continue
-            obj = objects.setdefault(gid, {"source": t.get("source") or "auto"})
+            obj = objects.setdefault(gid, {"source": t.get("source") or "auto", "categories": []})
             if t.get("source") == "prompt":
                 obj["source"] = "prompt"
+            if t.get("label") and not obj.get("label"):  # a concept's: linking kept one per id
+                obj["label"], obj["source"] = str(t["label"]), "concept"
             for f in t["frames"]:
                 if f["frame_index"] >= clip["num_owned"]:
                     continue
@@ -142,6 +145,10 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
         for c in clip["captions"]:
             gid = ids.get((i, int(c["object_id"])))
             if gid is not None:
+                c = dict(c)
+                if gid in objects:
+                    objects[gid]["categories"].append(c.get("category"))
+                c.pop("category", None)
                 captions.append({**base, **c, "object_id": gid, "clip_index": i, "mode": mode, "model": model})
         for a in clip["qa"]:
             gids = [ids.get((i, int(o))) for o in a["object_ids"]]
@@ -152,7 +159,8 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
         frames = owned_frames.get(gid, [])
         ts = [float(f["ts"]) for _, f in frames]
         object_rows.append({
-            **base, "object_id": gid, "source": objects[gid]["source"], "label": None,
+            **base, "object_id": gid, "source": objects[gid]["source"],
+            "label": objects[gid].get("label") or vote(objects[gid]["categories"]),
             "first_ts": min(ts) if ts else None, "last_ts": max(ts) if ts else None, "num_frames": len(frames),
         })
     video_row = {
@@ -163,7 +171,8 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
         "clips": len(order) or None, "status": "failed" if error else "ok", "error": error or _note(video, order),
         "model": model, "tracker": tracker, "indexed_at": indexed_at,
     }
-    request = None if error else _track_request(video, objects, owned_frames, clip_sets, track_frames)
+    labels = {row["object_id"]: row["label"] for row in object_rows}
+    request = None if error else _track_request(video, objects, owned_frames, clip_sets, track_frames, labels)
     return Assembled(
         tables={"videos": [video_row], "clips": clips_rows, "objects": object_rows, "masks": masks,
                 "captions": captions, "qa": qa},
@@ -188,8 +197,10 @@ def _note(video: VideoAssembly, order: list[int]) -> str | None:
 
 
 def _track_request(video: VideoAssembly, objects: Mapping[int, Any], owned_frames: Mapping[int, list],
-                   clip_sets: Mapping[int, set[int]], k: int | None) -> dict[str, Any] | None:
-    """K masked frames spread over each object seen in more than one clip, as one row for the referrer."""
+                   clip_sets: Mapping[int, set[int]], k: int | None, labels: Mapping[int, str | None]
+                   ) -> dict[str, Any] | None:
+    """K masked frames spread over each object seen in more than one clip, as one row for the referrer
+    (with each object's label, so that the referrer does not ask its category again)."""
     chosen: dict[int, list[tuple[int, dict]]] = {}
     for gid in sorted(objects):
         if len(clip_sets.get(gid, ())) < 2:
@@ -201,7 +212,7 @@ def _track_request(video: VideoAssembly, objects: Mapping[int, Any], owned_frame
     frame_ts = sorted({(i, float(f["ts"])) for picks in chosen.values() for i, f in picks})
     position = {i: n for n, (i, _) in enumerate(frame_ts)}
     tracks = [
-        {"object_id": gid, "source": objects[gid]["source"],
+        {"object_id": gid, "source": objects[gid]["source"], "label": labels.get(gid),
          "frames": [{**f, "frame_index": position[i]} for i, f in picks]}
         for gid, picks in chosen.items()
     ]
@@ -215,6 +226,7 @@ def track_captions(video_id: str, run_id: str, row: Mapping[str, Any], spans: Ma
     """Rows of the whole-track captions that came back for a video (clip_index null, the track's span)."""
     out = []
     for c in loads(row.get("captions_json"), []):
+        c = {k: v for k, v in c.items() if k != "category"}
         start, end = spans.get(int(c["object_id"]), (c.get("ts_start"), c.get("ts_end")))
         out.append({"video_id": video_id, "run_id": run_id, **c, "clip_index": None, "ts_start": start,
                     "ts_end": end, "mode": mode, "model": model})

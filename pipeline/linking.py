@@ -12,6 +12,10 @@ The shared frame then shows a different shot, and the clip before has tracked it
 blindly, so an overlap there says nothing about identity. An object seen on both sides of a cut gets
 two ids; re-identifying it needs appearance features, which this pipeline does not compute.
 
+Concepts (SAM 3): a track found by a concept carries its `label`; two tracks with different labels
+are never linked, however their masks overlap ("person" on a "bicycle"), so a label holds for the
+whole of an object's id.
+
 Prompted videos: after the clip of a user's prompt, later clips discover objects on their first frame
 only to continue the prompted ones; a component of linked tracks that holds no prompted object is
 dropped, so a prompted video indexes exactly the objects the user asked for.
@@ -53,6 +57,10 @@ def _masks_on(tracks: Sequence[Mapping], frame_index: int) -> dict[int, dict]:
     return out
 
 
+def _labels(tracks: Sequence[Mapping]) -> dict[int, str]:
+    return {int(t["object_id"]): str(t["label"]) for t in tracks if t.get("label")}
+
+
 def boundary_links(before: ClipTracks, after: ClipTracks, min_iou: float = DEFAULT_MIN_IOU) -> list[tuple[int, int]]:
     """(local id in `before`, local id in `after`) pairs that are the same object."""
     if not (before.ok and after.ok and before.shared) or before.boundary == "shot":
@@ -64,6 +72,11 @@ def boundary_links(before: ClipTracks, after: ClipTracks, min_iou: float = DEFAU
     lids, rids = sorted(left), sorted(right)
     ious = np.asarray(mask_utils.iou([left[i] for i in lids], [right[j] for j in rids], [0] * len(rids)), dtype=float)
     ious = ious.reshape(len(lids), len(rids))
+    left_label, right_label = _labels(before.tracks), _labels(after.tracks)
+    for a, i in enumerate(lids):
+        for b, j in enumerate(rids):
+            if left_label.get(i) and right_label.get(j) and left_label[i] != right_label[j]:
+                ious[a, b] = 0.0
     pairs: list[tuple[int, int]] = []
     used_l: set[int] = set()
     used_r: set[int] = set()

@@ -133,3 +133,33 @@ def test_no_decodable_clip_fails_the_video():
     done = assemble(_assembly(two_clips(), errors={0: "bad", 1: "worse"}), mode="lite", model="m", tracker="t",
                     indexed_at=dt.datetime.now(dt.timezone.utc), track_frames=8)
     assert done.tables["videos"][0]["status"] == "failed" and not done.ok
+
+
+def test_concept_tracks_with_different_labels_are_never_linked():
+    clips = two_clips()
+    clips[0].tracks[0]["label"] = "person"
+    clips[1].tracks[1]["label"] = "bicycle"  # the same mask on the shared frame, another concept
+    assert boundary_links(clips[0], clips[1]) == []
+    clips[1].tracks[1]["label"] = "person"
+    assert boundary_links(clips[0], clips[1]) == [(0, 5)]
+
+
+def test_labels_survive_linking_and_categories_are_voted():
+    clips = two_clips()
+    clips[0].tracks[0].update(label="person", source="concept")
+    clips[1].tracks[1].update(label="person", source="concept")  # clip 1's local 5: clip 0's 0
+    video = _assembly(clips)
+    # Clip categories of the unlabelled objects (clip 0's 1, clip 1's 0) come back from the referrer.
+    for c in video.clips.values():
+        for cap in c["captions"]:
+            cap["category"] = "red ball" if cap["object_id"] == 1 else None
+    done = assemble(video, mode="lite", model="tiny-lite", tracker="tiny-sam3",
+                    indexed_at=dt.datetime.now(dt.timezone.utc), track_frames=2)
+    to_table("objects", done.tables["objects"])
+    to_table("captions", done.tables["captions"])  # `category` stays out of the captions table
+    objects = {o["object_id"]: o for o in done.tables["objects"]}
+    assert (objects[0]["label"], objects[0]["source"]) == ("person", "concept")  # one id across the boundary
+    assert objects[1]["label"] == "red ball" and objects[1]["source"] == "auto"
+    assert objects[2]["label"] is None  # asked, no answer
+    # The whole-track request carries the label, so the referrer does not ask again.
+    assert [t["label"] for t in done.track_request["tracks"]] == ["person"]
