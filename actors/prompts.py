@@ -21,6 +21,12 @@ nearest sampled frame is used) or `frame` (index among the video's *sampled* fra
 `object_id` (optional; otherwise ids are assigned). A box may be combined with points; a mask stands
 alone (SAM 2 takes a mask prompt instead of, not besides, points and boxes).
 
+Concepts (for a SAM 3 tracker: every object of that kind is found and tracked) are given per video
+instead of objects, as a list or one comma-separated string::
+
+    {"cam1.mp4": {"concepts": ["person", "forklift"]}}
+    {"video": "cam2.mp4", "concepts": "car, dog"}
+
 This module checks only the file's structure (types, field names), so that a broken file fails the
 run with a message naming the place. Whether a prompt fits its video (frame exists, box inside the
 frame, mask of the frame's size) is checked by the tracker against the decoded frames, and a misfit
@@ -81,6 +87,26 @@ class ObjectPrompt:
         if self.object_id is not None:
             out["object_id"] = self.object_id
         return out
+
+
+@dataclass(frozen=True)
+class ConceptPrompt:
+    """Concepts to find in a video (SAM 3): an entry of a prompts table beside the objects."""
+
+    concepts: tuple[str, ...]
+
+
+PromptEntry = ObjectPrompt | ConceptPrompt
+
+
+def split_prompts(entries: Sequence[ObjectPrompt | ConceptPrompt]) -> tuple[list[ObjectPrompt], list[str]]:
+    """A video's prompts-table entries as (objects, concepts), each concept once."""
+    objects = [e for e in entries if isinstance(e, ObjectPrompt)]
+    concepts: list[str] = []
+    for e in entries:
+        if isinstance(e, ConceptPrompt):
+            concepts += [c for c in e.concepts if c not in concepts]
+    return objects, concepts
 
 
 def _number(value: Any, where: str, name: str) -> float:
@@ -172,7 +198,31 @@ def _objects(value: Any, where: str) -> list[ObjectPrompt]:
     return [parse_object(o, f"{where}, object {i}") for i, o in enumerate(value)]
 
 
-def _record(record: Any, where: str) -> tuple[str, list[ObjectPrompt]]:
+def parse_concepts(value: Any, where: str = "--find") -> list[str]:
+    """Concepts from `"person, car"` or `["person", "car"]`: stripped, in order, each once.
+
+    Raises `PromptsError` naming `where` for an empty list or an empty or non-string concept.
+    """
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+        if not value.strip():
+            raise PromptsError(f"{where}: no concept given (expected e.g. 'person, car')")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise PromptsError(f"{where}: concepts must be a list of strings or one comma-separated string, got {value!r}")
+    out: list[str] = []
+    for k, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise PromptsError(f"{where}: concept {k + 1} is empty or not a string ({item!r}) in {value!r}")
+        if item.strip() not in out:
+            out.append(item.strip())
+    if not out:
+        raise PromptsError(f"{where}: no concept given (expected e.g. 'person, car')")
+    return out
+
+
+def _record(record: Any, where: str) -> tuple[str, list[PromptEntry]]:
     """A JSONL / list record: `{"video": ..., "objects": [...]}` or `{"video": ..., <object fields>}`."""
     if not isinstance(record, Mapping):
         raise PromptsError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
@@ -181,6 +231,10 @@ def _record(record: Any, where: str) -> tuple[str, list[ObjectPrompt]]:
         raise PromptsError(f"{where}: a record needs exactly one of {list(VIDEO_FIELDS)} naming the video")
     video = record[keys[0]]
     rest = {k: v for k, v in record.items() if k != keys[0]}
+    if "concepts" in rest:
+        if len(rest) != 1:
+            raise PromptsError(f"{where} ({video}): a record with 'concepts' takes no other fields, got {sorted(rest)}")
+        return video, [ConceptPrompt(tuple(parse_concepts(rest["concepts"], f"{where} ({video})")))]
     if "objects" in rest:
         if len(rest) != 1:
             raise PromptsError(f"{where}: a record with 'objects' takes no other fields, got {sorted(rest)}")
@@ -188,13 +242,13 @@ def _record(record: Any, where: str) -> tuple[str, list[ObjectPrompt]]:
     return video, [parse_object(rest, f"{where} ({video})")]
 
 
-def _add(table: dict[str, list[ObjectPrompt]], video: str, objects: Iterable[ObjectPrompt]) -> None:
+def _add(table: dict[str, list[PromptEntry]], video: str, objects: Iterable[PromptEntry]) -> None:
     table.setdefault(video, []).extend(objects)
 
 
-def parse_prompts_text(text: str, source: str = "prompts") -> dict[str, list[ObjectPrompt]]:
+def parse_prompts_text(text: str, source: str = "prompts") -> dict[str, list[PromptEntry]]:
     """Parse a prompts file's text (JSON mapping, JSON list of records, or JSON Lines)."""
-    table: dict[str, list[ObjectPrompt]] = {}
+    table: dict[str, list[PromptEntry]] = {}
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as doc_error:
@@ -213,6 +267,11 @@ def parse_prompts_text(text: str, source: str = "prompts") -> dict[str, list[Obj
     if isinstance(doc, Mapping):
         for video, value in doc.items():
             where = f"{source}, video {video!r}"
+            if isinstance(value, Mapping) and "concepts" in value:
+                if set(value) != {"concepts"}:
+                    raise PromptsError(f"{where}: give either 'concepts' or objects for a video, got {sorted(value)}")
+                _add(table, video, [ConceptPrompt(tuple(parse_concepts(value["concepts"], where)))])
+                continue
             if isinstance(value, Mapping) and set(value) == {"objects"}:
                 value = value["objects"]
             _add(table, video, _objects(value, where))
@@ -224,7 +283,7 @@ def parse_prompts_text(text: str, source: str = "prompts") -> dict[str, list[Obj
     return table
 
 
-def load_prompts(path_or_url: str, storage_options: dict | None = None) -> dict[str, list[ObjectPrompt]]:
+def load_prompts(path_or_url: str, storage_options: dict | None = None) -> dict[str, list[PromptEntry]]:
     """Read a prompts file from any fsspec URL (local, s3://, ...); key: video URI or file name."""
     import fsspec
 
@@ -244,7 +303,7 @@ def _basename(uri: str) -> str:
     return _normalise(uri).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
-def prompts_for(video_uri: str, table: Mapping[str, list[ObjectPrompt]]) -> list[ObjectPrompt] | None:
+def prompts_for(video_uri: str, table: Mapping[str, list[PromptEntry]]) -> list[PromptEntry] | None:
     """The prompts of one video: its full URI first (with or without `file://`), then its file name."""
     if video_uri in table:
         return list(table[video_uri])

@@ -29,6 +29,8 @@ actor: each frame's masks become COCO RLE, areas and boxes at once.
 
 The pieces live apart: `actors.seeds` (prompts against the frames), `actors.discovery` (proposals),
 `actors.session` (one SAM 2 session), `actors.rle` (mask encoding); this module runs the passes.
+With a SAM 3 checkpoint the stage runs `actors.concepts.ConceptTracker` instead: objects found by
+the clip's concepts (`--find`), in the same track format, each with its concept as `label`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from actors.requests import owned_tracks, shown_frames
 from actors.rle import encode_masks
 from actors.seeds import Seed, TrackerInputError, keyframe_indices, resolve_prompts
 from actors.session import FrameResult, TrackingSession
+from models.sam3 import ConceptError
 from models.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
@@ -328,6 +331,11 @@ class Tracker:
 # ---------------------------------------------------------------------------------------------
 
 
+def _concepts(batch: Mapping[str, np.ndarray], i: int) -> list[str]:
+    value = batch["concepts_json"][i] if "concepts_json" in batch else ""
+    return [str(c) for c in json.loads(value)] if isinstance(value, str) and value else []
+
+
 def _failed(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value) != ""
 
@@ -342,6 +350,8 @@ class TrackerStage:
 
     def __init__(self, model: str = "tiny", *, ship_frames: str = "all", object_frames: int | None = None,
                  **tracker_kwargs: Any) -> None:
+        from models.sam3 import is_sam3
+
         if ship_frames not in ("all", "shown"):
             raise ValueError(f"ship_frames must be 'all' or 'shown', got {ship_frames!r}")
         #: "shown": a clip row leaves with only the frames PixelRefer-Lite will see (each object's
@@ -352,7 +362,15 @@ class TrackerStage:
         # Frames arrive as read-only views of Ray's object store; the SAM 2 processor only reads them,
         # so torch's warning about non-writable arrays is noise in every worker log.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.tracker = Tracker(model, **tracker_kwargs)
+        #: SAM 3: objects come from each clip's concepts (`concepts_json`), not prompts or discovery.
+        self.by_concept = is_sam3(model)
+        if self.by_concept:
+            from actors.concepts import ConceptTracker
+
+            keep = {k: tracker_kwargs[k] for k in ("device", "dtype", "max_objects") if k in tracker_kwargs}
+            self.tracker: Any = ConceptTracker(model, **keep)
+        else:
+            self.tracker = Tracker(model, **tracker_kwargs)
         self.clock = BusyClock("tracker", TRACKER_PHASES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -415,10 +433,21 @@ class TrackerStage:
                 return [], None
             text = str(batch["prompts_json"][i]) if "prompts_json" in batch and batch["prompts_json"][i] else ""
             prompts = prompts_from_json(text) if text else None
+            concepts = _concepts(batch, i)
+            if self.by_concept:
+                if prompts:
+                    raise TrackerInputError(f"{self.tracker.name} finds objects by concept; box, point and mask "
+                                            "prompts need a SAM 2 tracker (--tracker)")
+                if not concepts:
+                    raise TrackerInputError(f"{self.tracker.name} finds objects by concept, and this video has none: "
+                                            "give --find 'person, car' or concepts in the prompts file")
+                return self.tracker.track(frames, timestamps, concepts), None
+            if concepts:
+                raise TrackerInputError(f"concepts {concepts} need a SAM 3 tracker, not {self.tracker.name}")
             mode = str(batch["discover"][i]) if "discover" in batch and batch["discover"][i] else None
             return self.tracker.track(frames, timestamps, prompts, discover=mode), None
-        except (TrackerInputError, PromptsError) as exc:
-            log.warning("video %s: bad prompts: %s", video_id, exc)
+        except (TrackerInputError, PromptsError, ConceptError) as exc:
+            log.warning("video %s: bad prompts or concepts: %s", video_id, exc)
             return [], f"tracker: {exc}"
         except Exception as exc:  # noqa: BLE001 - one video's failure must not stop the others
             log.exception("video %s: tracking failed", video_id)

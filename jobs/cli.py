@@ -14,6 +14,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from jobs.demo import add_demo_arguments, demo_main
+    from jobs.embed import add_embed_arguments, embed_main
     from jobs.index import add_index_arguments, index_main
     from jobs.models import add_models_arguments, models_main
     from jobs.query import add_query_arguments, query_main
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="query the committed tables (DuckDB)")
     add_query_arguments(query)
     query.set_defaults(func=query_main)
+
+    embed = sub.add_parser("embed", help="add caption and answer embeddings (for query --like) where an index has none")
+    add_embed_arguments(embed)
+    embed.set_defaults(func=embed_main)
 
     report = sub.add_parser("report", help="HTML report of one video: frames with masks, captions, answers")
     add_report_arguments(report)

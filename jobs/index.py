@@ -23,7 +23,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE", help="folder, file or fsspec URL (s3://bucket/prefix) of videos")
     parser.add_argument("output", metavar="OUTPUT", help="folder or fsspec URL for the Parquet tables")
     parser.add_argument("--model", default="tiny", help="PixelRefer checkpoint: local folder, hub id, or 'tiny'")
-    parser.add_argument("--tracker", default="tiny", help="SAM 2 checkpoint: local folder, hub id, or 'tiny'")
+    parser.add_argument("--tracker", default="tiny", help="SAM 2 or SAM 3 checkpoint: local folder, hub id, 'tiny' (SAM 2) or 'tiny-sam3'")
     parser.add_argument("--mode", choices=("lite", "full"), default="lite", help="lite: Object-Only (default); full: Vision-Object")
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
@@ -44,6 +44,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     parser.add_argument("--storage-options", default=None, help="JSON object passed to fsspec for SOURCE and OUTPUT (credentials, endpoint_url, "
                              "retries: {\"config_kwargs\": {\"retries\": {\"max_attempts\": 10}}})")
+    parser.add_argument("--find", default=None, metavar="CONCEPTS",
+                        help="concepts to find and track in every video, e.g. 'person, car, dog' (needs a SAM 3 "
+                             "tracker: --tracker tiny-sam3, facebook/sam3 or a folder); objects get the concept as label")
     parser.add_argument("--max-objects", type=int, default=8, help="objects kept per video in automatic discovery")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per caption or answer")
     parser.add_argument("--object-frames", type=int, default=8, metavar="K",
@@ -62,10 +65,16 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips-per-call", type=int, default=16,
                         help="clips the referrer takes a call, sharing its model batches (default 16); fewer "
                              "finish each video sooner, more fill a large GPU")
+    parser.add_argument("--embedder", default="wordllama", metavar="E|none",
+                        help="sentence embedder of captions and answers for `query --like`: wordllama (default, "
+                             "ships in its wheel), a transformers model folder or hub id, or none")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
+    from actors.prompts import parse_concepts
+
+    find = tuple(parse_concepts(args.find, "--find")) if getattr(args, "find", None) is not None else ()
     return IndexConfig(
         source=args.source, output=args.output, model=args.model, tracker=args.tracker, mode=args.mode,
         fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames, max_side=args.max_side,
@@ -77,11 +86,14 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
         clip_seconds=args.clip_seconds, cuts=args.cuts, commit_every_min=args.commit_every,
         max_gpus=getattr(args, "max_gpus", None), clips_per_call=getattr(args, "clips_per_call", 16),
+        embedder=getattr(args, "embedder", "wordllama"), find=find,
     )
 
 
 def index_main(args: argparse.Namespace) -> int:
     from actors.prompts import PromptsError
+    from models.embedders import EmbedderError
+    from models.sam3 import ConceptError
     from pipeline.questions import QuestionsError
     from pipeline.run import run_index
     from pipeline.sizing import PlacementError
@@ -96,7 +108,7 @@ def index_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         summary = run_index(cfg)
-    except (SourceError, OutputError, PromptsError, QuestionsError) as exc:
+    except (SourceError, OutputError, PromptsError, QuestionsError, EmbedderError, ConceptError) as exc:
         print(f"error: {redact(str(exc), cfg.storage_options)}", file=sys.stderr)
         return EXIT_NOT_COMMITTED
     except PlacementError as exc:

@@ -3,7 +3,8 @@
 The work lives in modules this command imports (they never import it):
 `jobs.query_sql` (the read-only DuckDB sandbox, `open_index` for notebooks), `jobs.query_layout`
 (the table layouts, including indexes written under the first contract),
-`jobs.query_search` (BM25 text search in SQL), `jobs.query_video` (`--video`'s result),
+`jobs.query_search` (BM25 text search in SQL), `jobs.query_like` (`--like`: embeddings fused with
+BM25), `jobs.query_video` (`--video`'s result),
 `jobs.query_formats` (table, json, jsonl, csv) and `jobs.query_errors` (exit codes).
 
 Exit codes: 0 success; 1 data problems (no committed run, unknown video, unreadable OUTPUT or
@@ -20,8 +21,9 @@ from typing import Callable, Sequence
 
 import duckdb
 
-from jobs.query_errors import EXIT_ERROR, EXIT_OK, QueryError, translate_duckdb_error
+from jobs.query_errors import EXIT_ERROR, EXIT_OK, QueryError, UsageError, translate_duckdb_error
 from jobs.query_formats import FORMATS, WRITERS, write_video
+from jobs.query_like import add_like_arguments, check_like_arguments, search_like
 from jobs.query_search import DEFAULT_SEARCH_LIMIT
 from jobs.query_sql import open_index, parse_storage_options
 
@@ -44,7 +46,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--sql",
         metavar="SQL",
-        help="read-only SQL over videos, clips, objects, masks, captions, qa, runs "
+        help="read-only SQL over videos, clips, objects, masks, captions, qa, runs, embeddings "
         "(and latest_videos: latest ok run per video)",
     )
     mode.add_argument(
@@ -62,6 +64,10 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=DEFAULT_SEARCH_LIMIT, help="--text: number of results")
     parser.add_argument("--run", metavar="RUN_ID", default=None, help="--video: show this run, not the latest")
+    parser.add_argument("--label", metavar="L", default=None,
+                        help="objects labelled L (a --find concept or PixelRefer's category), with their videos and "
+                             "spans; with --like, only objects labelled L")
+    add_like_arguments(parser)
 
 
 def query_main(args: argparse.Namespace) -> int:
@@ -71,17 +77,26 @@ def query_main(args: argparse.Namespace) -> int:
 
 def _query(args: argparse.Namespace) -> None:
     storage_options = parse_storage_options(args.storage_options)
+    check_like_arguments(args)
+    if args.label is not None and args.like is None and any(v is not None for v in (args.sql, args.video, args.text)):
+        raise UsageError("--label lists objects on its own, or narrows --like; it does not combine with "
+                         "--sql, --video or --text")
     out = sys.stdout
     with open_index(args.output, storage_options) as index:
         for note in index.notes:
             print(note, file=sys.stderr)
         writer = WRITERS[args.format]
-        if args.sql is not None:
+        if args.like is not None:
+            writer(search_like(index, args.like, args.top, video=args.video, label=args.label,
+                               embedder=args.embedder), out)
+        elif args.sql is not None:
             writer(index.reader(args.sql), out)
         elif args.video is not None:
             write_video(index.video(args.video, run_id=args.run), args.format, out)
         elif args.text is not None:
             writer(index.search(args.text, args.limit), out)
+        elif args.label is not None:
+            writer(index.labelled(args.label, args.limit), out)
         else:
             writer(index.runs(), out)
     out.flush()

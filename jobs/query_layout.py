@@ -84,6 +84,11 @@ _LEGACY_SELECTS: dict[str, tuple[str, str]] = {
                videos_ok AS clips, CAST(NULL AS DOUBLE) AS video_seconds, objects, captions, answers,
                retry_video_ids
         FROM {src}"""),
+    # The first contract had no embeddings; `pixelrefer embed` refuses such an index, so this is empty.
+    "embeddings": ("embeddings", """
+        SELECT video_id, kind, object_id, object_ids, clip_index, ts_start, ts_end, text, embedder, dim, vector,
+               text_run_id, run_id
+        FROM {src}"""),
 }
 
 

@@ -4,8 +4,8 @@ DuckDB's `fts` extension is not bundled and cannot be installed offline; ranking
 the search streaming over remote Parquet and adds no dependency. This module only holds SQL text
 and its parameters, so it imports nothing from the other query modules.
 
-A document is one object: all its captions (per clip and whole-track) plus the answers that name
-it, for each video's latest ok run only (a re-indexed video is neither counted twice nor shown
+A document is one object: all its captions (per clip and whole-track), the answers that name it
+and its label (the concept that found it, or PixelRefer's category), for each video's latest ok run only (a re-indexed video is neither counted twice nor shown
 twice).
 """
 
@@ -67,6 +67,11 @@ texts AS (
         SELECT q.video_id, q.run_id, unnest(q.object_ids) AS object_id, q.clip_index, q.ts_start, q.ts_end,
                q.answer AS text
         FROM qa q JOIN latest l ON q.video_id = l.video_id AND q.run_id = l.run_id)
+    UNION ALL
+    SELECT o.video_id, o.run_id, o.object_id, NULL AS clip_index, o.first_ts, o.last_ts, 'label' AS kind,
+           o.label AS text
+    FROM objects o JOIN latest l ON o.video_id = l.video_id AND o.run_id = l.run_id
+    WHERE o.label IS NOT NULL
 ),
 tokens AS (
     SELECT *, len(list_filter(terms, lambda t: list_contains($q, t))) AS hits
@@ -111,3 +116,14 @@ LIMIT $limit
 def search_params(terms: list[str], limit: int) -> dict[str, Any]:
     """The parameters of SEARCH_SQL: the query's distinct terms, sorted so equal queries match."""
     return {"q": sorted(set(terms)), "k1": BM25_K1, "b": BM25_B, "limit": limit}
+
+
+# `query --label L`: the objects of each video's latest ok run whose label is L (case and outer
+# spaces ignored), with where and when they appear; `$video` narrows it to one video (NULL: all).
+LABEL_SQL = """
+SELECT o.label, o.video_id, o.object_id, o.source, o.first_ts, o.last_ts, o.num_frames, l.uri, o.run_id
+FROM objects o JOIN latest_videos l ON o.video_id = l.video_id AND o.run_id = l.run_id
+WHERE lower(trim(o.label)) = lower(trim($label)) AND ($video IS NULL OR o.video_id = $video)
+ORDER BY o.video_id, o.first_ts NULLS LAST, o.object_id
+LIMIT $limit
+"""

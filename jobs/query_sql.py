@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from jobs.query_errors import NoCommittedRun, QueryError, RefusedQuery, UsageError, VideoNotFound, duckdb_errors
 from jobs.query_layout import Layout, current_view_sql, detect_layout, first_parquet, legacy_view_sql
-from jobs.query_search import DEFAULT_SEARCH_LIMIT, MACROS, SEARCH_SQL, TERMS_SQL, search_params
+from jobs.query_search import DEFAULT_SEARCH_LIMIT, LABEL_SQL, MACROS, SEARCH_SQL, TERMS_SQL, search_params
 from jobs.query_video import CLIPS_SQL, OBJECTS_SQL, RUNS_SQL, VideoResult
 from schemas.tables import TABLES
 
@@ -289,6 +289,14 @@ class Index:
         if limit < 1:
             raise UsageError("--limit must be at least 1")
         return self._internal(SEARCH_SQL, search_params(terms, limit))
+
+    def labelled(self, label: str, limit: int = DEFAULT_SEARCH_LIMIT, video: str | None = None) -> pa.Table:
+        """Objects labelled `label` (`objects.label`: a concept, or PixelRefer's category), by video and time."""
+        if not label.strip():
+            raise UsageError("--label needs a label, e.g. --label person")
+        if limit < 1:
+            raise UsageError("--limit must be at least 1")
+        return self._internal(LABEL_SQL, {"label": label, "limit": limit, "video": video})
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -44,6 +44,9 @@ class IndexConfig:
     max_gpus: float | None = None
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_objects: int = 8
+    #: Concepts a SAM 3 tracker finds in every video (`--find "person, car"`): each object found is
+    #: labelled with its concept. Empty: objects come from prompts or SAM 2's discovery.
+    find: tuple[str, ...] = ()
     keyframe_interval_s: float = 2.0
     max_new_tokens: int = 64
     #: K: masked frames of an object shown to PixelRefer per caption, spread over its span (per
@@ -64,6 +67,9 @@ class IndexConfig:
     refer: StageResources = dataclasses.field(default_factory=lambda: StageResources(batch_size=REFERRER_ROWS_PER_BATCH))
     #: Clips per referrer call: their prompts share batches (throughput); fewer finish videos sooner.
     clips_per_call: int = REFERRER_ROWS_PER_BATCH
+    #: Sentence embedder of the captions and answers (`models.embedders`): "wordllama", a
+    #: transformers model folder or hub id, or "none" (no `embeddings` rows; `pixelrefer embed` adds them later).
+    embedder: str = "wordllama"
 
     def __post_init__(self) -> None:
         if self.mode not in ("lite", "full"):
@@ -88,6 +94,12 @@ class IndexConfig:
             raise ValueError(f"--clips-per-call must be at least 1, got {self.clips_per_call}")
         if self.max_gpus is not None and not self.max_gpus >= 0:
             raise ValueError(f"--max-gpus must be a number of GPUs >= 0, got {self.max_gpus}")
+        if self.find and not self.concept_tracker:
+            raise ValueError(
+                f"--find needs a SAM 3 tracker, but --tracker is {self.tracker!r} (SAM 2 finds objects without "
+                "names): add --tracker tiny-sam3, facebook/sam3 or a SAM 3 checkpoint folder")
+        if not self.embedder.strip():
+            raise ValueError("--embedder is empty: give 'wordllama', a model folder or hub id, or 'none'")
         if not (0 < self.commit_every_min <= 24 * 60):
             raise ValueError(f"--commit-every must be in (0, 1440] minutes, got {self.commit_every_min:g}")
 
@@ -99,6 +111,13 @@ class IndexConfig:
     @property
     def tracker_label(self) -> str:
         return "tiny-sam2" if self.tracker == "tiny" else self.tracker
+
+    @property
+    def concept_tracker(self) -> bool:
+        """Whether the tracker is SAM 3 (objects found by concept) rather than SAM 2."""
+        from models.sam3 import is_sam3  # here: the driver's other paths need no torch import
+
+        return is_sam3(self.tracker)
 
     def fit_resources(self, cluster: Cluster) -> None:
         """Size every stage for `cluster` (`pipeline.sizing`), or raise `PlacementError` when the

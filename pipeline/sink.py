@@ -54,7 +54,7 @@ STAGING = "_staging"
 COMMIT_MARKER = "_COMMIT"
 # Publish order: `videos` after the rows that hang off it, so a reader never sees a video whose
 # objects are not there yet; `runs` last, as the record that the run is complete.
-PUBLISH_ORDER = ("clips", "objects", "masks", "captions", "qa", "videos", "runs")
+PUBLISH_ORDER = ("clips", "objects", "masks", "captions", "qa", "embeddings", "videos", "runs")
 
 
 #: Run ids become one path segment (``run_id=<id>``, ``_staging/<id>``): plain characters only.
@@ -179,10 +179,11 @@ class RunWriter:
     def _storage(self, action: str) -> contextlib.AbstractContextManager[None]:
         return _storage(self.output, self.storage_options, action, self.fs, self.root)
 
-    def add(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    def add(self, table: str, rows: Iterable[Mapping[str, Any]] | pa.Table) -> None:
         """Validate a batch against its schema now, so a bad row fails before anything commits."""
-        rows = list(rows)
-        if not rows:
+        if not isinstance(rows, pa.Table):
+            rows = list(rows)
+        if not len(rows):
             return
         self._buffers[table].append(to_table(table, rows))
         buffered = self._buffers[table]

@@ -30,16 +30,19 @@ EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 #: Columns every row carries (besides the listing's), with their empty values.
 ROW_DEFAULTS: dict[str, Any] = {
     "kind": "video", "clip_index": -1, "clip_json": "", "video_json": "", "discover": "", "num_owned": -1,
-    "tracks_json": "", "error": "", "note": "",
+    "tracks_json": "", "error": "", "note": "", "concepts_json": "",
     **{f"{PHASE_PREFIX}decode_{phase}": 0.0 for phase in ("probe", "shots", "read")},
 }
 
 
-def video_row(video: Any, run_id: str, prompts_json: str, questions_json: str) -> dict[str, Any]:
-    """The graph's input row for one listed video (`pipeline.sources.VideoFile`)."""
+def video_row(video: Any, run_id: str, prompts_json: str, questions_json: str, concepts_json: str = ""
+              ) -> dict[str, Any]:
+    """The graph's input row for one listed video (`pipeline.sources.VideoFile`); `concepts_json`: the
+    concepts a SAM 3 tracker finds in each of its clips."""
     return {
         **ROW_DEFAULTS, "video_id": video.video_id, "uri": video.uri, "size_bytes": int(video.size_bytes),
         "etag": video.etag or "", "run_id": run_id, "prompts_json": prompts_json, "questions_json": questions_json,
+        "concepts_json": concepts_json,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
@@ -56,6 +57,7 @@ OBJECTS = pa.schema(
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("object_id", pa.int32(), nullable=False),
         ("source", pa.string()),
+        # The concept that found it (SAM 3), else PixelRefer's short category answer (`actors.labels`).
         ("label", pa.string()),
         ("first_ts", pa.float64()),
         ("last_ts", pa.float64()),
@@ -141,8 +143,33 @@ RUNS = pa.schema(
     ]
 )
 
+# One vector per caption and per answer, keyed like `captions` / `qa`. `vector` is a variable-length
+# list<float32> with its width in `dim`, not a fixed-size list: the width belongs to the embedder
+# (WordLlama 256, bge-small 384), and one schema per table is what every writer validates against
+# and what DuckDB unifies across run folders. Queries cast to FLOAT[dim] (`array_cosine_similarity`);
+# `validate` checks that every vector has `dim` values. `text_run_id` is the run of the caption or
+# answer embedded: the index run itself, or an earlier one for rows that `pixelrefer embed` added.
+EMBEDDINGS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # caption / answer
+        ("object_id", pa.int32()),  # null for answers
+        ("object_ids", pa.list_(pa.int32())),  # the objects an answer is about; null for captions
+        ("clip_index", pa.int32()),
+        ("ts_start", pa.float64()),
+        ("ts_end", pa.float64()),
+        ("text", pa.string()),
+        pa.field("embedder", pa.string(), nullable=False),
+        pa.field("dim", pa.int32(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32()), nullable=False),
+        pa.field("text_run_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "videos": VIDEOS, "clips": CLIPS, "objects": OBJECTS, "masks": MASKS, "captions": CAPTIONS, "qa": QA, "runs": RUNS,
+    "embeddings": EMBEDDINGS,
 }
 
 VIDEO_STATUSES = ("ok", "failed")
@@ -151,6 +178,7 @@ OBJECT_SOURCES = ("prompt", "auto", "concept")
 CLIP_STATUSES = ("ok", "failed")
 CLIP_BOUNDARIES = ("shot", "window", "end")
 RUN_STATUSES = ("committed",)
+EMBEDDING_KINDS = ("caption", "answer")
 
 
 class SchemaError(ValueError):
@@ -202,6 +230,7 @@ def validate(name: str, table: pa.Table) -> None:
         "runs": ("status", RUN_STATUSES),
         "clips": ("status", CLIP_STATUSES),
         "masks": None,
+        "embeddings": ("kind", EMBEDDING_KINDS),
     }
     checked = [checks[name]] if checks[name] else []
     if name == "clips":
@@ -210,3 +239,7 @@ def validate(name: str, table: pa.Table) -> None:
         bad = set(table.column(column).to_pylist()) - set(allowed) - {None}
         if bad:
             raise SchemaError(f"table {name!r}: column {column!r} has values {sorted(bad)}, allowed {allowed}")
+    if name == "embeddings" and table.num_rows:
+        lengths = pc.list_value_length(table.column("vector"))
+        if not pc.all(pc.equal(lengths, table.column("dim"))).as_py():
+            raise SchemaError(f"table {name!r}: a vector's length differs from its row's dim")

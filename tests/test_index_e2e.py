@@ -115,7 +115,22 @@ def test_objects_have_captions_and_answers(indexed):
     assert "prompt" in sources
 
 
-DATA_TABLES = ("videos", "objects", "captions", "qa")
+def test_captions_and_answers_have_embeddings(indexed):
+    """The default embedder (WordLlama) vectors every caption and answer at commit, named and sized."""
+    captions = [c for c in read(indexed["output"], "captions").to_pylist() if (c["caption"] or "").strip()]
+    answers = [a for a in read(indexed["output"], "qa").to_pylist() if (a["answer"] or "").strip()]
+    rows = read(indexed["output"], "embeddings").to_pylist()
+    assert captions and answers
+    assert {(r["embedder"], r["dim"]) for r in rows} == {("wordllama-l2_supercat_256", 256)}
+    assert all(len(r["vector"]) == 256 and r["run_id"] == r["text_run_id"] for r in rows)
+    key = lambda r: (r["video_id"], r["run_id"], r["clip_index"], r["text"])  # noqa: E731
+    assert sorted(key(r) for r in rows if r["kind"] == "caption") == sorted(
+        (c["video_id"], c["run_id"], c["clip_index"], c["caption"]) for c in captions)
+    assert sorted(key(r) for r in rows if r["kind"] == "answer") == sorted(
+        (a["video_id"], a["run_id"], a["clip_index"], a["answer"]) for a in answers)
+
+
+DATA_TABLES = ("videos", "objects", "captions", "qa", "embeddings")
 
 
 def test_rerun_adds_no_rows(indexed):

@@ -240,7 +240,7 @@ def run_rows(run_id: str, commits: int, when: dt.datetime, tables: dict[str, lis
 
 
 def empty_run() -> dict[str, list[dict[str, Any]]]:
-    return {name: [] for name in ("videos", "clips", "objects", "masks", "captions", "qa", "runs")}
+    return {name: [] for name in ("videos", "clips", "objects", "masks", "captions", "qa", "runs", "embeddings")}
 
 
 def index_tables(uris: dict[str, str], truths: dict[str, GroundTruth]) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -466,7 +466,7 @@ def long_index(tmp_path_factory: pytest.TempPathFactory) -> IndexInfo:
 def data() -> types.SimpleNamespace:
     """This module's constants and builders, for tests (importing a conftest is ambiguous in pytest)."""
     return types.SimpleNamespace(
-        RUN1=RUN1, RUN2=RUN2, RUN3=RUN3, STAGED_RUN=STAGED_RUN, CAPTIONS=CAPTIONS, QA=QA, MISSED=MISSED,
+        RUN1=RUN1, RUN2=RUN2, RUN3=RUN3, STAGED_RUN=STAGED_RUN, CAPTIONS=CAPTIONS, QA=QA, MISSED=MISSED, LABELS=LABELS,
         index_tables=index_tables, write_index=write_index, local_index_at=local_index_at,
         legacy_tables=legacy_tables, write_legacy_index=write_legacy_index, LEGACY_SCHEMAS=LEGACY_SCHEMAS,
         LONG_SECONDS=LONG_SECONDS, LONG_CLIP_SECONDS=LONG_CLIP_SECONDS, LONG_OBJECTS=LONG_OBJECTS,

@@ -354,7 +354,7 @@ def reference_bm25(docs: dict[tuple[str, int], list[str]], query: str, k1: float
 
 
 def latest_documents(index: IndexInfo, data) -> dict[tuple[str, int], list[str]]:
-    """Object -> its captions and answers, for each video's latest ok run (a: RUN2, b: RUN1)."""
+    """Object -> its captions, answers and label, for each video's latest ok run (a: RUN2, b: RUN1)."""
     docs: dict[tuple[str, int], list[str]] = {}
     for run, name in ((RUN2, "a"), (RUN1, "b")):
         vid = index.video_ids[name]
@@ -363,6 +363,9 @@ def latest_documents(index: IndexInfo, data) -> dict[tuple[str, int], list[str]]
         for ids, _, answer, _clip in data.QA[(run, name)]:
             for oid in ids:
                 docs.setdefault((vid, oid), []).append(answer)
+    for (vid, oid), texts in docs.items():  # an object's label is part of its document
+        if data.LABELS.get(oid):
+            texts.append(data.LABELS[oid])
     return docs
 
 
@@ -748,3 +751,21 @@ def test_legacy_index_without_objects_is_still_recognised(tmp_path: Path, local_
         rows = ix.sql("SELECT status, clips, sampled_fps FROM videos").to_pylist()
         assert rows == [{"status": "failed", "clips": 0, "sampled_fps": pytest.approx(5.0)}]
         assert ix.sql("SELECT * FROM clips").num_rows == 0
+
+
+def test_label_lists_objects_by_label_with_their_videos_and_spans(index: IndexInfo, run_query) -> None:
+    code, out, err = run_query(*index.cli(), "--label", " Truck ", "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    # Object 1 of each video's latest ok run is the truck (a: RUN2, b: RUN1); c never indexed ok.
+    assert sorted((r["video_id"], r["object_id"], r["run_id"]) for r in rows) == sorted(
+        [(index.video_ids["a"], 1, RUN2), (index.video_ids["b"], 1, RUN1)])
+    assert all(r["label"] == "truck" and r["first_ts"] <= r["last_ts"] and r["uri"] for r in rows)
+    code, out, err = run_query(*index.cli(), "--label", "zebra")
+    assert code == 0 and out.strip().endswith("(0 rows)"), err
+    code, _, err = run_query(*index.cli(), "--label", "truck", "--text", "red")
+    assert_clean_error(code, err, 2, "--label")
+    code, _, err = run_query(*index.cli(), "--label", "  ")
+    assert_clean_error(code, err, 2, "needs a label")
+    code, out, err = run_query(*index.cli(), "--text", "ball", "--format", "json")  # labels are searched too
+    assert code == 0 and {r["object_id"] for r in json.loads(out)} >= {2}, err

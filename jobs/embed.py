@@ -1,0 +1,133 @@
+"""`pixelrefer embed OUTPUT [--embedder E]`: add embeddings to the captions and answers that have none.
+
+For an index made with `--embedder none`, or before embeddings existed: no video model runs, only
+the embedder, on the driver, with the same rows as an index run writes (`pipeline.embeddings`).
+It is committed like a run, through the same staging and commit (`pipeline.sink.RunWriter`): it
+gets a run id, its vectors land under `embeddings/run_id=<id>/` with a `runs` row (`command`
+'embed', `model` the embedder, `captions`/`answers` the vectors added), and a crash leaves nothing
+half-written. Running it again adds nothing: a caption or answer whose key (video, run, object(s),
+clip, text) already has a vector is skipped, and with nothing to add nothing is committed.
+
+An OUTPUT keeps one embedder's vectors, so an index that holds another's is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+from models.embedders import DEFAULT_EMBEDDER, EmbedderError, load_embedder
+
+EXIT_OK = 0
+EXIT_NOT_COMMITTED = 1
+EXIT_USAGE = 2
+#: Texts embedded and buffered at a time: bounded memory for a backfill of millions, one commit still.
+EMBED_BATCH = 50_000
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="OUTPUT", help="index folder or fsspec URL (s3://bucket/index)")
+    parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="E",
+                        help="wordllama (default, ships in its wheel) or a transformers model folder or hub id")
+    parser.add_argument("--storage-options", default=None, metavar="JSON", help="JSON object passed to fsspec for OUTPUT")
+    parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+
+
+def embed_main(args: argparse.Namespace) -> int:
+    """Exit 0 when committed (or nothing was missing), 1 when it could not commit, 2 for bad input."""
+    from pipeline.config import IndexConfig
+    from pipeline.sink import OutputError
+    from pipeline.storage_errors import redact
+
+    try:
+        storage_options = IndexConfig.parse_storage_options(args.storage_options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        backfill(args.output, args.embedder, storage_options, run_id=args.run_id)
+    except EmbedderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutputError as exc:
+        print(f"error: {redact(str(exc), storage_options)}", file=sys.stderr)
+        return EXIT_NOT_COMMITTED
+    except KeyboardInterrupt:
+        print("interrupted: nothing was committed", file=sys.stderr)
+        return 130
+    return EXIT_OK
+
+
+def _refuse_legacy(output: str, storage_options: Mapping[str, Any]) -> None:
+    """Indexes of the first contract are read through views that `read_table` does not apply."""
+    import posixpath
+
+    from jobs.query_errors import LegacyLayoutError
+    from jobs.query_layout import detect_layout
+    from pipeline.sink import OutputError, filesystem
+
+    fs, root = filesystem(output, storage_options)
+    try:
+        folders = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+    except FileNotFoundError as exc:
+        raise OutputError(f"OUTPUT {output!r} does not exist") from exc
+    if "videos" not in folders:
+        raise OutputError(f"OUTPUT {output!r} holds no index (no videos table): run `pixelrefer index` first")
+    try:
+        legacy = detect_layout(fs, root, output, folders).legacy
+    except LegacyLayoutError as exc:  # a mix of the two layouts
+        raise OutputError(str(exc)) from exc
+    if legacy:
+        raise OutputError(f"OUTPUT {output!r} was written by an older pixelrefer (masks in objects.frames, no clips); "
+                          "re-index the sources into a new OUTPUT to search it by meaning")
+
+
+def backfill(output: str, spec: str = DEFAULT_EMBEDDER, storage_options: Mapping[str, Any] | None = None,
+             run_id: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, int] | None:
+    """Embed what has no vector yet and commit it as one run; returns the vectors added per kind."""
+    from pipeline.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
+    from pipeline.run import new_run_id
+    from pipeline.sink import RunWriter, read_table, recover
+    from pipeline.storage_errors import redact_url
+
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
+    options = dict(storage_options or {})
+    recover(output, options)
+    _refuse_legacy(output, options)
+    embedder = load_embedder(spec)
+    if embedder is None:
+        raise EmbedderError("--embedder none adds no embeddings: give 'wordllama' or a model folder or hub id")
+    check_embedder(output, embedder.name, options, embedder.dim)
+    captions = read_table(output, "captions", options,
+                          columns=["video_id", "run_id", "object_id", "clip_index", "ts_start", "ts_end", "caption"])
+    qa = read_table(output, "qa", options,
+                    columns=["video_id", "run_id", "object_ids", "clip_index", "ts_start", "ts_end", "answer"])
+    have = {key_of(r) for r in read_table(output, "embeddings", options, columns=list(KEY_COLUMNS)).to_pylist()}
+    rows = [r for r in text_rows(captions.to_pylist(), qa.to_pylist()) if key_of(r) not in have]
+    added = {"caption": sum(r["kind"] == "caption" for r in rows), "answer": sum(r["kind"] == "answer" for r in rows)}
+    if not rows:
+        progress(f"nothing to embed: every caption and answer in {redact_url(output)} has a {embedder.name} vector")
+        return added
+    run_id = run_id or new_run_id()
+    writer = RunWriter(output, run_id, options)
+    try:
+        for start in range(0, len(rows), EMBED_BATCH):
+            writer.add("embeddings", embedding_table(embedder, rows[start:start + EMBED_BATCH], run_id))
+        writer.add("runs", [{
+            "run_id": run_id, "commit_index": 0, "command": "embed", "source": None, "model": embedder.name,
+            "tracker": None, "mode": None, "started_at": started_at, "ended_at": dt.datetime.now(dt.timezone.utc),
+            "status": "committed", "videos_listed": 0, "videos_skipped": 0, "videos_ok": 0, "videos_failed": 0,
+            "videos_quarantined": 0, "clips": 0, "video_seconds": 0.0, "objects": 0,
+            "captions": added["caption"], "answers": added["answer"], "retry_video_ids": [],
+        }])
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    progress(f"run {run_id}: embedded {added['caption']} captions and {added['answer']} answers with "
+             f"{embedder.name} ({embedder.dim}-d) in {time.monotonic() - started:.1f} s; committed")
+    return added
