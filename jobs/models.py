@@ -17,6 +17,7 @@ from pathlib import Path
 TINY_PIXELREFER = {"tiny": "lite", "tiny-lite": "lite", "tiny-full": "full"}
 TINY_SAM2 = "tiny-sam2"
 SAM2_MODEL_TYPES = {"sam2_video", "sam2"}
+TINY_SAM3 = "tiny-sam3"
 
 
 def add_models_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,20 +39,21 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
         help="write plain folders DIR/<repo name> (use them as --model/--tracker) instead of the Hugging Face cache",
     )
     check = sub.add_parser("check", help="check that a checkpoint loads strictly (CPU, meta device) and describe it")
-    check.add_argument("model", metavar="M", help="a folder, a hub id, tiny / tiny-lite / tiny-full, or tiny-sam2")
+    check.add_argument("model", metavar="M", help="a folder, a hub id, tiny / tiny-lite / tiny-full, tiny-sam2 or tiny-sam3")
     check.add_argument("--full", action="store_true", help="read every tensor and load the model on CPU")
 
 
 def models_main(args: argparse.Namespace) -> int:
     from models.config import ConfigError
     from models.sam2 import Sam2LoadError
+    from models.sam3 import Sam3LoadError
     from models.weights import CheckpointError
 
     try:
         if args.models_command == "download":
             return _download(args.names, args.to)
         return _check(args.model, full=args.full)
-    except (CheckpointError, ConfigError, Sam2LoadError) as exc:
+    except (CheckpointError, ConfigError, Sam2LoadError, Sam3LoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -92,12 +94,18 @@ def _check(spec: str, *, full: bool) -> int:
         from models.sam2 import tiny_checkpoint as tiny_sam2
 
         folder = tiny_sam2()
+    elif spec == TINY_SAM3:
+        from models.sam3 import tiny_checkpoint as tiny_sam3
+
+        folder = tiny_sam3()
     else:
         folder = resolve_checkpoint(spec)
     config_path = folder / "config.json"
     model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
     if model_type in SAM2_MODEL_TYPES:
         lines = _check_sam2(folder, full=full)
+    elif model_type in sam3_types():
+        lines = _check_sam3(folder, full=full)
     else:
         lines = _check_pixelrefer(folder, full=full)
     print(f"{spec}: OK")
@@ -117,6 +125,30 @@ def _check_pixelrefer(folder: Path, *, full: bool) -> list[str]:
         loaded = load_checkpoint(folder, dtype=torch.bfloat16)
         lines.append(f"full load:   every tensor read; model on {loaded.model.device} in {loaded.model.dtype}")
     return lines
+
+
+def sam3_types() -> tuple[str, ...]:
+    from models.sam3 import SAM3_MODEL_TYPES
+
+    return SAM3_MODEL_TYPES
+
+
+def _check_sam3(folder: Path, *, full: bool) -> list[str]:
+    import torch
+
+    from models.sam3 import read_sam3
+    from models.weights import dtype_summary, find_weight_files, read_weights
+
+    model, files = read_sam3(folder, dtype=torch.bfloat16, meta=not full)
+    stored = dtype_summary(read_weights(find_weight_files(folder), meta=True))
+    return [
+        f"folder:      {folder}",
+        f"framework:   SAM 3 video ({model.config.model_type}): concept detection and tracking",
+        f"weights:     {files}",
+        f"stored as:   {stored}",
+        f"parameters:  {sum(p.numel() for p in model.parameters()):,} (every one stored; strict check passed)",
+        *([f"full load:   every tensor read; model in {model.dtype}"] if full else []),
+    ]
 
 
 def _check_sam2(folder: Path, *, full: bool) -> list[str]:

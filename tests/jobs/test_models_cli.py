@@ -99,6 +99,12 @@ def test_check_tiny_sam2(capsys):
     assert "weights:     model.safetensors" in out and "strict check passed" in out
 
 
+def test_check_tiny_sam3(capsys):
+    rc, out, err = run(["check", "tiny-sam3"], capsys)
+    assert rc == 0, err
+    assert "framework:   SAM 3 video (sam3_video)" in out and "strict check passed" in out
+
+
 # -- download -----------------------------------------------------------------------------------------
 def test_download_offline_fails_clearly(tmp_path, monkeypatch, capsys):
     offline_hub(monkeypatch, tmp_path / "hf")
