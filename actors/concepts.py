@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from actors.rle import encode_masks, rle_areas, rle_boxes
-from actors.seeds import TrackerInputError
+from actors.seeds import check_frames
 from models.sam3 import ConceptError, Sam3Bundle, check_concepts, load_sam3
 from models.timing import PhaseTimes
 
@@ -49,16 +49,6 @@ class _Object:
     label: str
     score: float
     frames: dict[int, dict] = field(default_factory=dict)
-
-
-def _check_frames(frames: Any, timestamps: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise TrackerInputError(f"frames must be a (T, H, W, 3) uint8 RGB array, got {frames.dtype} {frames.shape}")
-    ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-    if len(ts) != len(frames):
-        raise TrackerInputError(f"{len(frames)} frames but {len(ts)} timestamps")
-    return frames, ts
 
 
 def unique_concepts(concepts: Sequence[str]) -> list[str]:
@@ -185,7 +175,7 @@ class ConceptTracker:
         started = time.perf_counter()
         check_concepts(self.bundle, concepts)
         prompts = unique_concepts(concepts)
-        frames, ts = _check_frames(frames, timestamps)
+        frames, ts = check_frames(frames, timestamps)
         found: dict[int, _Object] = {}
         self._clock.max_state_frames = self._clock.max_objects = 0
         if len(frames):

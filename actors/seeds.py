@@ -7,6 +7,7 @@ frame's size) happens here, before SAM 2 is called, so a misfit is a readable er
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,17 @@ class Seed:
     box: tuple[float, float, float, float] | None = None  # clipped to the frame
     mask_rle: dict | None = None  # mask prompts and discovered objects
     stop: int = 0  # backward tracking covers frames [stop, frame)
+
+
+def check_frames(frames: Any, timestamps: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's frames and timestamps as the trackers (SAM 2 and SAM 3) take them, or `TrackerInputError`."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise TrackerInputError(f"frames must be a (T, H, W, 3) uint8 RGB array, got {frames.dtype} {frames.shape}")
+    ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+    if len(ts) != len(frames):
+        raise TrackerInputError(f"{len(frames)} frames but {len(ts)} timestamps")
+    return frames, ts
 
 
 def keyframe_indices(timestamps: Sequence[float], interval_s: float) -> list[int]:

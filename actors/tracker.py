@@ -53,7 +53,7 @@ from actors.discovery import Discoverer, Sam2Discoverer, select_candidates, unco
 from actors.prompts import ObjectPrompt, PromptsError, prompts_from_json
 from actors.requests import owned_tracks, shown_frames
 from actors.rle import encode_masks
-from actors.seeds import Seed, TrackerInputError, keyframe_indices, resolve_prompts
+from actors.seeds import Seed, TrackerInputError, check_frames, keyframe_indices, resolve_prompts
 from actors.session import FrameResult, TrackingSession
 from models.sam3 import ConceptError
 from models.timing import PhaseTimes
@@ -95,16 +95,6 @@ class _Video:
     @property
     def width(self) -> int:
         return int(self.frames.shape[2])
-
-
-def _check_frames(frames: Any, timestamps: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise TrackerInputError(f"frames must be a (T, H, W, 3) uint8 RGB array, got {frames.dtype} {frames.shape}")
-    ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-    if len(ts) != len(frames):
-        raise TrackerInputError(f"{len(frames)} frames but {len(ts)} timestamps")
-    return frames, ts
 
 
 def _setting(explicit: Any, folder: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -165,7 +155,7 @@ class Tracker:
         Raises `TrackerInputError` for prompts that do not fit the video; finding nothing is `[]`.
         """
         started = time.perf_counter()
-        frames, ts = _check_frames(frames, timestamps)
+        frames, ts = check_frames(frames, timestamps)
         video = _Video(frames=frames, timestamps=ts)
         if len(frames):
             seeds = resolve_prompts(prompts, ts, video.height, video.width) if prompts else []
