@@ -5,6 +5,7 @@ Layout under OUTPUT (any fsspec URL):
     <table>/run_id=<id>/part-NNNNN.parquet     committed rows (what readers glob)
     _staging/<id>/<table>/part-NNNNN.parquet   a run in progress (never matched by the glob)
     _staging/<id>/_COMMIT                      the run's file list, written before publishing
+    _search/                                   the search index, derived (`pipeline.search_index`)
 
 Object stores have no atomic multi-file rename, so a commit is a two-phase roll-forward: the
 commit marker is written first, then files are moved into place with the `videos` table last.
@@ -349,9 +350,13 @@ def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
 
 
 def read_table(
-    output: str, table: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None
+    output: str, table: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None,
+    runs: Iterable[str] | None = None,
 ) -> pa.Table:
-    """Committed rows of one table (empty, with the right schema, when nothing is committed)."""
+    """Committed rows of one table (empty, with the right schema, when nothing is committed).
+
+    `runs` keeps the rows of those runs only, and reads no other run's folder (the partitions are
+    pruned before any file is opened)."""
     fs, root = filesystem(output, storage_options)
     folder = posixpath.join(root, table)
     schema = TABLES[table]
@@ -360,7 +365,25 @@ def read_table(
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
         dataset = pads.dataset(folder, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
-        return dataset.to_table(columns=columns)
+        where = pads.field("run_id").isin(sorted(set(runs))) if runs is not None else None
+        return dataset.to_table(columns=columns, filter=where)
+
+
+def read_batches(
+    output: str, table: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None,
+    runs: Iterable[str] | None = None, batch_rows: int = 65_536,
+) -> Iterator[pa.RecordBatch]:
+    """`read_table` in batches, for tables too large to hold at once (a backfill of millions of
+    vectors). Storage errors are translated as they surface, batch by batch."""
+    fs, root = filesystem(output, storage_options)
+    folder = posixpath.join(root, table)
+    schema = TABLES[table]
+    with _storage(output, storage_options, f"reading table {table!r}", fs, root):
+        if not fs.exists(folder) or not fs.find(folder):
+            return
+        dataset = pads.dataset(folder, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
+        where = pads.field("run_id").isin(sorted(set(runs))) if runs is not None else None
+        yield from dataset.to_batches(columns=columns, filter=where, batch_size=batch_rows)
 
 
 def retry_counts(output: str, model: str, tracker: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:

@@ -1,0 +1,429 @@
+"""The search index of an OUTPUT: what `--like` reads instead of scanning every vector.
+
+The `embeddings` table stays the record of every vector. Ranking it exactly means reading all of
+it per query: 25 s at a million captions (`bench.search`), most of it BM25 re-tokenizing every
+caption. This index is a copy of the passages of each video's latest ok run in a Lance dataset
+(`OUTPUT/_search/passages.lance`) with two indexes Lance keeps on object storage beside the data:
+
+- IVF_PQ over the vectors (cosine), once there are `ANN_MIN_ROWS` passages; below that Lance
+  compares every vector, which is exact and takes milliseconds at that size;
+- an inverted index over the text (lower-cased, English stop words dropped, stemmed), which Lance
+  scores with BM25.
+
+Lance, not DuckDB's `vss`: the `duckdb-extension-vss` wheel exists only for DuckDB 1.5 (the lock
+has 2.0), and its HNSW index lives in a DuckDB database file, not beside Parquet on object storage.
+FAISS would need a second store for the rows and a hand-made BM25 side.
+
+`sync` brings the copy up to date from the committed tables; it is idempotent and cheap when
+nothing changed. It runs after an index run's last commit and in `pixelrefer embed`. What it has
+seen is the set of (run, commit) of the `runs` table, written last to `_search/state.json`; a query
+uses the index only when that set equals the `runs` table's, so a stale index is never read (the
+query then ranks exactly; `SearchIndex.open` says why). A run's passages are replaced whole when
+it gained a commit, and passages that are no longer their video's latest ok run are deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.sink import OutputError, filesystem, read_batches, read_table
+from pipeline.storage_errors import redact, redact_url
+
+os.environ.setdefault("LANCE_LOG", "error")  # Lance's Rust logger: its notices are not the user's business
+
+log = logging.getLogger(__name__)
+
+SEARCH_FOLDER = "_search"
+DATASET = "passages.lance"
+STATE = "state.json"
+#: Passages from which the vectors get an IVF_PQ index; below it, exact search is as fast.
+ANN_MIN_ROWS = 65_536
+#: IVF lists are sized to about this many vectors (Lance's guidance is a few thousand).
+ROWS_PER_PARTITION = 4_096
+#: Dimensions per PQ sub-vector: 256-d vectors keep 32 bytes each (32 MB a million).
+DIMS_PER_SUB_VECTOR = 8
+#: Fragments after which a sync compacts the dataset (each sync appends at least one).
+COMPACT_AFTER_FRAGMENTS = 64
+#: Versions older than this are removed after a sync (a query opens the latest version).
+KEEP_VERSIONS = dt.timedelta(hours=1)
+FTS_OPTIONS = {"base_tokenizer": "simple", "language": "English", "stem": True, "remove_stop_words": True,
+               "lower_case": True, "with_position": False}
+COLUMNS = ("video_id", "text_run_id", "kind", "object_ids", "clip_index", "ts_start", "ts_end", "text", "labels")
+
+
+class SearchIndexError(OutputError):
+    """The search index cannot be read or written (the tables themselves are unaffected)."""
+
+
+class SearchIndexUnsupported(SearchIndexError):
+    """OUTPUT is on a store, or has options, the search index cannot use: `--like` ranks exactly."""
+
+
+def _lance() -> Any:
+    import lance  # heavy (Rust): only where a search index is touched
+
+    return lance
+
+
+@dataclass(frozen=True)
+class SearchLocation:
+    """Where the Lance dataset of an OUTPUT lives, in the URL and options Lance itself takes."""
+
+    uri: str
+    options: dict[str, str]
+
+    @classmethod
+    def of(cls, output: str, storage_options: Mapping[str, Any] | None = None) -> "SearchLocation":
+        """Local folders and S3 (s3fs's options translated to Lance's); other stores raise, since
+        their fsspec options have no faithful translation, and `--like` then ranks exactly."""
+        fs, root = filesystem(output, storage_options)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        path = posixpath.join(root, SEARCH_FOLDER, DATASET)
+        if protocol in ("file", "local"):
+            return cls(path, {})
+        if protocol in ("s3", "s3a"):
+            return cls(f"s3://{path}", lance_s3_options(storage_options or {}))
+        raise SearchIndexUnsupported(f"no search index on {protocol}:// storage (local folders and S3 only)")
+
+
+def lance_s3_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """s3fs's storage options as Lance's (object_store) keys; unset ones fall back, as with s3fs,
+    to the AWS_* environment. An option with no equivalent is refused rather than dropped."""
+    client = dict(options.get("client_kwargs") or {})
+    out: dict[str, str] = {}
+    names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token"}
+    for name, value in options.items():
+        if name in names and value:
+            out[names[name]] = str(value)
+        elif name == "endpoint_url" and value:
+            client["endpoint_url"] = value
+        elif name == "anon" and value:
+            out["aws_skip_signature"] = "true"
+        elif name not in ("client_kwargs", "config_kwargs", "use_listings_cache", "skip_instance_cache",
+                          "default_block_size", "default_fill_cache", "anon", "key", "secret", "token", "endpoint_url"):
+            raise SearchIndexUnsupported(f"storage option {name!r} has no equivalent for the search index")
+    endpoint = client.get("endpoint_url")
+    if endpoint:
+        out["aws_endpoint"] = str(endpoint)
+        if str(endpoint).startswith("http://"):
+            out["allow_http"] = "true"
+    region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        out["aws_region"] = str(region)
+    elif endpoint:
+        out["aws_region"] = "us-east-1"  # S3-compatible stores ignore it, but the client needs one
+    return out
+
+
+def committed(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The index's commits as sorted "run_id/commit_index" strings: what a sync has seen."""
+    runs = read_table(output, "runs", storage_options, columns=["run_id", "commit_index"])
+    return sorted({f"{r['run_id']}/{r['commit_index']}" for r in runs.to_pylist()})
+
+
+def _state_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    fs, root = filesystem(output, storage_options)
+    return fs, posixpath.join(root, SEARCH_FOLDER, STATE)
+
+
+def read_state(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """What the last sync wrote (None: never synced, or the file is unreadable)."""
+    fs, path = _state_path(output, storage_options)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("search index state %s is unreadable (%s): it will be rebuilt", path, exc)
+        return None
+
+
+def latest_runs(videos: pa.Table) -> dict[str, str]:
+    """Each video's latest ok run, by the rule of the `latest_videos` view (newest `indexed_at`,
+    then the greater run id)."""
+    best: dict[str, tuple[Any, str]] = {}
+    never = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    for row in videos.to_pylist():
+        if row["status"] != "ok":
+            continue
+        key = (row["indexed_at"] or never, row["run_id"])
+        if row["video_id"] not in best or key > best[row["video_id"]]:
+            best[row["video_id"]] = key
+    return {video: key[1] for video, key in best.items()}
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in(column: str, values: Iterable[str]) -> str:
+    return f"{column} IN ({', '.join(_quote(v) for v in sorted(set(values)))})"
+
+
+def sub_vectors(dim: int) -> int:
+    """PQ sub-vectors for `dim`: about one per `DIMS_PER_SUB_VECTOR` dims, and a divisor of dim."""
+    target = max(1, dim // DIMS_PER_SUB_VECTOR)
+    return max(d for d in range(1, target + 1) if dim % d == 0)
+
+
+@dataclass
+class SyncResult:
+    rows: int = 0
+    added: int = 0
+    removed: int = 0
+    ann: bool = False
+    up_to_date: bool = False
+    seconds: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+def passages(embeddings: pa.Table, labels: Mapping[tuple[str, str, int], str], dim: int) -> pa.Table:
+    """Embeddings rows as the dataset's rows: captions get `object_ids` [object_id] (one column
+    for both kinds), each passage the lower-cased labels of its objects (`--label` filters on
+    them inside the search), and the vector a fixed-size list (what Lance indexes)."""
+    ids = [[r["object_id"]] if r["kind"] == "caption" else list(r["object_ids"] or [])
+           for r in embeddings.select(["kind", "object_id", "object_ids"]).to_pylist()]
+    video, text_run = embeddings.column("video_id").to_pylist(), embeddings.column("text_run_id").to_pylist()
+    row_labels = [sorted({labels[(v, t, o)] for o in objs if (v, t, o) in labels})
+                  for v, t, objs in zip(video, text_run, ids)]
+    flat = pc.list_flatten(embeddings.column("vector").combine_chunks())
+    return pa.table({
+        "video_id": embeddings.column("video_id"), "text_run_id": embeddings.column("text_run_id"),
+        "run_id": embeddings.column("run_id"), "kind": embeddings.column("kind"),
+        "object_ids": pa.array(ids, pa.list_(pa.int32())), "clip_index": embeddings.column("clip_index"),
+        "ts_start": embeddings.column("ts_start"), "ts_end": embeddings.column("ts_end"),
+        "text": embeddings.column("text"), "labels": pa.array(row_labels, pa.list_(pa.string())),
+        "vector": pa.FixedSizeListArray.from_arrays(flat.cast(pa.float32()), dim),
+    })
+
+
+def _labels(output: str, options: Mapping[str, Any], runs: Iterable[str]) -> dict[tuple[str, str, int], str]:
+    objects = read_table(output, "objects", options, columns=["video_id", "run_id", "object_id", "label"], runs=runs)
+    return {(r["video_id"], r["run_id"], r["object_id"]): r["label"].strip().lower()
+            for r in objects.to_pylist() if r["label"] and r["label"].strip()}
+
+
+def sync(output: str, storage_options: Mapping[str, Any] | None = None, *, rebuild: bool = False,
+         progress: Callable[[str], None] | None = None) -> SyncResult:
+    """Bring OUTPUT's search index up to date with its committed tables (see the module docstring).
+
+    The new passages stream from Parquet into Lance in batches, so a rebuild over millions of
+    vectors holds one batch at a time, not the table. Lance's own errors (it does its own I/O)
+    become `SearchIndexError` naming OUTPUT, without credentials."""
+    try:
+        return _sync(output, storage_options, rebuild=rebuild, progress=progress)
+    except OutputError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SearchIndexError(redact(f"the search index of OUTPUT {redact_url(output)!r} could not be updated "
+                                      f"({type(exc).__name__}: {exc}); the tables are unaffected",
+                                      storage_options)) from exc
+
+
+def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bool,
+          progress: Callable[[str], None] | None) -> SyncResult:
+    lance = _lance()
+    options = dict(storage_options or {})
+    started = time.perf_counter()
+    result = SyncResult()
+    location = SearchLocation.of(output, options)
+    commits = committed(output, options)
+    state = None if rebuild else read_state(output, options)
+    dataset = None
+    if state is not None:
+        try:
+            dataset = lance.dataset(location.uri, storage_options=location.options)
+        except (ValueError, OSError):
+            state = None  # the state outlived its dataset: start again
+    if state is not None and dataset is not None and state.get("commits") == commits:
+        return SyncResult(rows=int(state.get("rows", 0)), ann=bool(state.get("ann")), up_to_date=True,
+                          seconds=time.perf_counter() - started)
+    if state is None:
+        _remove_dataset(output, options)  # whatever is there was not recorded as synced: start again
+    seen = set(state["commits"]) if state else set()
+    changed = sorted({c.rsplit("/", 1)[0] for c in commits if c not in seen})
+    latest = latest_runs(read_table(output, "videos", options, columns=["video_id", "run_id", "status", "indexed_at"]))
+    kind = (state.get("embedder"), state.get("dim")) if state and state.get("dim") else None
+    result.steps["read_s"] = time.perf_counter() - started
+
+    step = time.perf_counter()
+    before = 0
+    if dataset is not None:
+        before = dataset.count_rows()
+        stale: dict[str, set[str]] = {}
+        for batch in dataset.to_batches(columns=["video_id", "text_run_id"]):
+            for pair in pa.Table.from_batches([batch]).group_by(["video_id", "text_run_id"]).aggregate([]).to_pylist():
+                if latest.get(pair["video_id"]) != pair["text_run_id"]:
+                    stale.setdefault(pair["text_run_id"], set()).add(pair["video_id"])
+        clauses = [f"({_quote_eq('text_run_id', run)} AND {_in('video_id', vids)})" for run, vids in stale.items()]
+        if changed:
+            clauses.append(_in("run_id", changed))
+        if clauses:
+            dataset.delete(" OR ".join(clauses))
+        result.removed = before - dataset.count_rows()
+    new = _NewPassages(output, options, changed, latest, kind)
+    batches = iter(new)
+    first = next(batches, None)
+    if first is not None:
+        reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, batches))
+        dataset = lance.write_dataset(reader, location.uri, mode="append" if dataset is not None else "create",
+                                      storage_options=location.options)
+    kind = new.kind
+    result.added = dataset.count_rows() - (before - result.removed) if dataset is not None else 0
+    result.steps["write_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    if dataset is not None:
+        result.rows = dataset.count_rows()
+        result.ann = _maintain(dataset, result.rows, kind[1] if kind else 0, progress)
+    result.steps["index_s"] = time.perf_counter() - step
+    fs, path = _state_path(output, options)
+    fs.pipe_file(path, json.dumps({"commits": commits, "embedder": kind[0] if kind else None,
+                                   "dim": kind[1] if kind else None, "rows": result.rows, "ann": result.ann,
+                                   "synced_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _chain(first: pa.RecordBatch, rest: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
+    yield first
+    yield from rest
+
+
+class _NewPassages:
+    """The passages of `runs` that are their video's latest ok run, batch by batch (iterate once);
+    `kind` is the (embedder, dim) they hold. A second embedder is refused: a query could not
+    compare its vectors with the others."""
+
+    def __init__(self, output: str, options: Mapping[str, Any], runs: list[str], latest: Mapping[str, str],
+                 kind: tuple[str, int] | None) -> None:
+        self.output, self.options, self.runs, self.latest, self.kind = output, options, runs, latest, kind
+        self.labels: dict[tuple[str, str, int], str] = {}
+        self._label_runs: set[str] = set()
+
+    def _labels_of(self, text_runs: set[str]) -> Mapping[tuple[str, str, int], str]:
+        """The labels of the objects of `text_runs` (the runs whose text was embedded: a backfill's
+        vectors are committed by `embed`, their objects by the index run), read once per run."""
+        missing = text_runs - self._label_runs
+        if missing:
+            self.labels.update(_labels(self.output, self.options, missing))
+            self._label_runs |= missing
+        return self.labels
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if not self.runs:
+            return
+        for batch in read_batches(self.output, "embeddings", self.options, runs=self.runs):
+            table = pa.Table.from_batches([batch])
+            kinds = {(str(k["embedder"]), int(k["dim"])) for k in table.group_by(["embedder", "dim"]).aggregate([]).to_pylist()}
+            self.kind = self.kind or min(kinds)
+            if kinds - {self.kind}:
+                held = ", ".join(f"{n} ({d}-d)" for n, d in sorted(kinds | {self.kind}))
+                raise SearchIndexError(f"OUTPUT {self.output} holds vectors of several embedders ({held}); the search "
+                                       "index keeps one")
+            want = pa.array([self.latest.get(v) for v in table.column("video_id").to_pylist()], pa.string())
+            table = table.filter(pc.fill_null(pc.equal(table.column("text_run_id"), want), False))
+            if table.num_rows:
+                labels = self._labels_of(set(table.column("text_run_id").unique().to_pylist()))
+                yield from passages(table, labels, self.kind[1]).to_batches()
+
+
+def _remove_dataset(output: str, options: Mapping[str, Any]) -> None:
+    fs, root = filesystem(output, options)
+    path = posixpath.join(root, SEARCH_FOLDER, DATASET)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _quote_eq(column: str, value: str) -> str:
+    return f"{column} = {_quote(value)}"
+
+
+def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None] | None) -> bool:
+    """Keep both indexes covering every row; returns whether the vectors have an ANN index."""
+    indexes = {i.field_names[0]: i for i in dataset.describe_indices()}
+    if len(dataset.get_fragments()) > COMPACT_AFTER_FRAGMENTS:
+        dataset.optimize.compact_files()
+    if rows and "text" not in indexes:
+        dataset.create_scalar_index("text", "INVERTED", **FTS_OPTIONS)
+    ann = "vector" in indexes
+    if not ann and rows >= ANN_MIN_ROWS:
+        if progress:
+            progress(f"search index: building the vector index over {rows} passages")
+        dataset.create_index("vector", index_type="IVF_PQ", metric="cosine",
+                             num_partitions=max(1, rows // ROWS_PER_PARTITION), num_sub_vectors=sub_vectors(dim))
+        ann = True
+    if indexes:
+        dataset.optimize.optimize_indices()
+    dataset.cleanup_old_versions(older_than=KEEP_VERSIONS)
+    return ann
+
+
+#: IVF lists probed per query, and the multiple of k re-ranked with the exact vectors.
+NPROBES = 32
+REFINE_FACTOR = 4
+
+
+class SearchIndex:
+    """The read side: nearest passages and BM25 passages, both filtered inside Lance."""
+
+    def __init__(self, dataset: Any, state: Mapping[str, Any]) -> None:
+        self.dataset = dataset
+        self.state = dict(state)
+
+    @classmethod
+    def open(cls, output: str, storage_options: Mapping[str, Any] | None,
+             commits: list[str]) -> tuple["SearchIndex | None", str]:
+        """The index when it has seen exactly `commits` (the `runs` table's); else None and why."""
+        state = read_state(output, storage_options)
+        if state is None:
+            return None, "OUTPUT has no search index yet"
+        behind = len(set(commits) - set(state.get("commits") or []))
+        if state.get("commits") != commits:
+            return None, (f"the search index is behind the tables by {behind} commit(s)" if behind
+                          else "the search index does not match the tables")
+        try:
+            location = SearchLocation.of(output, storage_options)
+            return cls(_lance().dataset(location.uri, storage_options=location.options), state), ""
+        except (SearchIndexError, ValueError, OSError) as exc:
+            return None, f"the search index cannot be opened ({exc})"
+
+    @staticmethod
+    def where(video_id: str | None = None, label: str | None = None) -> str | None:
+        """The Lance filter for `--video` / `--label` (labels are stored trimmed and lower-cased)."""
+        parts = []
+        if video_id is not None:
+            parts.append(_quote_eq("video_id", video_id))
+        if label is not None:
+            parts.append(f"array_has(labels, {_quote(label.strip().lower())})")
+        return " AND ".join(parts) or None
+
+    def nearest(self, vector: np.ndarray | list[float], k: int, where: str | None = None,
+                nprobes: int = NPROBES) -> pa.Table:
+        """The `k` passages nearest `vector` by cosine, with `similarity` (1 - cosine distance):
+        IVF_PQ candidates re-ranked on their exact vectors when the index exists, exact otherwise."""
+        query = {"column": "vector", "q": np.asarray(vector, np.float32), "k": int(k), "nprobes": int(nprobes),
+                 "refine_factor": REFINE_FACTOR}
+        table = self.dataset.to_table(nearest=query, columns=[*COLUMNS, "_distance"], filter=where, prefilter=True,
+                                      disable_scoring_autoprojection=True)
+        similarity = pc.subtract(pa.scalar(1.0, pa.float32()), table.column("_distance"))
+        return table.drop_columns(["_distance"]).append_column("similarity", similarity)
+
+    def bm25(self, text: str, k: int, where: str | None = None) -> pa.Table:
+        """The `k` passages with the best BM25 score for any word of `text`, with `score`."""
+        from lance.query import MatchQuery
+
+        table = self.dataset.to_table(full_text_query=MatchQuery(text, "text"), columns=[*COLUMNS, "_score"],
+                                      filter=where, prefilter=True, limit=int(k), disable_scoring_autoprojection=True)
+        return table.rename_columns([*COLUMNS, "score"])

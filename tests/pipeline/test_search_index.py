@@ -1,0 +1,231 @@
+"""The search index (`pipeline.search_index`): a Lance copy of each video's latest passages.
+
+The OUTPUTs are written here in the committed layout (the project's schemas, one Parquet file per
+run and commit), with 8-d vectors chosen so that the nearest passage of a query is known.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import search_index
+from pipeline.search_index import (SearchIndex, SearchIndexUnsupported, SearchLocation, committed, lance_s3_options,
+                                   sync)
+from schemas.tables import to_table
+
+DIM = 8
+T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
+
+
+def unit(seed: int) -> list[float]:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def write(fs: Any, root: str, table: str, run: str, rows: list[dict[str, Any]], commit: int = 0) -> None:
+    folder = f"{root}/{table}/run_id={run}"
+    fs.makedirs(folder, exist_ok=True)
+    pq.write_table(to_table(table, rows), f"{folder}/part-c{commit:04d}-00000.parquet", filesystem=fs)
+
+
+def commit(fs: Any, root: str, run: str, videos: dict[str, str], passages: list[tuple[str, int, str, int]],
+           *, when: dt.datetime = T0, commit_index: int = 0) -> None:
+    """One commit of `run`: `videos` {video: status}, `passages` [(video, object, text, seed)]
+    (captions; the object's label is its text's first word, upper-cased to show normalisation)."""
+    base = {"run_id": run}
+    write(fs, root, "videos", run, [{
+        **base, "video_id": v, "uri": f"/videos/{v}.mp4", "size_bytes": 1, "etag": v, "duration_s": 10.0, "fps": 25.0,
+        "width": 64, "height": 48, "num_frames": 250, "sampled_ts": [], "sampled_fps": 1.0, "clips": 1,
+        "status": status, "error": None if status == "ok" else "boom", "model": "m", "tracker": "t", "indexed_at": when,
+    } for v, status in videos.items()], commit_index)
+    objects = {(v, o): text.split()[0] for v, o, text, _ in passages}
+    if objects:
+        write(fs, root, "objects", run, [{**base, "video_id": v, "object_id": o, "source": "auto", "label": f" {label.upper()} ",
+                                          "first_ts": 0.0, "last_ts": 5.0, "num_frames": 2}
+                                         for (v, o), label in objects.items()], commit_index)
+        write(fs, root, "embeddings", run, [{
+            **base, "video_id": v, "kind": "caption", "object_id": o, "object_ids": None, "clip_index": 0,
+            "ts_start": 0.0, "ts_end": 5.0, "text": text, "embedder": "test-8", "dim": DIM, "vector": unit(seed),
+            "text_run_id": run,
+        } for v, o, text, seed in passages], commit_index)
+    write(fs, root, "runs", run, [{
+        **base, "commit_index": commit_index, "command": "index", "source": "/videos", "model": "m", "tracker": "t",
+        "mode": "lite", "started_at": when, "ended_at": when, "status": "committed", "videos_listed": len(videos),
+        "videos_skipped": 0, "videos_ok": len(videos), "videos_failed": 0, "videos_quarantined": 0, "clips": 1,
+        "video_seconds": 10.0, "objects": len(objects), "captions": len(passages), "answers": 0, "retry_video_ids": [],
+    }], commit_index)
+
+
+def held(output: str, options: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
+    search, why = SearchIndex.open(output, options or {}, committed(output, options or {}))
+    assert search is not None, why
+    rows = search.dataset.to_table(columns=["video_id", "text_run_id", "text"]).to_pylist()
+    return sorted((r["video_id"], r["text_run_id"], r["text"]) for r in rows)
+
+
+@pytest.fixture
+def output(tmp_path: Path) -> tuple[Any, str]:
+    import fsspec
+
+    root = tmp_path / "index"
+    fs = fsspec.filesystem("file")
+    commit(fs, str(root), "run-1", {"a": "ok", "b": "ok"}, [
+        ("a", 1, "man carrying a ladder", 1), ("a", 2, "dog chasing ladders", 2), ("b", 1, "cat on a sofa", 3)])
+    return fs, str(root)
+
+
+def test_sync_copies_the_latest_passages_with_their_labels(output: tuple[Any, str]) -> None:
+    fs, root = output
+    result = sync(root)
+    assert (result.rows, result.added, result.removed, result.ann, result.up_to_date) == (3, 3, 0, False, False)
+    assert held(root) == [("a", "run-1", "dog chasing ladders"), ("a", "run-1", "man carrying a ladder"),
+                          ("b", "run-1", "cat on a sofa")]
+    search, _ = SearchIndex.open(root, {}, committed(root))
+    rows = search.dataset.to_table(columns=["video_id", "object_ids", "labels"]).to_pylist()
+    assert sorted((r["video_id"], r["object_ids"], r["labels"]) for r in rows) == [
+        ("a", [1], ["man"]), ("a", [2], ["dog"]), ("b", [1], ["cat"])]
+    again = sync(root)
+    assert again.up_to_date and again.rows == 3
+    assert fs.exists(f"{root}/_search/state.json")
+
+
+def test_nearest_and_bm25_rank_and_filter_inside_the_index(output: tuple[Any, str]) -> None:
+    _, root = output
+    sync(root)
+    search, _ = SearchIndex.open(root, {}, committed(root))
+    near = search.nearest(unit(2), 3).to_pylist()
+    assert [r["text"] for r in near][0] == "dog chasing ladders" and near[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert [r["similarity"] for r in near] == sorted((r["similarity"] for r in near), reverse=True)
+    assert [r["text"] for r in search.nearest(unit(2), 3, SearchIndex.where("b")).to_pylist()] == ["cat on a sofa"]
+    assert [r["text"] for r in search.nearest(unit(2), 3, SearchIndex.where(label=" Man ")).to_pylist()] == ["man carrying a ladder"]
+    words = search.bm25("the LADDER", 10).to_pylist()  # stop word dropped, case folded, plural stemmed
+    assert sorted(r["text"] for r in words) == ["dog chasing ladders", "man carrying a ladder"]
+    assert all(r["score"] > 0 for r in words)
+    assert search.bm25("ladder", 10, SearchIndex.where(label="dog")).column("text").to_pylist() == ["dog chasing ladders"]
+    assert search.bm25("the of", 10).num_rows == 0
+
+
+def test_a_reindexed_video_replaces_its_passages_and_a_failed_one_keeps_them(output: tuple[Any, str]) -> None:
+    fs, root = output
+    sync(root)
+    commit(fs, root, "run-2", {"a": "ok", "b": "failed"}, [("a", 1, "woman on a bicycle", 4)],
+           when=T0 + dt.timedelta(days=1))
+    result = sync(root)
+    assert (result.added, result.removed, result.rows) == (1, 2, 2)
+    assert held(root) == [("a", "run-2", "woman on a bicycle"), ("b", "run-1", "cat on a sofa")]
+
+
+def test_a_new_commit_of_a_run_replaces_that_run_without_duplicates(output: tuple[Any, str]) -> None:
+    fs, root = output
+    sync(root)
+    commit(fs, root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
+    assert sync(root).rows == 4
+    assert [t for _, _, t in held(root)].count("man carrying a ladder") == 1
+    assert ("c", "run-1", "bus at the station") in held(root)
+
+
+def test_a_stale_index_is_not_opened_and_says_why(output: tuple[Any, str]) -> None:
+    fs, root = output
+    search, why = SearchIndex.open(root, {}, committed(root))
+    assert search is None and why == "OUTPUT has no search index yet"
+    sync(root)
+    commit(fs, root, "run-2", {"a": "ok"}, [("a", 1, "woman on a bicycle", 4)], when=T0 + dt.timedelta(days=1))
+    search, why = SearchIndex.open(root, {}, committed(root))
+    assert search is None and why == "the search index is behind the tables by 1 commit(s)"
+    sync(root)
+    assert SearchIndex.open(root, {}, committed(root))[0] is not None
+
+
+def test_rebuild_and_a_lost_dataset_start_again(output: tuple[Any, str]) -> None:
+    fs, root = output
+    sync(root)
+    fs.rm(f"{root}/_search/passages.lance", recursive=True)
+    assert sync(root).added == 3  # the state outlived its dataset
+    assert sync(root, rebuild=True).added == 3 and held(root)[0][0] == "a"
+
+
+def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    monkeypatch.setattr(search_index, "ANN_MIN_ROWS", 600)
+    monkeypatch.setattr(search_index, "ROWS_PER_PARTITION", 100)
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "index")
+    first = [(f"v{i % 10}", i, f"thing number {i}", i) for i in range(300)]
+    commit(fs, root, "run-1", {f"v{i}": "ok" for i in range(10)}, first)
+    assert sync(root).ann is False
+    second = [(f"w{i % 10}", i, f"other thing {i}", 1000 + i) for i in range(400)]
+    commit(fs, root, "run-2", {f"w{i}": "ok" for i in range(10)}, second)
+    result = sync(root)
+    assert result.ann and result.rows == 700
+    search, _ = SearchIndex.open(root, {}, committed(root))
+    assert {i.field_names[0] for i in search.dataset.describe_indices()} == {"text", "vector"}
+    for seed, text in ((7, "thing number 7"), (1234, "other thing 234")):
+        top = search.nearest(unit(seed), 5).to_pylist()[0]  # refined on the exact vectors
+        assert top["text"] == text and top["similarity"] == pytest.approx(1.0, abs=1e-5)
+    commit(fs, root, "run-3", {"z": "ok"}, [("z", 1, "late arrival", 99_999)], when=T0 + dt.timedelta(days=1))
+    assert sync(root).rows == 701  # appended rows are searched before and after the index takes them in
+    search, _ = SearchIndex.open(root, {}, committed(root))
+    assert search.nearest(unit(99_999), 5).column("text").to_pylist()[0] == "late arrival"
+
+
+def test_s3_options_are_translated_and_the_index_lives_in_the_bucket(s3_bucket: tuple[str, dict[str, Any]]) -> None:
+    import fsspec
+
+    bucket, options = s3_bucket
+    assert lance_s3_options(options) == {
+        "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_endpoint": options["endpoint_url"],
+        "allow_http": "true", "aws_region": "us-east-1"}
+    output = f"s3://{bucket}/index"
+    fs = fsspec.filesystem("s3", **options)
+    commit(fs, f"{bucket}/index", "run-1", {"a": "ok"}, [("a", 1, "man carrying a ladder", 1)])
+    assert sync(output, options).rows == 1
+    assert held(output, options) == [("a", "run-1", "man carrying a ladder")]
+    assert fs.exists(f"{bucket}/index/_search/state.json")
+    assert SearchLocation.of(output, options).uri == f"s3://{bucket}/index/_search/passages.lance"
+
+
+def test_stores_and_options_it_cannot_use_are_named() -> None:
+    with pytest.raises(SearchIndexUnsupported, match="memory://"):
+        SearchLocation.of("memory://index")
+    with pytest.raises(SearchIndexUnsupported, match="'profile'"):
+        lance_s3_options({"profile": "dev"})
+
+
+def test_a_backfill_committed_later_gets_the_labels_of_the_run_it_embedded(output: tuple[Any, str]) -> None:
+    """`pixelrefer embed` commits vectors under its own run id for text of an earlier run: the
+    passages must take that earlier run's labels."""
+    fs, root = output
+    commit(fs, root, "run-2", {"d": "ok"}, [], when=T0 + dt.timedelta(days=1))
+    write(fs, root, "objects", "run-2", [{"run_id": "run-2", "video_id": "d", "object_id": 7, "source": "auto",
+                                         "label": "Heron", "first_ts": 0.0, "last_ts": 5.0, "num_frames": 2}])
+    sync(root)
+    commit(fs, root, "embed-1", {}, [])
+    write(fs, root, "embeddings", "embed-1", [{
+        "run_id": "embed-1", "video_id": "d", "kind": "caption", "object_id": 7, "object_ids": None, "clip_index": 0,
+        "ts_start": 0.0, "ts_end": 5.0, "text": "a grey bird wading", "embedder": "test-8", "dim": DIM,
+        "vector": unit(9), "text_run_id": "run-2"}])
+    assert sync(root).added == 1
+    search, _ = SearchIndex.open(root, {}, committed(root))
+    assert search.nearest(unit(9), 1, SearchIndex.where(label="heron")).column("text").to_pylist() == ["a grey bird wading"]
+
+
+def test_lance_failures_become_one_error_naming_output(output: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import lance
+
+    _, root = output
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("LanceError(IO): permission denied")
+
+    monkeypatch.setattr(lance, "write_dataset", refuse)
+    with pytest.raises(search_index.SearchIndexError, match=r"search index of OUTPUT '.*index' could not be updated "
+                                                            r"\(OSError: .*permission denied\); the tables are unaffected"):
+        sync(root)
+    assert search_index.read_state(root) is None  # nothing recorded as synced
