@@ -9,6 +9,10 @@ half-written. Running it again adds nothing: a caption or answer whose key (vide
 clip, text) already has a vector is skipped, and with nothing to add nothing is committed.
 
 An OUTPUT keeps one embedder's vectors, so an index that holds another's is refused.
+
+Then it brings the search index (`pipeline.search_index`) up to date, also when no vector was
+missing: that is how an index whose run stopped before its last commit, or one made before the
+search index existed, gets one (`--rebuild-search` starts it again from the tables).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="E",
                         help="wordllama (default, ships in its wheel) or a transformers model folder or hub id")
     parser.add_argument("--storage-options", default=None, metavar="JSON", help="JSON object passed to fsspec for OUTPUT")
+    parser.add_argument("--rebuild-search", action="store_true",
+                        help="rebuild the search index from the tables instead of updating it")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
 
@@ -49,6 +55,7 @@ def embed_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         backfill(args.output, args.embedder, storage_options, run_id=args.run_id)
+        update_search(args.output, storage_options, rebuild=args.rebuild_search)
     except EmbedderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -59,6 +66,26 @@ def embed_main(args: argparse.Namespace) -> int:
         print("interrupted: nothing was committed", file=sys.stderr)
         return 130
     return EXIT_OK
+
+
+def update_search(output: str, storage_options: Mapping[str, Any], *, rebuild: bool = False,
+                  progress: Callable[[str], None] | None = None) -> None:
+    """Bring the search index (`pipeline.search_index`) up to date with the committed tables; on a
+    store it cannot live on, say so: `--like` then ranks every vector."""
+    from pipeline.search_index import SearchIndexUnsupported, sync
+    from pipeline.storage_errors import redact_url
+
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        result = sync(output, storage_options, rebuild=rebuild, progress=progress)
+    except SearchIndexUnsupported as exc:
+        progress(f"note: {exc}; --like ranks every vector of {redact_url(output)}")
+        return
+    if result.up_to_date:
+        progress(f"search index: up to date ({result.rows} passages)")
+    else:
+        progress(f"search index: {result.rows} passages (+{result.added}, -{result.removed}), "
+                 f"{'ANN' if result.ann else 'exact'} vector search, in {result.seconds:.1f} s")
 
 
 def _refuse_legacy(output: str, storage_options: Mapping[str, Any]) -> None:

@@ -88,7 +88,8 @@ def _query(args: argparse.Namespace) -> None:
         writer = WRITERS[args.format]
         if args.like is not None:
             writer(search_like(index, args.like, args.top, video=args.video, label=args.label,
-                               embedder=args.embedder), out)
+                               embedder=args.embedder, exact=args.exact,
+                               note=lambda line: print(line, file=sys.stderr)), out)
         elif args.sql is not None:
             writer(index.reader(args.sql), out)
         elif args.video is not None:

@@ -19,19 +19,31 @@ constant: it damps the difference between neighbouring ranks, so neither ranking
 and an object near the top of both beats one at the top of only one. Paraphrases with no word in
 common still rank by the dense side; exact rare words (a name, a number) are not lost to it.
 
-The query is one read-only SQL statement (`like_sql`), which `bench.search` times as it is.
+Two ways to the same ranking, `bench.search` times both:
+
+- through the search index (`pipeline.search_index`, kept up to date by index runs and `pixelrefer
+  embed`), whenever it has seen every commit: Lance returns the `CANDIDATES_PER_OBJECT` x window
+  nearest passages (IVF_PQ, re-ranked on the exact vectors) and the as many best BM25 passages, both
+  already narrowed by --video / --label, and the same fusion runs in DuckDB over those candidates.
+  Its BM25 side scores passages (an object counts with its best one, labels are not searched as
+  words), where `--text` scores an object's texts together; the dense side is exact below
+  `ANN_MIN_ROWS` passages and approximate above (recall in `bench.search`).
+- `--exact`, or an index that is behind the tables (a run stopped before its last commit; a note on
+  stderr says so): one read-only SQL statement (`like_sql`) over every vector and, for BM25,
+  exactly as `--text` ranks.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, TYPE_CHECKING
+from typing import Any, Callable, TYPE_CHECKING
 
 import pyarrow as pa
 
 from jobs.query_errors import QueryError, UsageError
 from jobs.query_search import SEARCH_SQL, TERMS_SQL, search_params
 from models.embedders import WORDLLAMA_NAME, EmbedderError, load_embedder
+from pipeline.search_index import SearchIndex
 
 if TYPE_CHECKING:
     from jobs.query_sql import Index
@@ -44,6 +56,15 @@ RRF_WINDOW = 100
 #: BM25's own row limit when it runs inside the fusion: every matching object (the window applies after
 #: the --video / --label filters).
 BM25_ALL = 2**31 - 1
+#: Passages the search index returns per object wanted: an object has a caption per clip, and the
+#: candidates of one object count once.
+CANDIDATES_PER_OBJECT = 10
+_CANDIDATE_PARAMS = ("window", "top", "k", "vid", "label")
+_NO_PASSAGES = pa.table({"video_id": pa.array([], pa.string()), "text_run_id": pa.array([], pa.string()),
+                         "kind": pa.array([], pa.string()), "object_ids": pa.array([], pa.list_(pa.int32())),
+                         "clip_index": pa.array([], pa.int32()), "ts_start": pa.array([], pa.float64()),
+                         "ts_end": pa.array([], pa.float64()), "text": pa.array([], pa.string()),
+                         "labels": pa.array([], pa.list_(pa.string())), "score": pa.array([], pa.float32())})
 
 
 def add_like_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +73,8 @@ def add_like_arguments(parser: argparse.ArgumentParser) -> None:
                         help="objects whose captions or answers mean WORDS, best first (embeddings fused with BM25); "
                              "--video narrows it to one video")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K", help=f"--like: results (default {DEFAULT_TOP})")
+    parser.add_argument("--exact", action="store_true",
+                        help="--like: rank every stored vector instead of using the search index (slow at scale)")
     parser.add_argument("--embedder", metavar="E", default=None,
                         help="--like: the embedder that made the index's vectors, when it is not wordllama "
                              "(a model folder or hub id)")
@@ -102,33 +125,58 @@ def _pick(column: str) -> str:
     return f"CASE WHEN d.object_id IS NOT NULL THEN d.{column} ELSE b.{column} END AS {column}"
 
 
-def like_sql(dim: int, *, bm25: bool, video: bool, label: bool) -> str:
+def like_sql(dim: int, *, bm25: bool, video: bool, label: bool, candidates: bool = False) -> str:
     """The one statement of `--like`. Parameters: $qv, $embedder, $window, $top, $k (RRF), plus
-    $vid with `video`, $label with `label`, and SEARCH_SQL's ($q, $k1, $b, $limit) with `bm25`."""
+    $vid with `video`, $label with `label`, and SEARCH_SQL's ($q, $k1, $b, $limit) with `bm25`.
+
+    With `candidates`, the passages come from the search index instead (tables `pr_dense` and
+    `pr_bm25`, already filtered by video and label): no $qv, $embedder, nor SEARCH_SQL's."""
     dim = int(dim)
     latest = "SELECT video_id, run_id, uri FROM latest_videos" + (" WHERE video_id = $vid" if video else "")
     same_label = "lower(trim({}.label)) = lower(trim($label))"  # as `query --label` compares
     label_join = ("JOIN objects o ON o.video_id = p.video_id AND o.run_id = p.run_id AND o.object_id = p.object_id "
                   f"AND {same_label.format('o')}") if label else ""
     filters = [f for f, on in (("video_id = $vid", video), (same_label.format("s"), label)) if on]
-    bm25_cte = f"""
+    if candidates and bm25:
+        bm25_cte = f"""
+bm AS (
+    SELECT *, row_number() OVER (ORDER BY score DESC, video_id, object_id) AS bm25_rank FROM (
+        SELECT p.video_id, p.run_id, p.object_id, p.score, p.text, p.kind, p.clip_index, p.ts_start, p.ts_end
+        FROM (SELECT c.video_id, c.text_run_id AS run_id, c.kind, c.clip_index, c.ts_start, c.ts_end, c.text,
+                     c.score, unnest(c.object_ids) AS object_id
+              FROM pr_bm25 c JOIN latest l ON c.video_id = l.video_id AND c.text_run_id = l.run_id) p {label_join}
+        QUALIFY row_number() OVER (PARTITION BY p.video_id, p.run_id, p.object_id
+                                   ORDER BY p.score DESC, p.clip_index IS NULL, p.ts_start NULLS LAST, p.kind, p.text) = 1)
+    ORDER BY bm25_rank LIMIT $window
+),"""
+    elif bm25:
+        bm25_cte = f"""
 bm AS (
     SELECT video_id, run_id, object_id, score, match AS text, match_kind AS kind, clip_index, ts_start, ts_end,
            row_number() OVER (ORDER BY score DESC, video_id, object_id) AS bm25_rank
     FROM ({SEARCH_SQL}) s {'WHERE ' + ' AND '.join(filters) if filters else ''}
     ORDER BY bm25_rank LIMIT $window
-),""" if bm25 else """
+),"""
+    else:
+        bm25_cte = """
 bm AS (SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id, NULL::INTEGER AS object_id, NULL::DOUBLE AS score,
               NULL::VARCHAR AS text, NULL::VARCHAR AS kind, NULL::INTEGER AS clip_index, NULL::DOUBLE AS ts_start,
               NULL::DOUBLE AS ts_end, NULL::BIGINT AS bm25_rank WHERE false),"""
-    return f"""
-WITH latest AS ({latest}),
-passages AS (
+    if candidates:
+        passages = """
+    SELECT c.video_id, c.text_run_id AS run_id, c.kind, c.clip_index, c.ts_start, c.ts_end, c.text,
+           c.object_ids AS ids, c.similarity
+    FROM pr_dense c JOIN latest l ON c.video_id = l.video_id AND c.text_run_id = l.run_id"""
+    else:
+        passages = f"""
     SELECT e.video_id, e.text_run_id AS run_id, e.kind, e.clip_index, e.ts_start, e.ts_end, e.text,
            CASE WHEN e.kind = 'caption' THEN [e.object_id] ELSE e.object_ids END AS ids,
            array_cosine_similarity(CAST(e.vector AS FLOAT[{dim}]), CAST($qv AS FLOAT[{dim}])) AS similarity
     FROM embeddings e JOIN latest l ON e.video_id = l.video_id AND e.text_run_id = l.run_id
-    WHERE e.embedder = $embedder
+    WHERE e.embedder = $embedder"""
+    return f"""
+WITH latest AS ({latest}),
+passages AS ({passages}
 ),
 per_object AS (
     SELECT p.* FROM (SELECT * EXCLUDE (ids), unnest(ids) AS object_id FROM passages) p {label_join}
@@ -177,8 +225,12 @@ def like_params(vector: list[float], embedder: str, terms: list[str], top: int, 
 
 
 def search_like(index: "Index", text: str, top: int = DEFAULT_TOP, *, video: str | None = None,
-                label: str | None = None, embedder: str | None = None) -> pa.Table:
-    """Objects whose captions or answers mean `text`, best first (see the module docstring)."""
+                label: str | None = None, embedder: str | None = None, exact: bool = False,
+                note: Callable[[str], None] | None = None) -> pa.Table:
+    """Objects whose captions or answers mean `text`, best first (see the module docstring).
+
+    Through the search index when it is up to date, exactly over every vector otherwise (or with
+    `exact`); `note` is told when an index exists but cannot be used, and why."""
     if not text or not text.strip():
         raise UsageError("--like is empty: give the words to search for, e.g. --like \"a person carrying a ladder\"")
     if top < 1:
@@ -188,15 +240,37 @@ def search_like(index: "Index", text: str, top: int = DEFAULT_TOP, *, video: str
     video_id = index._video_runs(video)[0]["video_id"] if video is not None else None
     vector, name, dim = query_vector(index, text, embedder)
     terms = index.sql(TERMS_SQL, {"text": text}).column("terms")[0].as_py() or []
-    sql = like_sql(dim, bm25=bool(terms), video=video_id is not None, label=label is not None)
-    return index.sql(sql, like_params(vector, name, terms, top, video_id=video_id, label=label))
+    params = like_params(vector, name, terms, top, video_id=video_id, label=label)
+    search = None if exact else open_search(index, note)
+    if search is None:
+        sql = like_sql(dim, bm25=bool(terms), video=video_id is not None, label=label is not None)
+        return index.sql(sql, params)
+    where = SearchIndex.where(video_id, label)
+    k = CANDIDATES_PER_OBJECT * params["window"]
+    index.con.register("pr_dense", search.nearest(vector, k, where))
+    index.con.register("pr_bm25", search.bm25(text, k, where) if terms else _NO_PASSAGES)
+    sql = like_sql(dim, bm25=bool(terms), video=video_id is not None, label=label is not None, candidates=True)
+    return index.sql(sql, {k: v for k, v in params.items() if k in _CANDIDATE_PARAMS})
+
+
+def open_search(index: "Index", note: Callable[[str], None] | None = None) -> SearchIndex | None:
+    """OUTPUT's search index when it has seen every commit of the `runs` table, else None (and a
+    note when there is one to bring up to date, or it is stored where Lance cannot read it)."""
+    commits = sorted(f"{r['run_id']}/{r['commit_index']}" for r in
+                     index._internal("SELECT DISTINCT run_id, commit_index FROM runs").to_pylist())
+    location = index.location
+    search, why = SearchIndex.open(location.url, location.storage_options, commits)
+    if search is None and note is not None and why != "OUTPUT has no search index yet":
+        note(f"note: {why}; ranking every vector instead (slower on large indexes): "
+             f"`pixelrefer embed {location.url}` brings it up to date")
+    return search
 
 
 def check_like_arguments(args: argparse.Namespace) -> None:
     """--like replaces --sql and --text; --video narrows it (in the other modes it is a mode of its own)."""
     if args.like is None:
-        if args.embedder is not None:
-            raise UsageError("--embedder goes with --like")
+        if args.embedder is not None or args.exact:
+            raise UsageError(f"{'--embedder' if args.embedder is not None else '--exact'} goes with --like")
         return
     if args.sql is not None or args.text is not None:
         raise UsageError("--like cannot be combined with --sql or --text")

@@ -29,7 +29,9 @@ from pipeline.assemble import Assembled, VideoAssembly, assemble, loads, number,
 from pipeline.config import IndexConfig
 from pipeline.embeddings import RunEmbedder
 from pipeline.graph import build_dataset, ensure_ray, iter_finished
+from pipeline import storage_errors
 from pipeline.questions import load_questions, questions_for
+from pipeline.search_index import SearchIndexUnsupported, sync
 from pipeline.sink import RunWriter, indexed_video_ids, recover, retry_counts
 from pipeline.sources import VideoFile, list_videos
 from pipeline.storage_errors import redact_url
@@ -339,10 +341,30 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
             run.embedder.prepare(cfg.output, cfg.storage_options)
             _process(cfg, run, todo, len(videos))
         run.commit(final=True)
+        update_search_index(cfg.output, cfg.storage_options, progress)
     finally:
         summary.seconds = time.monotonic() - started
         summary.driver_cpu_s = time.process_time() - cpu_started
     return summary
+
+
+def update_search_index(output: str, storage_options: Mapping[str, Any] | None,
+                        progress: Callable[[str], None]) -> None:
+    """Bring the search index up to date after the run's last commit (`pipeline.search_index`).
+
+    Never fails the run: its rows are committed already, and `--like` ranks exactly, with a note,
+    while the index is behind; `pixelrefer embed OUTPUT` retries it."""
+    try:
+        result = sync(output, storage_options, progress=progress)
+    except SearchIndexUnsupported as exc:
+        log.info("no search index for %s: %s", redact_url(output), exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("the search index of %s was not updated (%s); `pixelrefer embed` updates it",
+                    redact_url(output), storage_errors.redact(str(exc), storage_options))
+        return
+    if result.added or result.removed:
+        progress(f"search index: {result.rows} passages (+{result.added}, -{result.removed}) in {result.seconds:.1f} s")
 
 
 def _process(cfg: IndexConfig, run: _Run, todo: list[VideoFile], listed: int) -> None:

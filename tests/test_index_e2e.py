@@ -130,6 +130,19 @@ def test_captions_and_answers_have_embeddings(indexed):
         (a["video_id"], a["run_id"], a["clip_index"], a["answer"]) for a in answers)
 
 
+def test_the_run_leaves_an_up_to_date_search_index(indexed):
+    """After its last commit the run copies its passages into the search index `--like` reads."""
+    from pipeline.search_index import SearchIndex, committed
+
+    output = str(indexed["output"])
+    search, why = SearchIndex.open(output, {}, committed(output))
+    assert search is not None, why
+    rows = search.dataset.to_table(columns=["video_id", "text_run_id", "kind", "text"]).to_pylist()
+    key = lambda r: (r["video_id"], r["text_run_id"], r["kind"], r["text"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, read(indexed["output"], "embeddings").to_pylist()))
+    assert "search index:" in indexed["log"]
+
+
 DATA_TABLES = ("videos", "objects", "captions", "qa", "embeddings")
 
 

@@ -25,6 +25,7 @@ from jobs.query_like import RRF_K
 from models.embedders import WORDLLAMA_NAME
 from pipeline.embeddings import RunEmbedder, text_rows
 from pipeline.sink import read_table
+from schemas.tables import to_table
 
 RUN = "run-scenes"
 T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
@@ -132,12 +133,17 @@ def embedded_index(bare_index: Path, tmp_path_factory: pytest.TempPathFactory) -
     return output
 
 
-@pytest.fixture
-def like(capsys: pytest.CaptureFixture[str], embedded_index: Path) -> Callable[..., Any]:
-    """`pixelrefer query INDEX --like WORDS ... --format json`, parsed."""
+@pytest.fixture(params=["search-index", "exact"])
+def like(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], embedded_index: Path) -> Callable[..., Any]:
+    """`pixelrefer query INDEX --like WORDS ... --format json`, parsed: through the search index that
+    `embed` built, and ranking every vector (`--exact`); every --like test holds for both."""
+    exact = ["--exact"] if request.param == "exact" else []
+
     def run(words: str, *options: str) -> list[dict[str, Any]]:
-        code, out, err = run_cli(capsys, "query", str(embedded_index), "--like", words, "--format", "json", *options)
+        code, out, err = run_cli(capsys, "query", str(embedded_index), "--like", words, "--format", "json",
+                                 *options, *exact)
         assert code == 0, err
+        assert err == "", err  # the search index is up to date: no note
         return json.loads(out)
 
     return run
@@ -308,3 +314,30 @@ def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str], bare_in
     assert "made by other-embedder (4-d)" in fails(2, str(other), "--like", "a dog")
     err = fails(2, str(other), "--like", "a dog", "--embedder", "wordllama")
     assert WORDLLAMA_NAME in err and "other-embedder (4-d)" in err and "the embedder that made them" in err
+    assert "--exact goes with --like" in fails(2, str(embedded_index), "--text", "dog", "--exact")
+
+
+def test_a_search_index_behind_the_tables_is_not_used_until_embed_updates_it(
+        capsys: pytest.CaptureFixture[str], embedded_index: Path, tmp_path: Path) -> None:
+    """A commit the search index has not seen (a run stopped before its last commit): --like ranks
+    every vector, says so once on stderr, and `pixelrefer embed` brings the index up to date."""
+    output = copy_of(embedded_index, tmp_path)
+    runs = read_table(str(output), "runs").to_pylist()
+    extra = {**runs[0], "run_id": "run-later", "commit_index": 0}
+    folder = output / "runs" / "run_id=run-later"
+    folder.mkdir(parents=True)
+    pq.write_table(to_table("runs", [extra]), folder / "part-c0000-00000.parquet")
+
+    def like(*extra_args: str) -> tuple[list[dict[str, Any]], str]:
+        code, out, err = run_cli(capsys, "query", str(output), "--like", "puppy sprinting", "--format", "json",
+                                 *extra_args)
+        assert code == 0, err
+        return json.loads(out), err
+
+    stale, err = like()
+    assert "the search index is behind the tables by 1 commit(s)" in err and f"pixelrefer embed {output}" in err
+    assert stale == like("--exact")[0]
+    code, _, err = run_cli(capsys, "embed", str(output))
+    assert code == 0 and "search index:" in err, err
+    fresh, err = like()
+    assert err == "" and fresh[0]["object_id"] == stale[0]["object_id"] == 1
