@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_arguments(query)
     query.set_defaults(func=query_main)
 
-    embed = sub.add_parser("embed", help="add caption and answer embeddings (for query --like) where an index has none")
+    embed = sub.add_parser("embed", help="add caption and answer embeddings where an index has none, and bring its "
+                           "search index (query --like) up to date")
     add_embed_arguments(embed)
     embed.set_defaults(func=embed_main)
 

@@ -50,7 +50,7 @@ EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # in Ray's own order of preference
-SUBMITTABLE = ("index", "nightly", "query", "report")
+SUBMITTABLE = ("index", "nightly", "query", "report", "embed")
 # Never shipped with --working-dir: virtual environments and caches are large and machine-specific
 # (Ray also honours .gitignore / .rayignore inside the folder; these cover folders without one).
 WORKING_DIR_EXCLUDES = (".git/", ".venv/", "venv/", "__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/",
@@ -205,6 +205,7 @@ def _project_parser() -> argparse.ArgumentParser:
     passes here is one the cluster accepts. Built here rather than taken from jobs.cli, which
     imports this module.
     """
+    from jobs.embed import add_embed_arguments
     from jobs.index import add_index_arguments
     from jobs.query import add_query_arguments
     from jobs.report import add_report_arguments
@@ -213,7 +214,8 @@ def _project_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     adders = {"index": add_index_arguments, "nightly": add_index_arguments,
-              "query": add_query_arguments, "report": add_report_arguments}  # fmt: skip
+              "query": add_query_arguments, "report": add_report_arguments,
+              "embed": add_embed_arguments}  # fmt: skip
     for name in SUBMITTABLE:
         adders[name](sub.add_parser(name))
     return parser

@@ -172,6 +172,7 @@ def test_submit_checks_each_command_with_the_options_the_cluster_will_parse(caps
         assert help_of(_project_parser(), name) == help_of(build_parser(), name), name
     assert validate_command(["query", "s3://b/out", "--sql", "SELECT 1", "--format", "jsonl"]).format == "jsonl"
     assert validate_command(["report", "s3://b/out", "--video", "abc", "--out", "r.html"]).video == "abc"
+    assert validate_command(["embed", "s3://b/out", "--rebuild-search"]).rebuild_search is True
     with pytest.raises(UsageError, match="--format"):
         validate_command(["query", "s3://b/out", "--format", "yaml"])
 
