@@ -28,18 +28,18 @@ the tracker's output contract untestable:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from models.weights import quiet_transformers, read_strict
 
 TINY = "tiny"
 TINY_NAME = "tiny-sam2"
@@ -192,7 +192,7 @@ def tiny_checkpoint(root: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             build_tiny_model().save_pretrained(tmp)
             tiny_processor().save_pretrained(tmp)
         (tmp / TRACKER_DEFAULTS_FILE).write_text(json.dumps(TINY_TRACKER_DEFAULTS, indent=2))
@@ -246,32 +246,6 @@ def image_model_sharing(video_model: Any) -> Any:
     return image_model.eval()
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' loading chatter (progress bars) for the duration of a load."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
-
-
-def _loading_problems(info: dict[str, Any]) -> list[str]:
-    problems = []
-    labels = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "shape mismatch"}
-    for key, label in labels.items():
-        items = sorted(str(k) for k in info.get(key) or ())
-        if items:
-            problems.append(f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}")
-    problems += [str(e) for e in info.get("error_msgs") or ()]
-    return problems
-
-
 def read_sam2(folder: Path, *, dtype: torch.dtype, meta: bool = False) -> tuple[Any, str]:
     """`Sam2VideoModel` of a folder's config with its weights, strictly; also the weight files read.
 
@@ -279,28 +253,10 @@ def read_sam2(folder: Path, *, dtype: torch.dtype, meta: bool = False) -> tuple[
     """
     from transformers import Sam2VideoConfig, Sam2VideoModel
 
-    from models.weights import find_weight_files, read_weights
-
-    files = find_weight_files(folder)
-    state = read_weights(files, meta=meta)
-    config = Sam2VideoConfig.from_pretrained(folder)
-    if meta:
-        with torch.device("meta"):
-            model = Sam2VideoModel(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        info = {
-            "missing_keys": set(expected) - set(state),
-            "unexpected_keys": set(state) - set(expected),
-            "mismatched_keys": {k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k]},
-        }
-    else:
-        model, info = Sam2VideoModel.from_pretrained(
-            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
-        )
-    problems = _loading_problems(info)
+    model, problems, files = read_strict(folder, Sam2VideoModel, Sam2VideoConfig, dtype=dtype, meta=meta)
     if problems:
         raise Sam2LoadError(f"SAM 2 checkpoint {folder} does not match its config: " + " | ".join(problems))
-    return model, files.describe()
+    return model, files
 
 
 def load_sam2(spec: str = TINY, *, device: str | torch.device | None = None,
@@ -311,7 +267,7 @@ def load_sam2(spec: str = TINY, *, device: str | torch.device | None = None,
     dev, dt = resolve_device(device, dtype)
     folder = checkpoint_folder(spec)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = read_sam2(folder, dtype=dt)[0].to(dev).eval()
             processor = Sam2VideoProcessor.from_pretrained(folder)
     except Sam2LoadError:

@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from models.sam2 import TRACKER_DEFAULTS_FILE, _loading_problems, _quiet_transformers, cache_root, resolve_device
+from models.sam2 import TRACKER_DEFAULTS_FILE, cache_root, resolve_device
+from models.weights import quiet_transformers, read_strict
 
 TINY = "tiny-sam3"
 TINY_NAME = "tiny-sam3"
@@ -213,7 +214,7 @@ def tiny_checkpoint(root: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             # save_original_format=False: transformers "reverts" its SAM 3 tracker key mapping on save,
             # which is meant for a standalone tracker and, for the tracker nested in Sam3VideoModel,
             # writes `tracker_model.tracker_model.*` instead of the released `tracker_model.*`.
@@ -297,34 +298,16 @@ def read_sam3(folder: Path, *, dtype: torch.dtype, meta: bool = False) -> tuple[
     """
     from transformers import Sam3VideoConfig, Sam3VideoModel
 
-    from models.weights import find_weight_files, read_weights
-
     kind = _model_type(folder / "config.json")
     if kind != "sam3_video":
         raise Sam3LoadError(
             f"{folder / 'config.json'}: model_type {kind!r}; finding objects by name needs a SAM 3 video checkpoint "
             f"(model_type 'sam3_video', e.g. facebook/sam3), whose detector and tracker share one backbone")
-    files = find_weight_files(folder)
-    state = read_weights(files, meta=meta)
-    config = Sam3VideoConfig.from_pretrained(folder)
-    if meta:
-        with torch.device("meta"):
-            model = Sam3VideoModel(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        stored = {_model_name(k): tuple(v.shape) for k, v in state.items()}
-        info: dict[str, Any] = {
-            "missing_keys": set(expected) - set(stored),
-            "mismatched_keys": {k for k in set(expected) & set(stored) if stored[k] != expected[k]},
-        }
-    else:
-        model, info = Sam3VideoModel.from_pretrained(
-            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
-        expected = dict.fromkeys(model.state_dict())
-    info["unexpected_keys"] = {_model_name(k) for k in state} - set(expected)
-    problems = _loading_problems(info)
+    model, problems, files = read_strict(folder, Sam3VideoModel, Sam3VideoConfig, dtype=dtype, meta=meta,
+                                         model_name=_model_name, count_unexpected=True)
     if problems:
         raise Sam3LoadError(f"SAM 3 checkpoint {folder} does not match its config: " + " | ".join(problems))
-    return model, files.describe()
+    return model, files
 
 
 def load_sam3(spec: str = TINY, *, device: str | torch.device | None = None,
@@ -335,7 +318,7 @@ def load_sam3(spec: str = TINY, *, device: str | torch.device | None = None,
     dev, dt = resolve_device(device, dtype)
     folder = checkpoint_folder(spec)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = read_sam3(folder, dtype=dt)[0].to(dev).eval()
             processor = Sam3VideoProcessor.from_pretrained(folder)
     except Sam3LoadError:
@@ -375,7 +358,7 @@ def check_concepts_of(spec: str, concepts: Sequence[str]) -> None:
 
     folder = checkpoint_folder(spec)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(folder)
             config = AutoConfig.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder

@@ -11,16 +11,20 @@ Preference when a folder holds several layouts: ``model.safetensors``, its shard
 released PixelRefer repos most likely hold ``.bin`` shards; the SAM 2 repos hold safetensors).
 A sharded index is checked against its shards: every listed shard exists, every key sits in the shard
 the index names, and no shard holds a key the index does not list.
+
+`read_strict` is the one strict load of a transformers model from such a folder (SAM 2 and SAM 3
+video models): the same meta-device shape check, loading info and problem report for both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -163,3 +167,66 @@ def dtype_summary(state: dict[str, torch.Tensor]) -> str:
     """``bfloat16 (87)``-style summary of the stored dtypes (a checkpoint may mix them)."""
     counts = Counter(str(t.dtype).replace("torch.", "") for t in state.values())
     return ", ".join(f"{name} ({n})" for name, n in counts.most_common())
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading chatter (progress bars) for the duration of a load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def loading_problems(info: dict[str, Any]) -> list[str]:
+    """transformers' loading info (or ours, of the same shape) as one line per kind of problem."""
+    problems = []
+    labels = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "shape mismatch"}
+    for key, label in labels.items():
+        items = sorted(str(k) for k in info.get(key) or ())
+        if items:
+            problems.append(f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}")
+    problems += [str(e) for e in info.get("error_msgs") or ()]
+    return problems
+
+
+def read_strict(folder: Path, model_class: Any, config_class: Any, *, dtype: torch.dtype, meta: bool = False,
+                model_name: Callable[[str], str] | None = None,
+                count_unexpected: bool = False) -> tuple[Any, list[str], str]:
+    """A transformers model of a folder's config with the folder's weights: (model, problems, the
+    weight files read). Every stored tensor must fill a parameter of the same shape and every
+    parameter must be filled; `problems` lists what does not (empty: loaded strictly).
+
+    `meta=True` compares names and shapes with the files' headers on a meta-device model, reading
+    no tensor data (`pixelrefer models check`). `model_name` maps a stored name to the model's
+    where a checkpoint's names differ (SAM 3's doubled tracker prefix). `count_unexpected` counts
+    stray tensors here instead of trusting transformers', whose per-class ignore lists can hide
+    them (SAM 3's nested models); meta checks always count them here.
+    """
+    files = find_weight_files(folder)
+    state = read_weights(files, meta=meta)
+    config = config_class.from_pretrained(folder)
+    rename = model_name or (lambda name: name)
+    if meta:
+        with torch.device("meta"):
+            model = model_class(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        stored = {rename(k): tuple(v.shape) for k, v in state.items()}
+        info: dict[str, Any] = {
+            "missing_keys": set(expected) - set(stored),
+            "mismatched_keys": {k for k in set(expected) & set(stored) if stored[k] != expected[k]},
+        }
+        count_unexpected = True
+    else:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                  output_loading_info=True)
+        expected = dict.fromkeys(model.state_dict())
+    if count_unexpected:
+        info["unexpected_keys"] = {rename(k) for k in state} - set(expected)
+    return model, loading_problems(info), files.describe()
