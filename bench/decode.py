@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench.machine import describe
 from pipeline import backends, isolation, sampling
 from pipeline.probe import Probe, demux_index
 from pipeline.samples import GroundTruth, Shape, make_video
@@ -196,24 +197,6 @@ def decoder_versions() -> dict[str, str]:
     return versions
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
-    return {"cpu": cpu, "cores": usable, "memory_gib": round(memory, 1), "platform": platform.platform()}
-
-
 # ------------------------------------------------------------------ isolation overhead
 
 
@@ -285,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
-    info = machine()
+    info = describe()
     versions = decoder_versions()
     figures: dict[str, Any] = {f"machine_{k}": v for k, v in info.items()}
     figures.update({f"version_{k}": v for k, v in versions.items()})

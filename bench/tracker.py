@@ -23,10 +23,8 @@ on `--sam3-full-frames` frames, skipped past `--sam3-full-timeout` seconds.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.machine import describe
 
 
 def moving_boxes(count: int, frames: int, width: int, height: int, seed: int = 0):
@@ -202,20 +202,9 @@ def run_single_sam3_full(frames: int, width: int, height: int, device: str | Non
 
 def environment() -> dict[str, Any]:
     import torch
-    import transformers
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "machine": platform.machine(), "cpu_model": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {**describe("torch", "transformers"),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def measure_in_subprocess(args: argparse.Namespace, objects: int, kind: str = "sam2",
