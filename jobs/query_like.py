@@ -246,11 +246,11 @@ def search_like(index: "Index", text: str, top: int = DEFAULT_TOP, *, video: str
         sql = like_sql(dim, bm25=bool(terms), video=video_id is not None, label=label is not None)
         return index.sql(sql, params)
     where = SearchIndex.where(video_id, label)
-    k = CANDIDATES_PER_OBJECT * params["window"]
-    index.con.register("pr_dense", search.nearest(vector, k, where))
-    index.con.register("pr_bm25", search.bm25(text, k, where) if terms else _NO_PASSAGES)
+    wanted = CANDIDATES_PER_OBJECT * params["window"]
+    index.con.register("pr_dense", search.nearest(vector, wanted, where))
+    index.con.register("pr_bm25", search.bm25(text, wanted, where) if terms else _NO_PASSAGES)
     sql = like_sql(dim, bm25=bool(terms), video=video_id is not None, label=label is not None, candidates=True)
-    return index.sql(sql, {k: v for k, v in params.items() if k in _CANDIDATE_PARAMS})
+    return index.sql(sql, {name: value for name, value in params.items() if name in _CANDIDATE_PARAMS})
 
 
 def open_search(index: "Index", note: Callable[[str], None] | None = None) -> SearchIndex | None:
@@ -260,7 +260,7 @@ def open_search(index: "Index", note: Callable[[str], None] | None = None) -> Se
                      index._internal("SELECT DISTINCT run_id, commit_index FROM runs").to_pylist())
     location = index.location
     search, why = SearchIndex.open(location.url, location.storage_options, commits)
-    if search is None and note is not None and why != "OUTPUT has no search index yet":
+    if search is None and note is not None and why is not None:
         note(f"note: {why}; ranking every vector instead (slower on large indexes): "
              f"`pixelrefer embed {location.url}` brings it up to date")
     return search

@@ -232,8 +232,10 @@ class _Run:
             self.progress(f"run {self.run_id}: commit {self.commit_index} published {len(self.ready)} videos")
         self.commit_index += 1
         self.ready = []
+        search_started = time.perf_counter()
+        update_search_index(self.cfg.output, self.cfg.storage_options, self.progress)
+        self.summary.add_phase("driver_search_index", time.perf_counter() - search_started)
         self.last_commit = time.monotonic()
-
 
 
 def run_row(cfg: IndexConfig, counts: RunSummary, started_at: dt.datetime, commit_index: int) -> dict[str, Any]:
@@ -341,7 +343,6 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
             run.embedder.prepare(cfg.output, cfg.storage_options)
             _process(cfg, run, todo, len(videos))
         run.commit(final=True)
-        update_search_index(cfg.output, cfg.storage_options, progress)
     finally:
         summary.seconds = time.monotonic() - started
         summary.driver_cpu_s = time.process_time() - cpu_started
@@ -350,7 +351,8 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
 
 def update_search_index(output: str, storage_options: Mapping[str, Any] | None,
                         progress: Callable[[str], None]) -> None:
-    """Bring the search index up to date after the run's last commit (`pipeline.search_index`).
+    """Bring the search index up to date after a commit (`pipeline.search_index`), so that `--like`
+    stays fast during a long run: a sync reads only the new commit's vectors.
 
     Never fails the run: its rows are committed already, and `--like` ranks exactly, with a note,
     while the index is behind; `pixelrefer embed OUTPUT` retries it."""

@@ -2,8 +2,8 @@
 
 Layout under OUTPUT (any fsspec URL):
 
-    <table>/run_id=<id>/part-NNNNN.parquet     committed rows (what readers glob)
-    _staging/<id>/<table>/part-NNNNN.parquet   a run in progress (never matched by the glob)
+    <table>/run_id=<id>/part-cCCCC-NNNNN.parquet   committed rows of commit C (what readers glob)
+    _staging/<id>/<table>/part-cCCCC-NNNNN.parquet a run in progress (never matched by the glob)
     _staging/<id>/_COMMIT                      the run's file list, written before publishing
     _search/                                   the search index, derived (`pipeline.search_index`)
 
@@ -369,21 +369,37 @@ def read_table(
         return dataset.to_table(columns=columns, filter=where)
 
 
-def read_batches(
-    output: str, table: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None,
-    runs: Iterable[str] | None = None, batch_rows: int = 65_536,
-) -> Iterator[pa.RecordBatch]:
-    """`read_table` in batches, for tables too large to hold at once (a backfill of millions of
-    vectors). Storage errors are translated as they surface, batch by batch."""
+_COMMIT_FILE = re.compile(r"^part-c(\d{4,})-\d+\.parquet$")
+
+
+def read_commits(
+    output: str, table: str, commits: Iterable[tuple[str, int]], storage_options: Mapping[str, Any] | None = None,
+    columns: list[str] | None = None, batch_rows: int = 65_536,
+) -> Iterator[tuple[tuple[str, int], pa.RecordBatch]]:
+    """The rows one table gained in each of `commits` ((run_id, commit_index)), batch by batch,
+    each with its commit: what a reader that keeps up commit by commit needs, without re-reading
+    a long run's earlier commits or holding a table of millions of vectors at once. Files named
+    before commits were numbered (`part-NNNNN.parquet`) count as their run's commit 0."""
     fs, root = filesystem(output, storage_options)
-    folder = posixpath.join(root, table)
     schema = TABLES[table]
+    by_run: dict[str, set[int]] = {}
+    for run_id, commit_index in commits:
+        by_run.setdefault(run_id, set()).add(int(commit_index))
     with _storage(output, storage_options, f"reading table {table!r}", fs, root):
-        if not fs.exists(folder) or not fs.find(folder):
-            return
-        dataset = pads.dataset(folder, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
-        where = pads.field("run_id").isin(sorted(set(runs))) if runs is not None else None
-        yield from dataset.to_batches(columns=columns, filter=where, batch_size=batch_rows)
+        for run_id, wanted in sorted(by_run.items()):
+            folder = posixpath.join(root, table, f"run_id={run_id}")
+            try:
+                names = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False))
+            except FileNotFoundError:
+                continue
+            for commit_index in sorted(wanted):
+                files = [posixpath.join(folder, n) for n in names if n.endswith(".parquet")
+                         and int((_COMMIT_FILE.match(n) or [None, 0])[1]) == commit_index]
+                if not files:
+                    continue
+                dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=schema)
+                for batch in dataset.to_batches(columns=columns, batch_size=batch_rows):
+                    yield (run_id, commit_index), batch
 
 
 def retry_counts(output: str, model: str, tracker: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:

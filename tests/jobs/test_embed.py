@@ -341,3 +341,6 @@ def test_a_search_index_behind_the_tables_is_not_used_until_embed_updates_it(
     assert code == 0 and "search index:" in err, err
     fresh, err = like()
     assert err == "" and fresh[0]["object_id"] == stale[0]["object_id"] == 1
+    shutil.rmtree(output / "_search")  # derived: losing it loses nothing
+    gone, err = like()
+    assert "OUTPUT has no search index" in err and gone == stale  # ranked exactly again

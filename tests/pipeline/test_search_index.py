@@ -133,7 +133,7 @@ def test_a_new_commit_of_a_run_replaces_that_run_without_duplicates(output: tupl
 def test_a_stale_index_is_not_opened_and_says_why(output: tuple[Any, str]) -> None:
     fs, root = output
     search, why = SearchIndex.open(root, {}, committed(root))
-    assert search is None and why == "OUTPUT has no search index yet"
+    assert search is None and why == "OUTPUT has no search index"
     sync(root)
     commit(fs, root, "run-2", {"a": "ok"}, [("a", 1, "woman on a bicycle", 4)], when=T0 + dt.timedelta(days=1))
     search, why = SearchIndex.open(root, {}, committed(root))
@@ -165,7 +165,9 @@ def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
     result = sync(root)
     assert result.ann and result.rows == 700
     search, _ = SearchIndex.open(root, {}, committed(root))
-    assert {i.field_names[0] for i in search.dataset.describe_indices()} == {"text", "vector"}
+    assert {i.field_names[0] for i in search.dataset.describe_indices()} == {"text", "vector", "video_id", "labels"}
+    assert search.nearest(unit(7), 5, SearchIndex.where("v7", "Thing")).column("text").to_pylist()[0] == "thing number 7"
+    assert set(search.nearest(unit(7), 50, SearchIndex.where("w3")).column("video_id").to_pylist()) == {"w3"}
     for seed, text in ((7, "thing number 7"), (1234, "other thing 234")):
         top = search.nearest(unit(seed), 5).to_pylist()[0]  # refined on the exact vectors
         assert top["text"] == text and top["similarity"] == pytest.approx(1.0, abs=1e-5)
@@ -194,6 +196,7 @@ def test_s3_options_are_translated_and_the_index_lives_in_the_bucket(s3_bucket: 
 def test_stores_and_options_it_cannot_use_are_named() -> None:
     with pytest.raises(SearchIndexUnsupported, match="memory://"):
         SearchLocation.of("memory://index")
+    assert SearchIndex.open("memory://index", {}, []) == (None, None)  # nothing to tell: --like ranks exactly
     with pytest.raises(SearchIndexUnsupported, match="'profile'"):
         lance_s3_options({"profile": "dev"})
 
@@ -229,3 +232,26 @@ def test_lance_failures_become_one_error_naming_output(output: tuple[Any, str], 
                                                             r"\(OSError: .*permission denied\); the tables are unaffected"):
         sync(root)
     assert search_index.read_state(root) is None  # nothing recorded as synced
+
+
+def test_a_sync_stopped_before_its_state_was_written_adds_nothing_twice(output: tuple[Any, str]) -> None:
+    import json
+
+    fs, root = output
+    sync(root)
+    commit(fs, root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
+    state_path = f"{root}/_search/state.json"
+    before = fs.cat_file(state_path)
+    sync(root)
+    fs.pipe_file(state_path, before)  # as if it stopped after Lance committed, before the state
+    assert json.loads(fs.cat_file(state_path))["commits"] == ["run-1/0"]
+    result = sync(root)
+    assert (result.added, result.removed, result.rows) == (1, 1, 4)
+    assert [t for _, _, t in held(root)].count("bus at the station") == 1
+
+
+def test_files_named_before_commits_were_numbered_count_as_commit_zero(output: tuple[Any, str]) -> None:
+    fs, root = output
+    folder = f"{root}/embeddings/run_id=run-1"
+    fs.mv(f"{folder}/part-c0000-00000.parquet", f"{folder}/part-00000.parquet")
+    assert sync(root).rows == 3
