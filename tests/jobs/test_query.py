@@ -4,60 +4,25 @@ from __future__ import annotations
 
 import argparse
 import ast
-import base64
 import csv
 import io
 import json
-import math
 import os
-import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from jobs.query import add_query_arguments, query_main
-from jobs.query_errors import RefusedQuery
 from jobs.query_formats import FORMATS, WRITERS
-from jobs.query_search import STOPWORDS
 from jobs.query_sql import open_index
 from schemas.tables import TABLES
 
-IndexInfo = Any  # tests/jobs/conftest.py: IndexInfo (conftest modules are not imported by name)
-
-# The run ids of the test index (tests/jobs/conftest.py); parametrized ids need them at import.
-RUN1, RUN2, RUN3, STAGED_RUN = "1700000000", "run-2024-02", "run-2024-03", "run-2024-04"
+from query_helpers import (RUN1, RUN2, RUN3, STAGED_RUN, IndexInfo, assert_clean_error, assert_types_match,
+                           is_text)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def assert_types_match(table: pa.Table, schema: pa.Schema) -> None:
-    """Column types as the schema declares them (DuckDB may hand strings back as string views)."""
-    def plain(t: pa.DataType) -> pa.DataType:
-        if is_text(t):
-            return pa.string()
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
-            return pa.list_(plain(t.value_type))
-        if pa.types.is_struct(t):
-            return pa.struct([pa.field(f.name, plain(f.type)) for f in t])
-        if pa.types.is_timestamp(t):  # DuckDB names UTC "Etc/UTC"
-            return pa.timestamp(t.unit, tz="UTC" if t.tz in ("UTC", "Etc/UTC") else t.tz)
-        return t
-
-    assert [plain(f.type) for f in table.schema] == [plain(f.type) for f in schema], (table.schema, schema)
-
-
-def assert_clean_error(code: int, err: str, expected_code: int, *phrases: str) -> None:
-    assert code == expected_code, err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase.lower() in err.lower(), err
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,188 +279,6 @@ def test_video_not_found(index: IndexInfo, run_query) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# --text: BM25, checked against an independent implementation of the documented formula.
-# --------------------------------------------------------------------------------------------
-
-
-def reference_terms(text: str) -> list[str]:
-    """Tokenizer as documented in jobs.query_search: lower case, split on non-alphanumerics, stop words, S-stemmer."""
-    terms = []
-    for word in re.split(r"[^\w]+|_", text.lower()):
-        if not word or word in STOPWORDS:
-            continue
-        if len(word) > 3 and word.endswith("ies") and not word.endswith(("eies", "aies")):
-            word = word[:-3] + "y"
-        elif len(word) > 3 and word.endswith("es") and not word.endswith(("aes", "ees", "oes")):
-            word = word[:-1]
-        elif len(word) > 3 and word.endswith("s") and not word.endswith(("us", "ss")):
-            word = word[:-1]
-        terms.append(word)
-    return terms
-
-
-def reference_bm25(docs: dict[tuple[str, int], list[str]], query: str, k1: float = 1.2, b: float = 0.75) -> dict:
-    terms = set(reference_terms(query))
-    tokens = {key: [t for text in texts for t in reference_terms(text)] for key, texts in docs.items()}
-    n = len(tokens)
-    avg = sum(len(v) for v in tokens.values()) / n
-    df = {t: sum(1 for v in tokens.values() if t in v) for t in terms}
-    scores = {}
-    for key, toks in tokens.items():
-        score = 0.0
-        for t in terms:
-            tf = toks.count(t)
-            if tf:
-                idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
-                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(toks) / avg))
-        if score:
-            scores[key] = score
-    return scores
-
-
-def latest_documents(index: IndexInfo, data) -> dict[tuple[str, int], list[str]]:
-    """Object -> its captions, answers and label, for each video's latest ok run (a: RUN2, b: RUN1)."""
-    docs: dict[tuple[str, int], list[str]] = {}
-    for run, name in ((RUN2, "a"), (RUN1, "b")):
-        vid = index.video_ids[name]
-        for (oid, _clip), text in data.CAPTIONS[(run, name)].items():
-            docs.setdefault((vid, oid), []).append(text)
-        for ids, _, answer, _clip in data.QA[(run, name)]:
-            for oid in ids:
-                docs.setdefault((vid, oid), []).append(answer)
-    for (vid, oid), texts in docs.items():  # an object's label is part of its document
-        if data.LABELS.get(oid):
-            texts.append(data.LABELS[oid])
-    return docs
-
-
-@pytest.mark.parametrize("words", ["red trucks", "blue ball", "Purple!", "green car parked"])
-def test_text_search_matches_reference_bm25(index: IndexInfo, run_query, data, words: str) -> None:
-    code, out, err = run_query(*index.cli(), "--text", words, "--format", "json")
-    assert code == 0, err
-    got = json.loads(out)
-    want = reference_bm25(latest_documents(index, data), words)
-    assert {(r["video_id"], r["object_id"]): r["score"] for r in got} == pytest.approx(want)
-    assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
-    assert all(r["run_id"] in (RUN1, RUN2) and r["match"] for r in got)
-
-
-def test_text_search_ranking_and_edges(index: IndexInfo, run_query) -> None:
-    with open_index(index.output, index.storage_options) as ix:
-        top = ix.search("red truck", limit=1).to_pylist()
-        assert [(r["video_id"], r["object_id"]) for r in top] == [(index.video_ids["a"], 1)]
-        # The best-matching caption of the object, with where it is: clip 0, 0.0-0.8 s.
-        assert top[0]["match"] == "a red truck with a red cabin moving right" and top[0]["match_kind"] == "caption"
-        assert (top[0]["clip_index"], top[0]["ts_start"], top[0]["ts_end"], top[0]["label"]) == (0, 0.0, 0.8, "truck")
-        whole = ix.search("edge").to_pylist()  # only in object 1's whole-track caption
-        assert [(r["object_id"], r["clip_index"], r["ts_start"], r["ts_end"]) for r in whole] == [(1, None, 0.0, 1.8)]
-        answer = ix.search("faster").to_pylist()  # an answer naming objects 1 and 2, asked about clip 1
-        assert {(r["object_id"], r["match_kind"], r["clip_index"]) for r in answer} == {
-            (1, "answer", 1), (2, "answer", 1)}
-        assert ix.search("RED TRUCK").to_pylist() == ix.search("red truck").to_pylist()
-        assert ix.search("small").num_rows == 0  # only in RUN1's caption of "a": superseded by RUN2
-        assert ix.search("cabin").column("run_id").to_pylist() == [RUN2]
-    code, out, err = run_query(*index.cli(), "--text", "zebra")
-    assert code == 0 and out.strip().endswith("(0 rows)"), err
-    code, _, err = run_query(*index.cli(), "--text", "the a ,")
-    assert_clean_error(code, err, 2, "no searchable words")
-
-
-# --------------------------------------------------------------------------------------------
-# Read-only by construction.
-# --------------------------------------------------------------------------------------------
-
-REFUSED = [
-    "INSERT INTO videos SELECT * FROM videos",
-    "CREATE TABLE t AS SELECT 1",
-    "CREATE VIEW w AS SELECT 1",
-    "DROP VIEW videos",
-    "DELETE FROM videos",
-    "UPDATE videos SET status = 'ok'",
-    "COPY videos TO '{tmp}/leak.csv'",
-    "COPY (SELECT 1) TO '{tmp}/leak.parquet' (FORMAT parquet)",
-    "EXPORT DATABASE '{tmp}/leak'",
-    "ATTACH ':memory:' AS other",
-    "ATTACH '{tmp}/leak.duckdb' AS other",
-    "INSTALL fts",
-    "LOAD fts",
-    "SET threads = 1",
-    "RESET lock_configuration",
-    "PRAGMA enable_profiling",
-    "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
-    "SELECT 1; DROP VIEW videos",
-    "SELECT * FROM read_csv('/etc/passwd')",
-    "SELECT * FROM read_text('/etc/hostname')",
-    "SELECT * FROM glob('/etc/*')",
-    "SELECT * FROM read_blob('{source}')",
-    "SELECT * FROM read_parquet('{output}/_staging/**/*.parquet')",
-    "SELECT * FROM read_text('{output}/videos/../../../../../../../../etc/passwd')",
-]
-# On S3 the same guard applies; these cover writes, attach and reads elsewhere in the same bucket.
-REFUSED_ON_S3 = [REFUSED[i] for i in (6, 10, 13, 18, 21, 22)]
-
-
-def check_refused(index: IndexInfo, run_query, tmp_path: Path, statement: str) -> None:
-    sql = statement.format(tmp=tmp_path, source=index.uris["a"], output=index.output)
-    code, out, err = run_query(*index.cli(), "--sql", sql)
-    assert_clean_error(code, err, 2, "refused")
-    assert out == ""
-    assert list(tmp_path.iterdir()) == []  # nothing was written
-
-
-@pytest.mark.parametrize("statement", REFUSED)
-def test_writes_and_outside_reads_are_refused(local_index: IndexInfo, run_query, tmp_path: Path, statement: str) -> None:
-    check_refused(local_index, run_query, tmp_path, statement)
-    code, out, err = run_query(local_index.output, "--sql", "SELECT count(*) AS n FROM videos", "--format", "json")
-    assert code == 0 and json.loads(out) == [{"n": 5}], err  # and the views are intact
-
-
-@pytest.mark.parametrize("statement", REFUSED_ON_S3)
-def test_writes_and_outside_reads_are_refused_on_s3(s3_index: IndexInfo, run_query, tmp_path: Path, statement: str) -> None:
-    check_refused(s3_index, run_query, tmp_path, statement)
-
-
-def test_dot_dot_cannot_reach_outside_output_on_s3(
-    s3_index: IndexInfo, s3_storage_options: dict[str, Any], run_query
-) -> None:
-    """`OUTPUT/videos/../../src/a.mp4`, resolved, is the source video `a` in the same bucket.
-
-    Object stores do not resolve "..", so DuckDB may read it as a (missing) key under
-    OUTPUT/videos/, or refuse it as outside the allowed folders (DuckDB 2 does). Either is safe;
-    returning the video's bytes is not.
-    """
-    import s3fs
-
-    bucket = s3_index.output.removeprefix("s3://").split("/", 1)[0]
-    outside = s3fs.S3FileSystem(**s3_storage_options).cat_file(f"{bucket}/src/a.mp4")
-    assert s3_index.uris["a"] == f"s3://{bucket}/src/a.mp4" and len(outside) > 1000
-    sql = f"SELECT size, content FROM read_blob('{s3_index.output}/videos/../../src/a.mp4')"
-    code, out, err = run_query(*s3_index.cli(), "--sql", sql, "--format", "json")
-    if code == 0:
-        assert json.loads(out) == [], "a key outside OUTPUT was read"
-    else:
-        assert_clean_error(code, err, 2, "refused")
-        assert out == ""
-    assert base64.b64encode(outside[:3000]).decode() not in out  # read_blob's content, as JSON shows it
-
-
-def test_the_connection_itself_is_locked(local_index: IndexInfo, tmp_path: Path) -> None:
-    """The second layer alone (no statement check) still refuses files and settings."""
-    import duckdb
-
-    with open_index(local_index.output) as ix:
-        with pytest.raises(duckdb.Error):
-            ix.con.execute(f"COPY (SELECT 1) TO '{tmp_path}/x.csv'")
-        with pytest.raises(duckdb.Error):
-            ix.con.execute("SET enable_external_access = true")
-        with pytest.raises(duckdb.Error):
-            ix.con.execute("SELECT * FROM read_csv('/etc/passwd')")
-        with pytest.raises(RefusedQuery):
-            ix.sql("CREATE TABLE t AS SELECT 1")
-    assert list(tmp_path.iterdir()) == []
-
-
-# --------------------------------------------------------------------------------------------
 # Bad input: one clear line, a non-zero exit, never a traceback.
 # --------------------------------------------------------------------------------------------
 
@@ -681,91 +464,3 @@ def test_long_video_json_timeline(long_index: IndexInfo, run_query, data) -> Non
     assert objects[8]["clips"] == list(range(data.LONG_FIRST[8] // 30, 240))
     assert objects[1]["track_caption"] == "thing 1 over the whole video"
     assert sum(len(c["captions"]) for c in clips) + data.LONG_OBJECTS == len(doc["captions"])
-
-
-# --------------------------------------------------------------------------------------------
-# Indexes written under the first contract (objects.frames, no clips table).
-# --------------------------------------------------------------------------------------------
-
-
-def test_legacy_index_is_read_as_one_clip_per_video(legacy_index: IndexInfo, run_query, data) -> None:
-    current = data.index_tables(legacy_index.uris, legacy_index.truths)
-    with open_index(legacy_index.output, legacy_index.storage_options) as ix:
-        assert ix.layout.legacy and "older pixelrefer" in ix.notes[0] and "pixelrefer index" in ix.notes[0]
-        for name, schema in TABLES.items():
-            table = ix.sql(f"SELECT * FROM {name}")
-            assert table.column_names == schema.names, name
-            assert_types_match(table, schema)
-        # Every mask of the old objects.frames is a row of `masks`, unchanged.
-        key = lambda m: (m["run_id"], m["video_id"], m["object_id"], m["frame_index"])  # noqa: E731
-        cols = "run_id, video_id, object_id, frame_index, ts, bbox, area, score, rle"
-        rounded = lambda m: {**m, "score": round(m["score"], 5)}  # noqa: E731 - stored as float32
-        masks = sorted((rounded(m) for m in ix.sql(f"SELECT {cols} FROM masks").to_pylist()), key=key)
-        want = sorted((rounded({k: m[k] for k in cols.split(", ")}) for r in current.values() for m in r["masks"]), key=key)
-        assert masks == want and len(masks) == 69  # a: 10 + 10 + 5 (twice), b: 10 + 9
-        counts = ix.sql("SELECT object_id, num_frames, label FROM objects WHERE run_id = $r AND video_id = $v "
-                        "ORDER BY object_id", {"r": RUN1, "v": legacy_index.video_ids["b"]}).to_pylist()  # fmt: skip
-        assert counts == [{"object_id": 1, "num_frames": 10, "label": None}, {"object_id": 2, "num_frames": 9, "label": None}]
-        clips = ix.sql("SELECT * FROM clips ORDER BY run_id, video_id").to_pylist()
-        assert [(c["clip_index"], c["ts_start"], c["ts_end"], c["num_sampled"], c["boundary"]) for c in clips] == [
-            (0, 0.0, 2.0, 10, "end")] * 3  # the ok videos only; "c" and RUN3 failed
-        video = ix.sql("SELECT sampled_fps, clips FROM videos WHERE run_id = $r", {"r": RUN2}).to_pylist()
-        assert video == [{"sampled_fps": pytest.approx(5.0), "clips": 1}]
-    doc = json.loads(run_query(*legacy_index.cli(), "--video", legacy_index.video_ids["a"], "--format", "json")[1])
-    assert [c["clip_index"] for c in doc["clips"]] == [0] and doc["clips"][0]["object_ids"] == [1, 2, 3]
-    objects = {o["object_id"]: o for o in doc["objects"]}
-    assert objects[3]["spans"] == [[1.0, 1.8]] and objects[1]["num_frames"] == 10
-    assert [c["caption"] for c in doc["clips"][0]["captions"]] == [
-        data.CAPTIONS[(RUN2, "a")][k] for k in ((1, None), (2, None), (3, 1))]  # fmt: skip
-    assert [(a["clip_index"], a["ts_start"], a["ts_end"]) for a in doc["qa"]] == [(0, 0.0, 2.0)] * 2
-    code, out, err = run_query(*legacy_index.cli(), "--text", "edge", "--format", "json")
-    assert code == 0 and "older pixelrefer" in err and "Traceback" not in err
-    assert [(r["object_id"], r["clip_index"]) for r in json.loads(out)] == [(1, 0)]
-
-
-def test_mixed_layouts_are_refused_with_how_to_reindex(tmp_path: Path, local_index: IndexInfo, run_query, data) -> None:
-    """Old runs next to new ones would bind one file's schema for all: refuse, never misread."""
-    import fsspec
-
-    fs = fsspec.filesystem("file")
-    runs = data.index_tables(local_index.uris, local_index.truths)
-    for new, old in ((RUN2, RUN1), (RUN1, RUN2)):  # either layout first in file order
-        out = str(tmp_path / f"mixed-{new}")
-        data.write_legacy_index(fs, out, data.legacy_tables({old: runs[old]}))
-        data.write_index(fs, out, {new: runs[new]})
-        for argv in (["--sql", "SELECT count(*) FROM objects"], ["--video", local_index.video_ids["a"]], []):
-            code, stdout, err = run_query(out, *argv)
-            assert_clean_error(code, err, 1, "older pixelrefer", "objects.frames", f"run {old}", "pixelrefer index")
-            assert stdout == ""
-
-
-def test_legacy_index_without_objects_is_still_recognised(tmp_path: Path, local_index: IndexInfo, data) -> None:
-    """Only failed videos: no objects file to look at, so the videos footer tells the layout."""
-    import fsspec
-
-    runs = data.legacy_tables(data.index_tables(local_index.uris, local_index.truths))
-    only_failed = {RUN3: {"videos": runs[RUN3]["videos"]}}
-    data.write_legacy_index(fsspec.filesystem("file"), str(tmp_path / "out"), only_failed)
-    with open_index(str(tmp_path / "out")) as ix:
-        assert ix.layout.legacy
-        rows = ix.sql("SELECT status, clips, sampled_fps FROM videos").to_pylist()
-        assert rows == [{"status": "failed", "clips": 0, "sampled_fps": pytest.approx(5.0)}]
-        assert ix.sql("SELECT * FROM clips").num_rows == 0
-
-
-def test_label_lists_objects_by_label_with_their_videos_and_spans(index: IndexInfo, run_query) -> None:
-    code, out, err = run_query(*index.cli(), "--label", " Truck ", "--format", "json")
-    assert code == 0, err
-    rows = json.loads(out)
-    # Object 1 of each video's latest ok run is the truck (a: RUN2, b: RUN1); c never indexed ok.
-    assert sorted((r["video_id"], r["object_id"], r["run_id"]) for r in rows) == sorted(
-        [(index.video_ids["a"], 1, RUN2), (index.video_ids["b"], 1, RUN1)])
-    assert all(r["label"] == "truck" and r["first_ts"] <= r["last_ts"] and r["uri"] for r in rows)
-    code, out, err = run_query(*index.cli(), "--label", "zebra")
-    assert code == 0 and out.strip().endswith("(0 rows)"), err
-    code, _, err = run_query(*index.cli(), "--label", "truck", "--text", "red")
-    assert_clean_error(code, err, 2, "--label")
-    code, _, err = run_query(*index.cli(), "--label", "  ")
-    assert_clean_error(code, err, 2, "needs a label")
-    code, out, err = run_query(*index.cli(), "--text", "ball", "--format", "json")  # labels are searched too
-    assert code == 0 and {r["object_id"] for r in json.loads(out)} >= {2}, err
