@@ -32,6 +32,7 @@ import logging
 import os
 import posixpath
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -74,7 +75,13 @@ class SearchIndexUnsupported(SearchIndexError):
 
 
 def _lance() -> Any:
-    import lance  # heavy (Rust): only where a search index is touched
+    """Lance, imported only where a search index is touched (it is heavy: a Rust runtime).
+
+    Lance warns at every fork of the process after its import. The only forks a pipeline driver
+    makes after a sync are subprocesses that exec at once (Ray starting its processes), which never
+    call into Lance, so that warning is noise here and is silenced, by its text, for them alone."""
+    warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+    import lance
 
     return lance
 
