@@ -57,6 +57,8 @@ ORDER BY o.object_id
 
 # The listing without a mode: per run, from `videos` (every run has rows there) and `clips`;
 # `commits` from `runs`, where a long run writes one row per commit.
+# One row per committed run: those that indexed videos, and those that did not (`embed`, a nightly
+# run with nothing new), from the `runs` table's rows, so the history is complete.
 RUNS_SQL = """
 WITH v AS (
     SELECT run_id, min(indexed_at) AS indexed_at, string_agg(DISTINCT model, ', ') AS model,
@@ -66,11 +68,15 @@ WITH v AS (
     FROM videos GROUP BY run_id
 ),
 c AS (SELECT run_id, count(*) AS clips FROM clips GROUP BY run_id),
-r AS (SELECT run_id, count(*) AS commits FROM runs GROUP BY run_id)
-SELECT v.run_id, v.indexed_at, v.model, v.videos_ok, v.videos_failed, coalesce(c.clips, 0) AS clips,
-       v.video_hours, r.commits
-FROM v LEFT JOIN c USING (run_id) LEFT JOIN r USING (run_id)
-ORDER BY v.indexed_at NULLS LAST, v.run_id
+r AS (SELECT run_id, count(*) AS commits, string_agg(DISTINCT command, ', ') AS command,
+             min(started_at) AS started_at, string_agg(DISTINCT model, ', ') AS model
+      FROM runs GROUP BY run_id)
+SELECT coalesce(v.run_id, r.run_id) AS run_id, r.command, coalesce(v.indexed_at, r.started_at) AS indexed_at,
+       coalesce(v.model, r.model) AS model, coalesce(v.videos_ok, 0) AS videos_ok,
+       coalesce(v.videos_failed, 0) AS videos_failed, coalesce(c.clips, 0) AS clips,
+       coalesce(v.video_hours, 0) AS video_hours, r.commits
+FROM v FULL OUTER JOIN r ON v.run_id = r.run_id LEFT JOIN c ON c.run_id = coalesce(v.run_id, r.run_id)
+ORDER BY indexed_at NULLS LAST, run_id
 """
 
 TIMELINE_SCHEMA = pa.schema(

@@ -174,6 +174,10 @@ def test_embed_backfills_every_caption_and_answer_once(bare_index: Path, tmp_pat
     assert by_text["cycling to work"]["kind"] == "answer" and by_text["cycling to work"]["object_ids"] == [2]
     assert by_text["a cat sleeping on the sofa"]["object_id"] == 1 and by_text["a cat sleeping on the sofa"]["object_ids"] is None
     assert not (output / "_staging").exists() or not list((output / "_staging").iterdir())
+    code, out, err = run_cli(capsys, "query", str(output), "--format", "json")  # the run list shows it
+    listed = {r["run_id"]: r for r in json.loads(out)}
+    assert code == 0 and listed[run_id]["command"] == "embed" and listed[run_id]["videos_ok"] == 0, err
+    assert listed[RUN]["command"] == "index" and listed[RUN]["videos_ok"] == 3
 
     code, _, err = run_cli(capsys, "embed", str(output))  # again: nothing is missing, nothing is added
     assert code == 0 and "nothing to embed" in err
