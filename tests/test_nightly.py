@@ -71,6 +71,14 @@ def test_nightly_on_s3_is_incremental(ray_local, s3_bucket, tmp_path):
     assert table.column("n").to_pylist() == [4]
     assert not fs.exists(f"{bucket}/index/_staging") or not fs.ls(f"{bucket}/index/_staging")
 
+    from pipeline.search_index import SearchIndex, committed  # kept up to date in the bucket by every run
+
+    search, why = SearchIndex.open(output, options, committed(output, options))
+    assert search is not None, why
+    pairs = lambda rows: sorted((r["video_id"], r["text_run_id"], r["text"]) for r in rows)  # noqa: E731
+    assert pairs(search.dataset.to_table(columns=["video_id", "text_run_id", "text"]).to_pylist()) == pairs(
+        read_table(output, "embeddings", options, columns=["video_id", "text_run_id", "text"]).to_pylist())
+
 
 def test_changing_the_model_reindexes_and_keeps_old_rows(ray_local, tmp_path):
     make_video(tmp_path / "v" / "a.mp4", shapes=DEFAULT_SHAPES[:1], duration_s=1.0)
