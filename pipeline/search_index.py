@@ -62,6 +62,8 @@ COMPACT_AFTER_FRAGMENTS = 64
 KEEP_VERSIONS = dt.timedelta(hours=1)
 FTS_OPTIONS = {"base_tokenizer": "simple", "language": "English", "stem": True, "remove_stop_words": True,
                "lower_case": True, "with_position": False}
+#: The dataset's columns and indexes as this code writes them; a state of another version is rebuilt.
+LAYOUT_VERSION = 1
 SCALAR_INDEXES = {"video_id": "BTREE", "labels": "LABEL_LIST"}
 COLUMNS = ("video_id", "text_run_id", "kind", "object_ids", "clip_index", "ts_start", "ts_end", "text", "labels")
 
@@ -148,15 +150,17 @@ def _state_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple
 
 
 def read_state(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """What the last sync wrote (None: never synced, or the file is unreadable)."""
+    """What the last sync wrote (None: never synced, unreadable, or written for another layout of
+    the dataset, `LAYOUT_VERSION`: the next sync rebuilds it)."""
     fs, path = _state_path(output, storage_options)
     try:
-        return json.loads(fs.cat_file(path))
+        state = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         log.warning("search index state %s is unreadable (%s): it will be rebuilt", path, exc)
         return None
+    return state if isinstance(state, dict) and state.get("layout") == LAYOUT_VERSION else None
 
 
 def latest_runs(videos: pa.Table) -> dict[str, str]:
@@ -300,7 +304,7 @@ def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bo
         result.ann = _maintain(dataset, result.rows, kind[1] if kind else 0, progress)
     result.steps["index_s"] = time.perf_counter() - step
     fs, path = _state_path(output, options)
-    fs.pipe_file(path, json.dumps({"commits": commits, "embedder": kind[0] if kind else None,
+    fs.pipe_file(path, json.dumps({"layout": LAYOUT_VERSION, "commits": commits, "embedder": kind[0] if kind else None,
                                    "dim": kind[1] if kind else None, "rows": result.rows, "ann": result.ann,
                                    "synced_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode())
     result.seconds = time.perf_counter() - started

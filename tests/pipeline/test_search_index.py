@@ -7,6 +7,7 @@ run and commit), with 8-d vectors chosen so that the nearest passage of a query 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,10 @@ def test_rebuild_and_a_lost_dataset_start_again(output: tuple[Any, str]) -> None
     fs.rm(f"{root}/_search/passages.lance", recursive=True)
     assert sync(root).added == 3  # the state outlived its dataset
     assert sync(root, rebuild=True).added == 3 and held(root)[0][0] == "a"
+    state = json.loads(fs.cat_file(f"{root}/_search/state.json"))
+    fs.pipe_file(f"{root}/_search/state.json", json.dumps({**state, "layout": 0}).encode())  # an older layout
+    assert SearchIndex.open(root, {}, committed(root)) == (None, "OUTPUT has no search index")
+    assert sync(root).added == 3
 
 
 def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
@@ -235,8 +240,6 @@ def test_lance_failures_become_one_error_naming_output(output: tuple[Any, str], 
 
 
 def test_a_sync_stopped_before_its_state_was_written_adds_nothing_twice(output: tuple[Any, str]) -> None:
-    import json
-
     fs, root = output
     sync(root)
     commit(fs, root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
