@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 
-IndexInfo = Any  # tests/jobs/conftest.py: IndexInfo (conftest modules are not imported by name)
-
-# The run ids of the test index (tests/jobs/conftest.py); parametrized ids need them at import.
-RUN1, RUN2, RUN3, STAGED_RUN = "1700000000", "run-2024-02", "run-2024-03", "run-2024-04"
+from index_builders import RUN1, RUN2, RUN3, STAGED_RUN, IndexInfo  # noqa: F401 - re-exported for the tests
 
 
 def is_text(t: pa.DataType) -> bool:
