@@ -34,12 +34,11 @@ from typing import Iterator
 import pytest
 from loopback_cluster import cluster_processes, helper_cluster
 
+from jobs.masking import MASK, Masker
 from jobs.submit import (
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
-    MASK,
-    Masker,
     UsageError,
     _LineWriter,
     add_submit_arguments,
