@@ -54,6 +54,8 @@ STATE = "state.json"
 ANN_MIN_ROWS = 65_536
 #: IVF lists are sized to about this many vectors (Lance's guidance is a few thousand).
 ROWS_PER_PARTITION = 4_096
+#: The lists are trained again once the passages are this many times those they were trained on.
+ANN_RETRAIN_GROWTH = 4
 #: Dimensions per PQ sub-vector: 256-d vectors keep 32 bytes each (32 MB a million).
 DIMS_PER_SUB_VECTOR = 8
 #: Fragments after which a sync compacts the dataset (each sync appends at least one).
@@ -299,13 +301,17 @@ def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bo
     result.steps["write_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
+    ann_rows = None
     if dataset is not None:
         result.rows = dataset.count_rows()
-        result.ann = _maintain(dataset, result.rows, kind[1] if kind else 0, progress)
+        ann_rows = _maintain(dataset, result.rows, kind[1] if kind else 0, progress,
+                             state.get("ann_rows") if state else None)
+        result.ann = ann_rows is not None
     result.steps["index_s"] = time.perf_counter() - step
     fs, path = _state_path(output, options)
     fs.pipe_file(path, json.dumps({"layout": LAYOUT_VERSION, "commits": commits, "embedder": kind[0] if kind else None,
                                    "dim": kind[1] if kind else None, "rows": result.rows, "ann": result.ann,
+                                   "ann_rows": ann_rows,
                                    "synced_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode())
     result.seconds = time.perf_counter() - started
     return result
@@ -364,8 +370,16 @@ def _quote_eq(column: str, value: str) -> str:
     return f"{column} = {_quote(value)}"
 
 
-def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None] | None) -> bool:
-    """Keep both indexes covering every row; returns whether the vectors have an ANN index."""
+def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None] | None,
+              ann_rows: int | None) -> int | None:
+    """Keep every index covering every row. Returns the passages the vector index was trained on
+    (None: no ANN index yet).
+
+    New rows join the trained IVF lists (`optimize_indices`), which do not move; once the data has
+    grown `ANN_RETRAIN_GROWTH` times past what they were trained on, the lists are trained again
+    for the size there is, so they stay about `ROWS_PER_PARTITION` long and a query's probes cover
+    a bounded share of the data (retraining at 4x growth costs, over the index's life, about a
+    third of one training at its final size)."""
     indexes = {i.field_names[0]: i for i in dataset.describe_indices()}
     if len(dataset.get_fragments()) > COMPACT_AFTER_FRAGMENTS:
         dataset.optimize.compact_files()
@@ -374,17 +388,19 @@ def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None]
     for column, kind in SCALAR_INDEXES.items():  # what --video / --label filter on, before the search
         if rows and column not in indexes:
             dataset.create_scalar_index(column, kind)
-    ann = "vector" in indexes
-    if not ann and rows >= ANN_MIN_ROWS:
+    if "vector" in indexes and ann_rows is None:
+        ann_rows = rows  # a state from before this was recorded: count from now
+    train = rows >= ANN_MIN_ROWS and ("vector" not in indexes or rows >= ANN_RETRAIN_GROWTH * (ann_rows or rows))
+    if train:
         if progress:
-            progress(f"search index: building the vector index over {rows} passages")
-        dataset.create_index("vector", index_type="IVF_PQ", metric="cosine",
+            progress(f"search index: training the vector index over {rows} passages")
+        dataset.create_index("vector", index_type="IVF_PQ", metric="cosine", replace=True,
                              num_partitions=max(1, rows // ROWS_PER_PARTITION), num_sub_vectors=sub_vectors(dim))
-        ann = True
+        ann_rows = rows
     if indexes:
         dataset.optimize.optimize_indices()
     dataset.cleanup_old_versions(older_than=KEEP_VERSIONS)
-    return ann
+    return ann_rows if "vector" in indexes or train else None
 
 
 #: IVF lists probed per query, and the multiple of k re-ranked with the exact vectors. At 1M

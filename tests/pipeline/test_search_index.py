@@ -157,6 +157,8 @@ def test_rebuild_and_a_lost_dataset_start_again(output: tuple[Any, str]) -> None
 
 def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-d vectors quantize to one PQ byte each, so the queries ask for 50 candidates (200 re-ranked
+    exactly) where 5 would leave the outcome to how Lance's k-means sampled them."""
     import fsspec
 
     monkeypatch.setattr(search_index, "ANN_MIN_ROWS", 600)
@@ -171,15 +173,23 @@ def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
     assert result.ann and result.rows == 700
     search, _ = SearchIndex.open(root, {}, committed(root))
     assert {i.field_names[0] for i in search.dataset.describe_indices()} == {"text", "vector", "video_id", "labels"}
-    assert search.nearest(unit(7), 5, SearchIndex.where("v7", "Thing")).column("text").to_pylist()[0] == "thing number 7"
+    assert search.nearest(unit(7), 50, SearchIndex.where("v7", "Thing")).column("text").to_pylist()[0] == "thing number 7"
     assert set(search.nearest(unit(7), 50, SearchIndex.where("w3")).column("video_id").to_pylist()) == {"w3"}
     for seed, text in ((7, "thing number 7"), (1234, "other thing 234")):
-        top = search.nearest(unit(seed), 5).to_pylist()[0]  # refined on the exact vectors
+        top = search.nearest(unit(seed), 50).to_pylist()[0]  # refined on the exact vectors
         assert top["text"] == text and top["similarity"] == pytest.approx(1.0, abs=1e-5)
     commit(fs, root, "run-3", {"z": "ok"}, [("z", 1, "late arrival", 99_999)], when=T0 + dt.timedelta(days=1))
     assert sync(root).rows == 701  # appended rows are searched before and after the index takes them in
     search, _ = SearchIndex.open(root, {}, committed(root))
-    assert search.nearest(unit(99_999), 5).column("text").to_pylist()[0] == "late arrival"
+    assert search.nearest(unit(99_999), 50).column("text").to_pylist()[0] == "late arrival"
+    state = lambda: json.loads(fs.cat_file(f"{root}/_search/state.json"))  # noqa: E731
+    assert state()["ann_rows"] == 700  # the new row joined the trained lists
+    monkeypatch.setattr(search_index, "ANN_RETRAIN_GROWTH", 2)
+    grown = [(f"x{i % 10}", i, f"grown thing {i}", 5000 + i) for i in range(700)]
+    commit(fs, root, "run-4", {f"x{i}": "ok" for i in range(10)}, grown, when=T0 + dt.timedelta(days=2))
+    assert sync(root).rows == 1401 and state()["ann_rows"] == 1401  # twice as many: the lists are trained again
+    search, _ = SearchIndex.open(root, {}, committed(root))
+    assert search.nearest(unit(5123), 50).column("text").to_pylist()[0] == "grown thing 123"
 
 
 def test_s3_options_are_translated_and_the_index_lives_in_the_bucket(s3_bucket: tuple[str, dict[str, Any]]) -> None:
