@@ -12,6 +12,9 @@ commit does (`pipeline.search_index.sync`: `sync_s`, with IVF_PQ from 65,536 pas
 more commit of 12,000 passages on top (`sync_commit_s`). Then, as medians of `--repeats` runs after
 one warm-up:
 
+With `--grow-step N` the index is written N passages a commit instead, each commit synced as an
+index run syncs it (`grow_syncs`: the time of each, and where the IVF lists were trained again).
+
 - `like_s`: `search_like` end to end, as `--like` runs it (the words embedded with WordLlama, the
   search index's nearest passages and BM25 passages, fused in DuckDB);
 - `like_label_s` / `like_video_s`: the same narrowed by `--label worker` (a tenth of the objects)
@@ -182,6 +185,29 @@ def pc_flat(column: pa.ChunkedArray) -> np.ndarray:
     return pc.list_flatten(column.combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float32)
 
 
+def grow(root: Path, total: int, step: int, vectors: str) -> dict[str, Any]:
+    """The index of `total` passages written `step` at a time, each a run of its own, with the
+    search index synced after each as an index run does: the time of every sync, and where the
+    IVF lists were trained (`pipeline.search_index._maintain`)."""
+    from pipeline.search_index import read_state, sync
+
+    syncs, layout = [], {}
+    for i, start in enumerate(range(0, total, step)):
+        layout = write_index(root, min(step, total - start), seed=100 + i, vectors=vectors, run=f"run-grow-{i:04d}",
+                             first_video=start // (OBJECTS_PER_VIDEO * CLIPS_PER_VIDEO))
+        before = (read_state(str(root)) or {}).get("ann_rows")
+        started = time.perf_counter()
+        result = sync(str(root))
+        after = (read_state(str(root)) or {}).get("ann_rows")
+        syncs.append({"rows": result.rows, "sync_s": round(time.perf_counter() - started, 2),
+                      "trained": after is not None and after != before})
+        print(f"  commit {i}: {result.rows} passages, synced in {syncs[-1]['sync_s']} s"
+              f"{' (IVF lists trained)' if syncs[-1]['trained'] else ''}", file=sys.stderr)
+    size = sum(f.stat().st_size for f in root.rglob("*.parquet"))
+    layout.update(captions=total, index_mb=round(size / 2**20, 1))
+    return {"layout": layout, "grow_step": step, "grow_syncs": syncs}
+
+
 def measure(root: Path, repeats: int, vectors: str) -> dict[str, Any]:
     from jobs.query_like import open_search, like_params, like_sql, query_vector, search_like
     from jobs.query_search import TERMS_SQL
@@ -252,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is reported)")
     parser.add_argument("--vectors", choices=("wordllama", "random"), default="wordllama",
                         help="the stored vectors: WordLlama's, of the synthetic captions (default), or random")
+    parser.add_argument("--grow-step", type=int, default=None, metavar="N",
+                        help="build each index commit by commit, N passages a commit, syncing the search index "
+                             "after each as an index run does (default: one write, one sync)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the indexes (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -261,10 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in args.sizes:
             root = Path(tmp) / f"index-{n}"
             started = time.perf_counter()
-            layout = write_index(root, n, vectors=args.vectors)
+            grown = grow(root, n, args.grow_step, args.vectors) if args.grow_step else None
+            layout = grown.pop("layout") if grown else write_index(root, n, vectors=args.vectors)
             print(f"{n:>9} embeddings: wrote {layout['index_mb']} MB in {time.perf_counter() - started:.1f} s",
                   file=sys.stderr)
             figures = measure(root, args.repeats, args.vectors)
+            if grown:
+                figures.update(grown)
             out[f"n{n}"] = {**layout, **figures}
             print(f"{n:>9} embeddings: search index built in {figures['sync_s']:.1f} s, a commit synced in "
                   f"{figures['sync_commit_s']:.1f} s; --like {figures['like_s']:.3f} s (--exact "
