@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.cache import cache_root, write_once
 from models.weights import quiet_transformers, read_strict
 
 TINY = "tiny"
@@ -75,12 +73,6 @@ class Sam2Bundle:
     device: torch.device
     dtype: torch.dtype
     tracker_defaults: dict[str, Any] = field(default_factory=dict)
-
-
-def cache_root() -> Path:
-    """Where built-in models are written: `PIXELREFER_CACHE`, else `~/.cache/pixelrefer-pipeline`."""
-    env = os.environ.get("PIXELREFER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pixelrefer-pipeline"
 
 
 def resolve_device(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
@@ -180,30 +172,15 @@ def tiny_fingerprint() -> str:
 
 
 def tiny_checkpoint(root: Path | None = None) -> Path:
-    """The tiny checkpoint folder, written on first use.
-
-    Written into a temporary sibling and renamed into place, so concurrent actors that race to
-    create it never see a half-written folder.
-    """
-    root = root or cache_root()
-    folder = root / f"{TINY_NAME}-{tiny_fingerprint()}"
-    if (folder / "config.json").is_file() and (folder / TRACKER_DEFAULTS_FILE).is_file():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
-    try:
+    """The tiny checkpoint folder, written on first use (atomically: `models.cache.write_once`)."""
+    def fill(tmp: Path) -> None:
         with quiet_transformers():
             build_tiny_model().save_pretrained(tmp)
             tiny_processor().save_pretrained(tmp)
         (tmp / TRACKER_DEFAULTS_FILE).write_text(json.dumps(TINY_TRACKER_DEFAULTS, indent=2))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race: its folder is equivalent
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    folder = (root or cache_root()) / f"{TINY_NAME}-{tiny_fingerprint()}"
+    return write_once(folder, fill, marker=TRACKER_DEFAULTS_FILE)
 
 
 def checkpoint_folder(spec: str) -> Path:

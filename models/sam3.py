@@ -13,7 +13,7 @@ decoder with 4 queries, a 1-layer memory attention and 3 mask memories. Heads ar
 tracker's memory channels are fixed at 64 by transformers, and at width 64 its object-pointer code
 keeps a stray dimension that only its split for wider heads removes (width 64 crashes on the second
 frame), so 128 keeps tiny on the real path. It is written once with `save_pretrained` (model, processor,
-tokenizer) into the cache folder of `models.sam2.cache_root()`, under a name that fingerprints its
+tokenizer) into the cache folder of `models.cache.cache_root()`, under a name that fingerprints its
 definition, and loaded back like any other checkpoint. The tokenizer is a CLIP BPE over the byte
 alphabet plus merges for a short word list, written by this module (no download).
 
@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +46,8 @@ from typing import Any
 
 import torch
 
-from models.sam2 import TRACKER_DEFAULTS_FILE, cache_root, resolve_device
+from models.cache import cache_root, write_once
+from models.sam2 import TRACKER_DEFAULTS_FILE, resolve_device
 from models.weights import quiet_transformers, read_strict
 
 TINY = "tiny-sam3"
@@ -205,34 +203,21 @@ def tiny_fingerprint() -> str:
 
 
 def tiny_checkpoint(root: Path | None = None) -> Path:
-    """The tiny-sam3 folder, written on first use (into a temporary sibling, then renamed into place, so
-    concurrent actors racing to create it never see a half-written folder)."""
-    root = root or cache_root()
-    folder = root / f"{TINY_NAME}-{tiny_fingerprint()}"
-    if (folder / "config.json").is_file() and (folder / "processor_config.json").is_file():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
-    try:
+    """The tiny-sam3 folder, written on first use (atomically: `models.cache.write_once`)."""
+    def fill(tmp: Path) -> None:
         with quiet_transformers():
             # save_original_format=False: transformers "reverts" its SAM 3 tracker key mapping on save,
             # which is meant for a standalone tracker and, for the tracker nested in Sam3VideoModel,
             # writes `tracker_model.tracker_model.*` instead of the released `tracker_model.*`.
             build_tiny_model().save_pretrained(tmp, save_original_format=False)
-            processor = tiny_processor()
-            processor.save_pretrained(tmp)
+            tiny_processor().save_pretrained(tmp)
         # The released repos also carry the BPE files themselves, next to tokenizer.json.
         vocab, merges = _tiny_vocab()
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race: its folder is equivalent
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    folder = (root or cache_root()) / f"{TINY_NAME}-{tiny_fingerprint()}"
+    return write_once(folder, fill, marker="processor_config.json")
 
 
 # -- any checkpoint -----------------------------------------------------------------------------------

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from .cache import cache_root, write_once
 from .config import (
     FULL_MODEL_TYPE,
     IMAGE_TOKEN,
@@ -84,12 +83,6 @@ CORPUS = (
 )
 NUM_MERGES = 160
 PRINTABLE_ASCII = tuple(chr(c) for c in range(0x20, 0x7F))
-
-
-def cache_root() -> Path:
-    """``$PIXELREFER_CACHE`` or ``~/.cache/pixelrefer-pipeline``."""
-    env = os.environ.get("PIXELREFER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pixelrefer-pipeline"
 
 
 def build_tokenizer(folder: Path) -> None:
@@ -333,19 +326,4 @@ def tiny_checkpoint(
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     suffix = "" if dims == TINY_DIMS else f"-{dims.slug()}"
     final = root / f"tiny-{mode}-{TINY_VERSION}-seed{seed}{suffix}"
-    if (final / "tiny.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        create_tiny_checkpoint(tmp, mode, seed, dims)
-        try:
-            os.replace(tmp, final) if not final.exists() else None
-        except OSError:
-            pass  # another worker won the race; its folder is identical
-        if not (final / "tiny.json").is_file():
-            raise RuntimeError(f"could not create the tiny checkpoint at {final}")
-        return final
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return write_once(final, lambda tmp: create_tiny_checkpoint(tmp, mode, seed, dims), marker="tiny.json")
