@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,18 @@ def copy_checkpoint(source: Path, dest: Path) -> Path:
 
     shutil.copytree(source, dest, copy_function=shutil.copyfile)
     return dest
+
+
+def tamper_safetensors(folder: Path, *, drop: Iterable[str] = (), add: dict | None = None) -> None:
+    """Rewrite ``model.safetensors`` without the tensors ``drop`` names and with those of ``add``:
+    the checkpoint a strict load must refuse."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    for name in drop:
+        del state[name]
+    state.update(add or {})
+    save_file(state, str(folder / "model.safetensors"))
 
 
 def weights_to_bin(folder: Path, *, shards: int) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models import sam2
-from pixelrefer_helpers import copy_checkpoint, weights_to_bin
+from pixelrefer_helpers import copy_checkpoint, tamper_safetensors, weights_to_bin
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,8 @@ def test_bin_layouts_load_the_same_tensors(tiny_sam2, tmp_path, shards):
 def test_missing_and_unexpected_tensors_fail(tiny_sam2, tmp_path, meta):
     original, _ = tiny_sam2
     folder = copy_checkpoint(original, tmp_path / "sam2")
-    state = load_file(str(folder / "model.safetensors"))
-    victim = sorted(k for k in state if k.startswith("mask_decoder."))[0]
-    del state[victim]
-    state["leftover.weight"] = torch.zeros(2)
-    save_file(state, str(folder / "model.safetensors"))
+    victim = sorted(k for k in load_file(str(folder / "model.safetensors")) if k.startswith("mask_decoder."))[0]
+    tamper_safetensors(folder, drop=[victim], add={"leftover.weight": torch.zeros(2)})
     with pytest.raises(sam2.Sam2LoadError, match=rf"missing \(1\): {victim} \| unexpected \(1\): leftover.weight"):
         sam2.read_sam2(folder, dtype=torch.float32, meta=meta)
 

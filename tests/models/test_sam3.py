@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models import sam3
-from pixelrefer_helpers import copy_checkpoint, hub_repo, offline_hub, weights_to_bin
+from pixelrefer_helpers import copy_checkpoint, hub_repo, offline_hub, tamper_safetensors, weights_to_bin
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,10 @@ def test_tiny_is_deterministic():
 def test_missing_and_unexpected_tensors_fail(tiny_sam3, tmp_path, meta):
     original, _ = tiny_sam3
     folder = copy_checkpoint(original, tmp_path / "sam3")
-    state = load_file(str(folder / "model.safetensors"))
-    victim = sorted(k for k in state if k.startswith("detector_model.detr_decoder."))[0]
-    del state[victim]
-    # Under a prefix that transformers' own load report ignores for the composite model.
-    state["tracker_neck.leftover.weight"] = torch.zeros(2)
-    save_file(state, str(folder / "model.safetensors"))
+    names = load_file(str(folder / "model.safetensors"))
+    victim = sorted(k for k in names if k.startswith("detector_model.detr_decoder."))[0]
+    # The stray tensor sits under a prefix that transformers' own load report ignores for the composite model.
+    tamper_safetensors(folder, drop=[victim], add={"tracker_neck.leftover.weight": torch.zeros(2)})
     with pytest.raises(sam3.Sam3LoadError,
                        match=rf"missing \(1\): {victim} \| unexpected \(1\): tracker_neck.leftover.weight"):
         sam3.read_sam3(folder, dtype=torch.float32, meta=meta)
@@ -68,9 +66,7 @@ def test_missing_and_unexpected_tensors_fail(tiny_sam3, tmp_path, meta):
 def test_missing_tensor_fails_load_with_a_clear_message(tiny_sam3, tmp_path):
     original, _ = tiny_sam3
     folder = copy_checkpoint(original, tmp_path / "sam3")
-    state = load_file(str(folder / "model.safetensors"))
-    del state["tracker_model.no_memory_embedding"]
-    save_file(state, str(folder / "model.safetensors"))
+    tamper_safetensors(folder, drop=["tracker_model.no_memory_embedding"])
     with pytest.raises(sam3.Sam3LoadError, match=r"does not match its config: missing \(1\): "
                                                  r"tracker_model.no_memory_embedding"):
         sam3.load_sam3(str(folder), device="cpu")
