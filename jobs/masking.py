@@ -14,6 +14,8 @@ import re
 import urllib.parse
 from typing import Any, Iterable
 
+from pipeline.storage_errors import redact_url
+
 MASK = "***"
 # Names of storage-option fields whose values are credentials (fsspec/s3fs/gcsfs/adlfs spellings).
 _SECRET_NAME = re.compile(
@@ -21,8 +23,6 @@ _SECRET_NAME = re.compile(
     r"|secret|token|password|credential|apikey|accesskey|authorization",
     re.IGNORECASE,
 )
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-
 
 def is_secret_name(name: str) -> bool:
     """Whether a storage-option field (or environment variable) holds a credential."""
@@ -75,7 +75,7 @@ class Masker:
     def text(self, text: str) -> str:
         for value in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(value, MASK)
-        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+        return redact_url(text)  # `user:password@` of any URL, as storage errors are redacted
 
     def argv(self, argv: list[str]) -> list[str]:
         """The command line with `--storage-options` credentials masked field by field."""
