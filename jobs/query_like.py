@@ -43,7 +43,7 @@ import pyarrow as pa
 from jobs.query_errors import QueryError, UsageError
 from jobs.query_search import SEARCH_SQL, TERMS_SQL, search_params
 from models.embedders import WORDLLAMA_NAME, EmbedderError, load_embedder
-from pipeline.search_index import SearchIndex
+from pipeline.search_index import SearchIndex, commit_key
 
 if TYPE_CHECKING:
     from jobs.query_sql import Index
@@ -256,7 +256,7 @@ def search_like(index: "Index", text: str, top: int = DEFAULT_TOP, *, video: str
 def open_search(index: "Index", note: Callable[[str], None] | None = None) -> SearchIndex | None:
     """OUTPUT's search index when it has seen every commit of the `runs` table, else None (and a
     note when there is one to bring up to date, or it is stored where Lance cannot read it)."""
-    commits = sorted(f"{r['run_id']}/{r['commit_index']}" for r in
+    commits = sorted(commit_key(r["run_id"], r["commit_index"]) for r in
                      index._internal("SELECT DISTINCT run_id, commit_index FROM runs").to_pylist())
     location = index.location
     search, why = SearchIndex.open(location.url, location.storage_options, commits)

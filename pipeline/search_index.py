@@ -140,10 +140,20 @@ def lance_s3_options(options: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def commit_key(run_id: str, commit_index: int) -> str:
+    """One commit as "run_id/commit_index" (run ids have no '/'): in the state, the rows, the query."""
+    return f"{run_id}/{int(commit_index)}"
+
+
+def split_commit(key: str) -> tuple[str, int]:
+    run_id, commit_index = key.rsplit("/", 1)
+    return run_id, int(commit_index)
+
+
 def committed(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """The index's commits as sorted "run_id/commit_index" strings: what a sync has seen."""
+    """The index's commits as sorted `commit_key`s: what a sync has seen."""
     runs = read_table(output, "runs", storage_options, columns=["run_id", "commit_index"])
-    return sorted({f"{r['run_id']}/{r['commit_index']}" for r in runs.to_pylist()})
+    return sorted({commit_key(r["run_id"], r["commit_index"]) for r in runs.to_pylist()})
 
 
 def _state_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -343,7 +353,7 @@ class _NewPassages:
         return self.labels
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        keys = [(c.rsplit("/", 1)[0], int(c.rsplit("/", 1)[1])) for c in self.commits]
+        keys = [split_commit(c) for c in self.commits]
         for (run_id, commit_index), batch in read_commits(self.output, "embeddings", keys, self.options):
             table = pa.Table.from_batches([batch])
             kinds = {(str(k["embedder"]), int(k["dim"])) for k in table.group_by(["embedder", "dim"]).aggregate([]).to_pylist()}
@@ -356,7 +366,7 @@ class _NewPassages:
             table = table.filter(pc.fill_null(pc.equal(table.column("text_run_id"), want), False))
             if table.num_rows:
                 labels = self._labels_of(set(table.column("text_run_id").unique().to_pylist()))
-                yield from passages(table, labels, self.kind[1], f"{run_id}/{commit_index}").to_batches()
+                yield from passages(table, labels, self.kind[1], commit_key(run_id, commit_index)).to_batches()
 
 
 def _remove_dataset(output: str, options: Mapping[str, Any]) -> None:
