@@ -18,10 +18,10 @@ FAISS would need a second store for the rows and a hand-made BM25 side.
 nothing changed. It runs after every commit of an index run and in `pixelrefer embed`. What it has
 seen is the set of (run, commit) of the `runs` table, written last to `_search/state.json`; a query
 uses the index only when that set equals the `runs` table's, so a stale index is never read (the
-query then ranks exactly; `SearchIndex.open` says why). A sync reads only the embeddings files of
-the commits it has not seen (`pipeline.sink.read_commits`), replacing any rows of theirs that a
-sync stopped half-way left, and deletes the passages that are no longer their video's latest ok
-run.
+query then ranks exactly; `SearchIndex.open` says why). A sync reads only the embeddings and
+videos files of the commits it has not seen (`pipeline.sink.read_commits`), replacing any rows of
+theirs that a sync stopped half-way left, and deletes the passages of the videos they re-indexed
+that are no longer their video's latest ok run.
 """
 
 from __future__ import annotations
@@ -288,15 +288,10 @@ def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bo
     before = 0
     if dataset is not None:
         before = dataset.count_rows()
-        stale: dict[str, set[str]] = {}
-        for batch in dataset.to_batches(columns=["video_id", "text_run_id"]):
-            for pair in pa.Table.from_batches([batch]).group_by(["video_id", "text_run_id"]).aggregate([]).to_pylist():
-                if latest.get(pair["video_id"]) != pair["text_run_id"]:
-                    stale.setdefault(pair["text_run_id"], set()).add(pair["video_id"])
-        clauses = [f"({_quote_eq('text_run_id', run)} AND {_in('video_id', vids)})" for run, vids in stale.items()]
         if new_commits:
-            clauses.append(_in("commit", new_commits))  # a sync that stopped half-way left them
-        if clauses:
+            clauses = [_in("commit", new_commits)]  # a sync that stopped half-way left them
+            clauses += [f"({_in('video_id', videos)} AND text_run_id != {_quote(run)})"
+                        for run, videos in _reindexed(output, options, new_commits, latest).items()]
             dataset.delete(" OR ".join(clauses))
         result.removed = before - dataset.count_rows()
     new = _NewPassages(output, options, new_commits, latest, kind)
@@ -325,6 +320,20 @@ def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bo
                                    "synced_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _reindexed(output: str, options: Mapping[str, Any], commits: list[str],
+               latest: Mapping[str, str]) -> dict[str, set[str]]:
+    """The videos `commits` indexed ok, by their latest ok run: only these can have passages of
+    another run that is no longer their latest (a video's latest run changes only when a run
+    indexes it ok), so a sync reads the new commits' `videos` rows rather than scanning the index."""
+    moved: dict[str, set[str]] = {}
+    for _, batch in read_commits(output, "videos", [split_commit(c) for c in commits], options,
+                                 columns=["video_id", "status"]):
+        for video, status in zip(batch.column("video_id").to_pylist(), batch.column("status").to_pylist()):
+            if status == "ok" and video in latest:
+                moved.setdefault(latest[video], set()).add(video)
+    return moved
 
 
 def _chain(first: pa.RecordBatch, rest: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
@@ -374,10 +383,6 @@ def _remove_dataset(output: str, options: Mapping[str, Any]) -> None:
     path = posixpath.join(root, SEARCH_FOLDER, DATASET)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-
-
-def _quote_eq(column: str, value: str) -> str:
-    return f"{column} = {_quote(value)}"
 
 
 def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None] | None,
@@ -453,7 +458,7 @@ class SearchIndex:
         """The Lance filter for `--video` / `--label` (labels are stored trimmed and lower-cased)."""
         parts = []
         if video_id is not None:
-            parts.append(_quote_eq("video_id", video_id))
+            parts.append(f"video_id = {_quote(video_id)}")
         if label is not None:
             parts.append(f"array_has_any(labels, [{_quote(label.strip().lower())}])")
         return " AND ".join(parts) or None
