@@ -1,14 +1,15 @@
-"""Turning chosen frames of a whole video into pixels: decord where it is right, PyAV otherwise.
+"""Turning chosen frames of a whole video into pixels: PyAV, or decord when the user asks for it.
 
-**Pixels** come from decord (the user's choice): ``get_batch`` seeks to the key frame before each
-wanted frame and decodes forward, so sparse sampling does not decode the whole file, and it scales
-while converting (``max_side``) and applies rotation metadata. When decord cannot open the file
-(AV1, damaged index), fails midway (truncated stream), disagrees with the demuxer's index, or is
-not installed (it has no wheels for Apple-silicon laptops), PyAV decodes the same frames
-(`decode_pyav`), keeps what decodes and says so in a note; a fallback because decord disagrees
-with the index or is absent is logged, not noted. ``PIXELREFER_DECODER=pyav`` in the workers'
-environment makes PyAV the primary decoder; it was the faster one in ``bench/decode.py``, decord
-stays the default because the user chose it.
+**Pixels** come from PyAV (`decode_pyav`): it was the faster of the two in ``bench/decode.py``
+(sampling 16 frames of a 120 s 1080p file: 0.24x the time of a full decode, decord 0.41x), it
+matches frames by PTS, and it is what clips and the report decode with (`pipeline.range_decode`).
+decord is an optional extra (``pip install 'pixelrefer-pipeline[decord]'``, no wheels for
+Apple-silicon laptops), imported only when ``PIXELREFER_DECODER=decord`` is set in the workers'
+environment; ``get_batch`` then decodes the frames (it seeks to the key frame before each wanted
+frame, scales while converting and applies rotation metadata). Where decord would return wrong
+frames (`decord_unsafe`), cannot open the file (AV1, damaged index), fails midway (truncated
+stream), disagrees with the demuxer's index or is not installed, PyAV decodes the same frames
+and keeps what decodes; a failure midway is said in a note, the rest is logged.
 
 Everything here runs inside a decode child (`pipeline.isolation`), which calls `load_decoders`
 once at start.
@@ -32,16 +33,27 @@ log = logging.getLogger(__name__)
 _DECORD: Any = None
 
 
+#: The environment variable naming the decoder of whole videos: ``pyav`` (the default) or ``decord``.
+DECODER_ENV = "PIXELREFER_DECODER"
+
+
 def load_decoders() -> dict[str, str]:
-    """Import the decoders once per child, so that no call pays for it inside its deadline."""
+    """Import the decoders once per child, so that no call pays for it inside its deadline.
+
+    decord only when asked for: importing it costs every child its start-up time and memory, and
+    it is an optional extra that may not be installed at all.
+    """
     global _DECORD
     import av
 
     av.logging.set_level(None)  # libav's console chatter about damaged frames is reported, not printed
     versions = {"av": av.__version__}
     _DECORD = None
-    if os.environ.get("PIXELREFER_DECODER", "decord").strip().lower() == "pyav":
-        return versions  # PyAV decodes everything (see the module docstring)
+    choice = os.environ.get(DECODER_ENV, "pyav").strip().lower() or "pyav"
+    if choice != "decord":
+        if choice != "pyav":
+            log.warning("%s=%r is not a decoder (pyav or decord); PyAV decodes everything", DECODER_ENV, choice)
+        return versions
     try:
         import decord
 
@@ -49,7 +61,8 @@ def load_decoders() -> dict[str, str]:
         _DECORD = decord
         versions["decord"] = decord.__version__
     except Exception as exc:  # noqa: BLE001 - any import failure means: use PyAV
-        log.warning("decord is not usable (%s); PyAV decodes everything", exc)
+        log.warning("%s=decord, but decord is not usable (%s; install the 'decord' extra); PyAV decodes everything",
+                    DECODER_ENV, exc)  # fmt: skip
     return versions
 
 
@@ -65,12 +78,12 @@ class Decoded:
 def decode_frames(
     path: str, probe: Probe, index: FrameIndex, positions: np.ndarray, out_w: int, out_h: int, uri: str
 ) -> Decoded:
-    """decord where it is known to be right; PyAV otherwise, or when decord refuses or fails.
+    """PyAV, or decord when chosen (`load_decoders`) and known to be right for this file.
 
     Frames come back upright (rotation metadata applied) at the scaled size.
     """
     notes: list[str] = []
-    unsafe = decord_unsafe(probe, index)
+    unsafe = decord_unsafe(probe, index) if _DECORD is not None else None
     if unsafe:
         log.info("%s: %s; decoding with PyAV", uri, unsafe)
     elif _DECORD is not None:

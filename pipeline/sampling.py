@@ -2,7 +2,7 @@
 
 `sample_video` returns only the sampled frames (RGB uint8) and their presentation timestamps. The
 metadata and the exact PTS index come from `pipeline.probe`, the pixels from `pipeline.backends`
-(decord, PyAV as the fallback), and all of it runs in a decode child (`pipeline.isolation`), so a
+(PyAV; decord when chosen), and all of it runs in a decode child (`pipeline.isolation`), so a
 hang or a crash costs one video, never the job. Times are seconds from the stream's first frame,
 taken from the demuxer, never ``index / fps``.
 
@@ -10,7 +10,8 @@ This is the whole-file path, for short videos: `sample_video` downloads a remote
 `_download`) and indexes every packet. Long videos go through clips instead: `pipeline.clips`
 plans them, `sample_clip` decodes one clip from its own byte range, and `sample_at` fetches frames
 at given times (K frames spread over a long track); both pick frames by `pipeline.range_decode`'s
-rule and run in a decode child too.
+rule and run in a decode child too. `sample_at` is also how `pixelrefer report` gets its frames
+back: every path returns frames upright (rotation metadata applied), the frames masks refer to.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def sample_at(
     storage_options: dict | None = None,
     timeout_s: float = 120.0,
 ) -> SampledClip:
-    """The frame nearest to each of `timestamps` (seconds from the first frame), in time order.
+    """The upright frame nearest to each of `timestamps` (seconds from the first frame), in time order.
 
     Close times are decoded in one forward pass, distant ones each after its own seek
     (`pipeline.range_decode.SEEK_GAP_S`). The times of a pass that meets a damaged stretch are
