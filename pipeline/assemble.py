@@ -16,7 +16,9 @@ from typing import Any, Mapping
 from actors.columns import times_column
 from actors.labels import vote
 from actors.requests import spread_frames
-from pipeline.linking import ClipTracks, link_video
+from pipeline.linking import ClipTracks, LinkBreak, link_objects
+
+MAX_BREAK_NOTES = 5  # a note is read by a person; the rest are counted
 
 
 def loads(value: Any, default: Any) -> Any:
@@ -107,11 +109,12 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
     for i in order:
         offsets[i] = len(sampled)
         sampled += video.clips[i]["timestamps"]
-    ids = link_video(
+    links = link_objects(
         [ClipTracks(i, video.clips[i]["tracks"], video.clips[i]["num_owned"], video.clips[i]["shared"],
                     video.clips[i]["boundary"] or "end", ok=not video.clips[i]["error"]) for i in order],
         prompted=bool(meta.get("prompted")),
     )
+    ids = links.ids
     clips_rows, masks, captions, qa = [], [], [], []
     objects: dict[int, dict[str, Any]] = {}
     owned_frames: dict[int, list[tuple[int, dict]]] = {}
@@ -168,7 +171,8 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
         "duration_s": number(meta.get("duration_s")), "fps": number(meta.get("fps")),
         "width": meta.get("width"), "height": meta.get("height"), "num_frames": meta.get("num_frames"),
         "sampled_ts": [] if error else sampled, "sampled_fps": number(meta.get("sampled_fps")),
-        "clips": len(order) or None, "status": "failed" if error else "ok", "error": error or _note(video, order),
+        "clips": len(order) or None, "status": "failed" if error else "ok",
+        "error": error or _note(video, order, links.breaks),
         "model": model, "tracker": tracker, "indexed_at": indexed_at,
     }
     labels = {row["object_id"]: row["label"] for row in object_rows}
@@ -180,8 +184,9 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
     )
 
 
-def _note(video: VideoAssembly, order: list[int]) -> str | None:
-    """For an `ok` video: what went wrong in part of it (failed clips, decoder notes, thinning)."""
+def _note(video: VideoAssembly, order: list[int], breaks: list[LinkBreak]) -> str | None:
+    """For an `ok` video: what went wrong in part of it (failed clips, decoder notes, prompted objects
+    whose link across a clip boundary failed, thinning)."""
     parts = []
     failed = [i for i in order if video.clips[i]["error"]]
     if failed:
@@ -191,6 +196,10 @@ def _note(video: VideoAssembly, order: list[int]) -> str | None:
     notes = [video.clips[i]["note"] for i in order if video.clips[i]["note"] and not video.clips[i]["error"]]
     if notes:
         parts.append(notes[0])
+    if breaks:
+        parts += [b.describe() for b in breaks[:MAX_BREAK_NOTES]]
+        if len(breaks) > MAX_BREAK_NOTES:
+            parts.append(f"{len(breaks) - MAX_BREAK_NOTES} more prompted-object links failed")
     if video.meta.get("thinned"):
         parts.append(f"thinned to {float(video.meta['sampled_fps']):.4g} frames/s by --max-frames")
     return "; ".join(parts) or None
