@@ -228,11 +228,11 @@ def link_objects(clips: Sequence[ClipTracks], *, prompted: bool, min_iou: float 
     for before, after in zip(ordered, ordered[1:]):
         if not _continuable(before, after):
             continue
-        step = (before.clip_index, after.clip_index)
         if before.shared:
             lids, rids, ious = _iou_table(_masks_on(before.tracks, before.num_owned), _masks_on(after.tracks, 0),
                                           _labels(before.tracks), _labels(after.tracks))
-            _greedy(lids, rids, ious, min_iou, lambda i, j: join((step[0], i), (step[1], j)))
+            _greedy(lids, rids, ious, min_iou,
+                    lambda i, j, k=before.clip_index: join((k, i), (k + 1, j)))
         if prompted:
             breaks += _rescue(before, after, rescue_iou, find, join, members, prompt_id, shadows)
     first_key: dict[Key, Key] = {}

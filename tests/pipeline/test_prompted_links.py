@@ -35,6 +35,7 @@ def test_a_weak_match_on_the_shared_frame_keeps_the_prompted_object_for_the_rest
     assert link_video(clips, prompted=True) == {(0, 7): 7, (1, 0): 7, (2, 4): 7}  # the stranger stays out
     (gap,) = link_objects(clips, prompted=True).breaks
     assert (gap.object_id, gap.clip_index, gap.kept, round(gap.best_iou, 2)) == (7, 1, True, 0.33)
+    assert link_objects(list(reversed(clips)), prompted=True) == link_objects(clips, prompted=True)
 
 
 def test_an_object_lost_for_the_shared_frame_continues_from_its_last_own_frame():
