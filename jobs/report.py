@@ -176,7 +176,9 @@ def build_report(
         overlays = overlays_at(index, result, times)
         notes = index.notes
     uri = result.video["uri"]
-    decoded = decode_frames(uri, times, source_options(uri, output, options)) if times else {}
+    # Decoded at most twice the page width on the longer side: enough for portrait frames shown
+    # max_width wide, and a 4K page crosses the decode child's pipe at a tenth of its size.
+    decoded = decode_frames(uri, times, source_options(uri, output, options), max_side=2 * max_width)
     if times and not decoded:
         raise SourceVideoError(f"no frame of the source video {uri} could be decoded")
     panels = [_panel(p, overlays.get(p["ts"], []), decoded.get(p["ts"]), max_width, image_format) for p in plan.picks]

@@ -1,10 +1,14 @@
 """The frames of `pixelrefer report`: decoding the few that are shown, and drawing masks on them.
 
 Frames are not stored in the index (only masks are), so they are decoded again from the source
-video named by `videos.uri`, picking for each wanted time the decoded frame whose presentation
-time is nearest to the stored `ts` (PyAV, reading through fsspec so `s3://` sources work with the
-same `--storage-options`). Only the frames the page shows are decoded, each reached by a seek, so
-the cost follows the page (about 60 frames), not the video's length.
+video named by `videos.uri`, by the pipeline's own frame sampler (`pipeline.sampling.sample_at`):
+for each wanted time the decoded frame whose presentation time is nearest to the stored `ts`,
+turned upright by the stream's rotation metadata exactly as indexing turned it before computing
+the masks (phone footage is stored landscape with a display matrix), decoded in a decode child
+with a timeout (`pipeline.isolation`), so a hanging or crashing decoder fails the report with a
+message instead of hanging it. Remote sources are read through fsspec range requests with the
+same `--storage-options`. Only the frames the page shows are decoded, so the cost follows the page
+(about 60 frames), not the video's length.
 """
 
 from __future__ import annotations
@@ -14,10 +18,8 @@ import colorsys
 import dataclasses
 import io
 import math
-from fractions import Fraction
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import av
 import cv2
 import fsspec
 import numpy as np
@@ -25,10 +27,14 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from jobs.query_errors import QueryError
+from pipeline.errors import DecodeError
+from pipeline.sampling import sample_at
 
 MIN_DISPLAY_WIDTH = 320  # tiny test clips are upscaled (by an integer factor) to stay legible
 MASK_ALPHA = 0.5
-SEEK_GAP_S = 3.0  # decode forward instead of seeking when the next frame is this close
+#: The decode child's deadline for all of a page's frames (up to 300, each maybe its own seek on
+#: remote storage); past it the decoder is killed and the report fails with a message.
+DECODE_TIMEOUT_S = 300.0
 
 
 class SourceVideoError(QueryError):
@@ -68,61 +74,42 @@ def source_options(uri: str, output_url: str, storage_options: Mapping[str, Any]
     return dict(storage_options) if protocol(uri) == protocol(output_url) else {}
 
 
-def decode_frames(uri: str, times: Sequence[float], storage_options: Mapping[str, Any]) -> dict[float, tuple[float, np.ndarray]]:
-    """For each wanted time, the decoded RGB frame with the nearest presentation time.
+def decode_frames(
+    uri: str,
+    times: Sequence[float],
+    storage_options: Mapping[str, Any],
+    *,
+    max_side: int | None = None,
+    timeout_s: float = DECODE_TIMEOUT_S,
+) -> dict[float, tuple[float, np.ndarray]]:
+    """For each wanted time, the upright RGB frame with the nearest presentation time.
 
     Returns {wanted_ts: (frame_ts, rgb)}; a time is missing when the stream ended or broke first.
-    Times are seconds from the stream's start, like the index's `ts`.
+    Times are seconds from the stream's first frame, like the index's `ts`. `max_side` bounds the
+    frames' longer side in the decoder, so a page of 4K frames does not cross the pipe at full size.
     """
+    wanted = sorted({float(t) for t in times})
+    if not wanted:
+        return {}
     try:
-        handle = fsspec.open(uri, "rb", **storage_options).open()
-    except FileNotFoundError as exc:
-        raise SourceVideoError(f"the source video {uri} is gone (not found); the report needs it to show frames") from exc
-    except Exception as exc:  # OSError, or a storage client's own (e.g. botocore's endpoint errors)
-        raise SourceVideoError(f"cannot open the source video {uri}: {type(exc).__name__}: {exc}") from exc
+        got = sample_at(uri, wanted, max_side=max_side, storage_options=dict(storage_options) or None,
+                        timeout_s=timeout_s)  # fmt: skip
+    except DecodeError as exc:
+        raise _source_error(uri, storage_options, exc) from None
+    return {float(t): (float(ts), frame) for t, ts, frame in zip(got.grid_times, got.timestamps, got.frames)}
+
+
+def _source_error(uri: str, storage_options: Mapping[str, Any], exc: DecodeError) -> SourceVideoError:
+    """Say "gone" when the file no longer exists (the usual cause, and one a user fixes differently)."""
+    reason = str(exc).removeprefix(f"{uri}: ")
     try:
-        with handle, av.open(handle, mode="r") as container:
-            if not container.streams.video:
-                raise SourceVideoError(f"the source video {uri} has no video stream")
-            return _nearest_frames(container, container.streams.video[0], times)
-    except av.FFmpegError as exc:
-        raise SourceVideoError(f"cannot decode the source video {uri}: {exc}") from exc
-
-
-def _nearest_frames(container: Any, stream: Any, times: Sequence[float]) -> dict[float, tuple[float, np.ndarray]]:
-    """Walk the stream forward, seeking only for the first time and across large gaps.
-
-    `prev`/`current` bracket the wanted time; they persist across wanted times so two close times
-    can both pick the same frame.
-    """
-    stream.thread_type = "AUTO"
-    start = stream.start_time or 0
-    time_base = stream.time_base or Fraction(1, 1000)
-    found: dict[float, tuple[float, np.ndarray]] = {}
-    frames: Iterator[tuple[float, Any]] | None = None
-    prev = current = None
-    for t in sorted(set(times)):
-        if frames is None or current is None or t < current[0] - 1e-6 or t - current[0] > SEEK_GAP_S:
-            container.seek(start + max(0, int(t / time_base)), stream=stream, backward=True)
-            frames = _decoded(container, stream, start, time_base)
-            prev, current = None, next(frames, None)
-        while current is not None and current[0] < t:
-            prev, current = current, next(frames, None)
-        candidates = [c for c in (prev, current) if c is not None]
-        if candidates:
-            ts, frame = min(candidates, key=lambda c: abs(c[0] - t))
-            found[t] = (ts, frame.to_ndarray(format="rgb24"))
-    return found
-
-
-def _decoded(container: Any, stream: Any, start: int, time_base: Fraction) -> Iterator[tuple[float, Any]]:
-    """(seconds from stream start, frame) in presentation order; a broken tail just ends it."""
-    try:
-        for frame in container.decode(stream):
-            if frame.pts is not None:
-                yield float((frame.pts - start) * time_base), frame
-    except av.FFmpegError:
-        return
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        gone = not fs.exists(path)
+    except Exception:  # noqa: BLE001 - the check is a nicety; the decoder's message stands on its own
+        gone = False
+    if gone:
+        return SourceVideoError(f"the source video {uri} is gone (not found); the report needs it to show frames")
+    return SourceVideoError(f"cannot decode the source video {uri}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_max_side_downscales_keeping_aspect(videos):
 
 @pytest.fixture
 def with_decord(monkeypatch):
-    """decord chosen in this process (`backends.load_decoders`), as `PIXELREFER_DECODER=decord` chooses it in a child."""
+    """decord chosen in this process, as `PIXELREFER_DECODER=decord` chooses it in a decode child."""
     pytest.importorskip("decord")
     monkeypatch.setenv(backends.DECODER_ENV, "decord")
     assert "decord" in backends.load_decoders()
