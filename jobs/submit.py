@@ -23,6 +23,10 @@ cluster could not be reached or refused the job; 130 when interrupted while foll
 Secrets: `--storage-options` may carry object-store credentials. They must reach the job, but they
 are never printed: every command line, log line and error message this module echoes goes through
 `jobs.masking.Masker`, which replaces credential values (and `user:password@` parts of URLs) with `***`.
+The storage options echoed in the "submitted job" line are shown field by field, credentials masked
+by `pipeline.storage_errors.is_secret_option` (s3fs `key`/`secret`/`token`, gcsfs `token`, adlfs
+`connection_string`/`account_key`/`sas_token`/`client_secret`, an `Authorization` header in
+`client_kwargs`), so the line still says which endpoint and options the job got.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, TextIO
 
-from jobs.masking import Masker, is_secret_name
+from jobs.masking import Masker, mask_storage_options
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -385,7 +389,7 @@ def submit_main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     try:
         command_args = validate_command(argv, masker)
         env = parse_env(args.env)
-        masker.add(v for k, v in env.items() if is_secret_name(k))
+        masker.add(mask_storage_options(env)[1])  # secret-named variables, and the AccountKey of a connection string
         runtime_env = build_runtime_env(args.working_dir, args.pip, env)
         address = resolve_address(args.address)
         masker.add_url(address)

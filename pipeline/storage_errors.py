@@ -15,6 +15,10 @@ that reaches this module has therefore already exhausted those retries, and the 
 
 Credentials never appear in a message: `redact` removes the values of secret-looking storage
 options, ``user:password@`` in URLs and signature query parameters from any text shown to a user.
+`is_secret_option` is the project's one list of secret option names (s3fs, gcsfs, adlfs, HTTP
+headers, environment variables); `mask_secrets` applies it to a nested options dict. Everything that
+masks or redacts (`jobs.masking`, `pixelrefer submit`, every error message) goes through these two, so
+a name added here is hidden everywhere at once.
 """
 
 from __future__ import annotations
@@ -50,9 +54,6 @@ _NETWORK_CLASSES = frozenset({"EndpointConnectionError", "ConnectionClosedError"
 _STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "azure",
                     "google.auth", "google.api_core", "urllib3", "requests")
 
-#: Names of storage options whose values are secrets (or identify the account: key ids too).
-_SECRET_OPTION = re.compile(r"secret|token|passw|credential|sas|signature|private|(^|_)key(_id)?$|access_key",
-                            re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SIGNED_QUERY = re.compile(
     r"(?<![\w-])(?P<name>X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|sig|se|skoid|sktid)"
@@ -233,21 +234,135 @@ def better(first: BaseException, fs: Any, path: str) -> BaseException:
     return first
 
 
+# --------------------------------------------------------------------------------------------
+# Credentials: which option names are secret, and taking their values out of text.
+# --------------------------------------------------------------------------------------------
+
+MASK = "***"
+#: Shorter values would mask ordinary words wherever they occur; no credential is that short.
+MIN_SECRET_LENGTH = 4
+#: Words of an option name (``aws_secret_access_key``, ``AccountKey``, ``X-Amz-Security-Token``)
+#: that make its value a credential. Key *ids* count too: they name the account.
+_SECRET_WORDS = frozenset({
+    "secret", "password", "passwd", "pwd", "passphrase", "token", "credential", "credentials", "creds",
+    "signature", "sig", "sas", "auth", "authorization", "cookie", "key", "apikey", "accesskey", "secretkey",
+    "accountkey", "privatekey", "sastoken", "connstr", "connectionstring",
+})
+#: Word pairs that are secret together though neither is alone (``connection_timeout`` is not).
+_SECRET_PAIRS = frozenset({("connection", "string"), ("conn", "str")})
+#: Option names with a secret-sounding word whose values are settings, shown and never masked.
+_PUBLIC_NAMES = frozenset({"signature_version", "auth_uri", "token_uri", "auth_provider_x509_cert_url"})
+#: gcsfs ``token`` values that name an authentication method rather than carry a credential.
+_PUBLIC_VALUES = frozenset({"anon", "google_default", "cache", "cloud", "browser"})
+_MAX_DEPTH = 8
+
+_QUOTED_PAIR = re.compile(
+    r"(?P<q1>[\"'])(?P<name>[A-Za-z_][\w-]*)(?P=q1)\s*:\s*(?P<q2>[\"'])(?P<value>(?:\\.|(?!(?P=q2))[^\\])*)(?P=q2)")
+_ASSIGNMENT = re.compile(r"(?<![\w-])(?P<name>[A-Za-z_][\w-]*)=(?P<value>[^&;,\s\"')\]}]+)")
+_HEADER_LINE = re.compile(
+    r"(?<![\w-])(?P<name>(?:Proxy-)?Authorization|X-Amz-Security-Token|X-Goog-Api-Key|Cookie)[ \t]*:[ \t]*"
+    r"(?P<value>[^\s\"',}][^\r\n\"',}]*)", re.IGNORECASE)
+_BEARER = re.compile(r"\bBearer\s+[A-Za-z0-9\-._~+/]{8,}=*")
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN[A-Z ]*PRIVATE KEY-----(?:.*?-----END[A-Z ]*PRIVATE KEY-----|(?:[A-Za-z0-9+/=\s]|\\n)*)", re.DOTALL)
+
+
+def _words(name: str) -> list[str]:
+    """``AccountKey`` -> account, key; ``SASToken`` -> sas, token; ``x-amz-security-token`` -> x, amz, ..."""
+    split = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
+    return [w for w in re.split(r"[^a-z0-9]+", split.lower()) if w]
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether the value of a storage option, HTTP header or environment variable called `name` is a credential.
+
+    Decided by the words of the name rather than a list of exact spellings: s3fs (`key`, `secret`,
+    `token`, `aws_session_token` in `client_kwargs`), gcsfs (`token`: a path, a dict or a method),
+    adlfs (`account_key`, `connection_string`, `sas_token`, `client_secret`, `credential`), HTTP
+    headers (`Authorization`) and environment variables (`AZURE_STORAGE_CONNECTION_STRING`) all spell
+    their credentials differently, and the next library will too.
+    """
+    words = _words(name)
+    if "_".join(words) in _PUBLIC_NAMES:
+        return False
+    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def mask_secrets(options: Any) -> tuple[Any, list[str]]:
+    """A copy of `options` with every credential replaced by `MASK`, and the credential texts found.
+
+    Nested dicts and lists are walked (`client_kwargs`, `headers`, `config_kwargs`). A dict under a
+    secret name is all secret unless some of its own names are: a gcsfs service-account dict under
+    `token` hides `private_key` but shows `client_email`, an unknown dict hides everything. The texts include
+    the parts an error message may quote on their own: the `AccountKey` of a connection string,
+    the token of a ``Bearer ...`` header.
+    """
+    found: list[str] = []
+
+    def walk(item: Any, secret: bool, depth: int) -> Any:
+        if isinstance(item, Mapping) and depth < _MAX_DEPTH:
+            named = {k: is_secret_option(str(k)) for k in item}
+            inherit = secret and not any(named.values())
+            return {k: walk(v, inherit or named[k], depth + 1) for k, v in item.items()}
+        if isinstance(item, (list, tuple)) and depth < _MAX_DEPTH:
+            return [walk(v, secret, depth + 1) for v in item]
+        if not secret or item is None or isinstance(item, bool) or item == "" or item in _PUBLIC_VALUES:
+            return item
+        if isinstance(item, (str, int, float)):
+            found.extend(_with_parts(str(item)))
+        return MASK
+
+    return walk(options, False, 0), found
+
+
+def secret_values(options: Any) -> list[str]:
+    """The credential texts of a storage-options value, longest first, each at least `MIN_SECRET_LENGTH` long."""
+    values = {v for v in mask_secrets(options)[1] if len(v) >= MIN_SECRET_LENGTH}
+    return sorted(values, key=len, reverse=True)
+
+
+def _with_parts(value: str) -> list[str]:
+    """`value`, and the secret pieces of a connection string (``AccountKey=...``) or an auth header."""
+    parts = [value]
+    for item in value.split(";"):
+        name, sep, part = item.strip().partition("=")
+        if sep and part and is_secret_option(name):
+            parts.append(part)
+    scheme, _, credential = value.strip().partition(" ")
+    if credential and scheme.isalpha():
+        parts.append(credential.strip())
+    return parts
+
+
 def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """`text` without credentials: secret option values, URL user info, signed query parameters."""
-    for value in _secret_values(storage_options or {}):
-        text = text.replace(value, "***")
-    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
-    return _SIGNED_QUERY.sub(lambda m: m.group("name") + "=***", text)
+    """`text` without credentials.
+
+    Removes the values of secret `storage_options` wherever they appear, and, without knowing any
+    value, what looks like a credential: PEM private keys, secret names paired with values
+    (``'client_secret': '...'``, ``AccountKey=...;``, ``Authorization: ...``), bearer tokens,
+    ``user:password@`` in URLs and signature query parameters. A bare ``key=`` is left alone: in
+    storage errors it is an object's path far more often than an access key id.
+    """
+    for value in secret_values(storage_options or {}):
+        text = text.replace(value, MASK)
+    text = _PRIVATE_KEY.sub(MASK, text)
+    text = _QUOTED_PAIR.sub(_mask_pair, text)
+    text = _ASSIGNMENT.sub(_mask_pair, text)
+    text = _HEADER_LINE.sub(lambda m: m.group(0)[: m.start("value") - m.start(0)] + MASK, text)
+    text = _BEARER.sub("Bearer " + MASK, text)
+    text = redact_url(text)
+    return _SIGNED_QUERY.sub(lambda m: m.group("name") + "=" + MASK, text)
+
+
+def _mask_pair(match: re.Match[str]) -> str:
+    name, value = match.group("name"), match.group("value")
+    if name.lower() == "key" or not value or value == MASK or value in _PUBLIC_VALUES or not is_secret_option(name):
+        return match.group(0)
+    start, end = match.start("value") - match.start(0), match.end("value") - match.start(0)
+    whole = match.group(0)
+    return whole[:start] + MASK + whole[end:]
 
 
 def redact_url(url: str) -> str:
-    return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", url)
-
-
-def _secret_values(options: Mapping[str, Any], depth: int = 0) -> Iterator[str]:
-    for name, value in options.items():
-        if isinstance(value, Mapping) and depth < 3:
-            yield from _secret_values(value, depth + 1)
-        elif isinstance(value, str) and len(value) >= 4 and _SECRET_OPTION.search(str(name)):
-            yield value
+    """`url` (or any text) with the ``user:password@`` part of each URL replaced by ``***@``."""
+    return _URL_USERINFO.sub(lambda m: m.group("scheme") + MASK + "@", url)

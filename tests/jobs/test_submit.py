@@ -406,3 +406,36 @@ def test_real_tiny_index_run_through_submit(cluster, tmp_path, no_ray_env):
         f"SELECT status, model FROM read_parquet('{output}/videos/**/*.parquet', hive_partitioning=true)"
     ).fetchall()
     assert rows == [("ok", "tiny-lite")]
+
+
+def test_forwarded_storage_options_are_printed_masked(monkeypatch):
+    """The "submitted job" line shows the options the job got, with s3fs, gcsfs and adlfs credentials masked."""
+    account_key = "Zm9vYmFyYmF6+cXV4c2VjcmV0/a2V5=="
+    connection = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={account_key};EndpointSuffix=x.net"
+    options = {"key": SECRET_KEY, "secret": SECRET, "connection_string": connection, "sas_token": "sv=1&sig=s1gn4ture",
+               "client_secret": "cl1ent~s3cret", "credential": "cred-value-9", "account_name": "acct",
+               "token": {"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n"},
+               "client_kwargs": {"endpoint_url": "http://minio:9000",
+                                 "headers": {"Authorization": "Bearer eyJhbGciOi.e30.c2ln"}}}  # fmt: skip
+    submitted: dict = {}
+
+    class Client:
+        def submit_job(self, **job):
+            submitted.update(job)
+            return "job-1"
+
+    monkeypatch.setattr("jobs.submit.connect", lambda address: Client())
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+    code, out, err = run_submit(["--address", "http://127.0.0.1:1", "--no-wait", "--env",
+                                 "AZURE_STORAGE_CONNECTION_STRING", "--", "index", "abfs://c/in", "abfs://c/out",
+                                 "--storage", json.dumps(options)])  # fmt: skip
+    assert code == EXIT_OK and out == "job-1\n"
+    assert json.dumps(options) in submitted["entrypoint"]  # the job gets the real values ...
+    for secret in (SECRET_KEY, SECRET, account_key, "s1gn4ture", "cl1ent~s3cret", "cred-value-9", "MIIE",
+                   "eyJhbGciOi"):  # fmt: skip
+        assert secret not in err, secret  # ... the terminal never sees them
+    line = next(x for x in err.splitlines() if x.startswith("submitted job"))
+    words = shlex.split(line.split(": ", 1)[1])
+    shown = json.loads(words[words.index("--storage") + 1])
+    assert shown["connection_string"] == shown["client_kwargs"]["headers"]["Authorization"] == MASK
+    assert shown["account_name"] == "acct" and shown["client_kwargs"]["endpoint_url"] == "http://minio:9000"
