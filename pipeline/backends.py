@@ -260,7 +260,7 @@ def decode_pyav(
                     continue
                 position = int(frame.pts)
                 if position in wanted and position not in result:
-                    result[position] = frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
+                    result[position] = upright_rgb(frame, out_w, out_h, probe.rotation)
                 if position >= target:
                     reached = True
                     break
@@ -272,10 +272,7 @@ def decode_pyav(
     decoded = Decoded()
     for pts_value in order:
         if pts_value in result:
-            frame = result[pts_value]
-            if probe.rotation:
-                frame = np.ascontiguousarray(np.rot90(frame, k=probe.rotation))
-            decoded.frames.append(frame)
+            decoded.frames.append(result[pts_value])
             decoded.positions.append(wanted[pts_value])
     missing = len(order) - len(decoded.frames)
     if missing:
@@ -308,10 +305,7 @@ def _decode_pyav_in_order(
         # No skipping here: a skipped frame would not come out and would shift the count.
         for count, frame in enumerate(frames_of(container.demux(stream), stream.codec_context, False)):
             if count in wanted:
-                array = frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
-                if rotation:
-                    array = np.ascontiguousarray(np.rot90(array, k=rotation))
-                decoded.frames.append(array)
+                decoded.frames.append(upright_rgb(frame, out_w, out_h, rotation))
                 decoded.positions.append(count)
             if count >= last:
                 break
@@ -321,6 +315,17 @@ def _decode_pyav_in_order(
     if missing:
         decoded.notes.append(f"{missing} of {len(wanted)} sampled frames could not be decoded")
     return decoded
+
+
+def upright_rgb(frame: Any, width: int, height: int, turns: int) -> np.ndarray:
+    """A decoded frame as RGB, scaled to `width` x `height` as stored, then turned upright.
+
+    `turns` counts counter-clockwise quarter turns (`numpy.rot90`'s k). Every PyAV path (whole
+    videos here, clips and the report through `pipeline.range_decode`) turns frames here, so all of
+    them return the frames that masks were computed on.
+    """
+    array = frame.to_ndarray(format="rgb24", width=width, height=height)
+    return np.ascontiguousarray(np.rot90(array, k=turns)) if turns % 4 else array
 
 
 def short_error(exc: BaseException) -> str:

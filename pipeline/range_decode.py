@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.backends import upright_rgb
 from pipeline.errors import DecodeError
 from pipeline.media import VideoSource, open_video, quarter_turns
 from pipeline.probe import output_size
@@ -124,9 +125,7 @@ def _pick_run(source: VideoSource, run: np.ndarray, width: int, height: int, pic
             continue
         stamp, frame = choice
         if stamp not in converted:
-            array = frame.to_ndarray(format="rgb24", width=width, height=height)
-            turns = quarter_turns(frame)
-            converted[stamp] = np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
+            converted[stamp] = upright_rgb(frame, width, height, quarter_turns(frame))
         picked.frames.append(converted[stamp])
         picked.timestamps.append(stamp)
         picked.answered.append(target)
