@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import IndexConfig
+from pipeline.config import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS, IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=None,
                         help="frame budget per video: longer videos are sampled more sparsely (recorded in "
                              "videos.sampled_fps, named in the summary); default: none, --fps holds for any length")
-    parser.add_argument("--clip-seconds", type=float, default=30.0,
-                        help="longest clip, the unit of work (default 30); clips also end at shot cuts")
+    parser.add_argument("--clip-seconds", type=float, default=DEFAULT_CLIP_SECONDS,
+                        help=f"longest clip, the unit of work (default {DEFAULT_CLIP_SECONDS:g}, at most "
+                             f"{MAX_CLIP_SECONDS:g}); clips also end at shot cuts")
     parser.add_argument("--cuts", choices=("shot", "none"), default="shot",
                         help="shot: split at shot cuts (TransNetV2) within --clip-seconds; none: fixed windows")
     parser.add_argument("--commit-every", type=float, default=10.0, metavar="MINUTES",

@@ -32,16 +32,25 @@ from pipeline.isolation import call_isolated
 from pipeline.media import VideoSource, open_video, quarter_turns
 from pipeline.shots import SHOT_THRESHOLD, ShotPass, detect_shots
 
-#: ``--clip-seconds`` default: 30 s at 1 fps is 30 frames, about what SAM 2 tracks in one
-#: session on a GPU actor without its memory bank growing large, and short enough that the clips
-#: of one long video spread over a cluster.
+#: ``--clip-seconds`` default, the one definition (`pipeline.config` and the CLI import it): 30 s at
+#: 1 fps is 30 frames, about what SAM 2 tracks in one session on a GPU actor without its memory bank
+#: growing large, and short enough that the clips of one long video spread over a cluster.
 DEFAULT_CLIP_SECONDS = 30.0
-#: Longer clips are refused: a clip's frames are held in memory at once (an hour at 1 fps and
-#: 1080p is 22 GB), and nothing gains from clips longer than this.
-MAX_CLIP_SECONDS = 3600.0
+#: Longer clips are refused, here and by `pipeline.config.IndexConfig`: a clip's frames are held in
+#: memory at once, by one decode task and in one SAM 2 session (10 minutes at 1 fps and 1080p is
+#: 3.7 GB), and nothing gains from longer clips.
+MAX_CLIP_SECONDS = 600.0
 #: No clip is shorter than this (or than one grid step, when that is longer), except a video
 #: shorter than it: a sliver of a shot is merged into its neighbour.
 MIN_CLIP_SECONDS = 1.0
+#: The header's duration is checked against the stream: planning seeks this far before the end the
+#: header claims and demuxes (no decoding) to the last packet, so a header that under-reports (a
+#: recorder that wrote the duration of its first part, concatenated streams) does not hide the tail.
+#: The same seek is the seek probe (`VideoPlan.seekable`).
+END_PROBE_S = 1.0
+#: A seek that lands further than this before its target is taken for one the demuxer ignored; a
+#: seekable file lands within a GOP (a few seconds; long-GOP recordings lose only speed by a walk).
+SEEK_LANDING_S = 30.0
 #: Allowance per frame for the shot pass on top of `plan_video`'s `timeout_s`: three times what a
 #: frame cost on a loaded 2-core machine (see `pipeline.shots`); a guard against hangs, not a budget.
 SHOT_PASS_S_PER_FRAME = 0.1
@@ -100,6 +109,10 @@ class VideoPlan:
     note: str | None = None
     #: Seconds the shot pass took (0 with fixed windows): `phase_s_decode_shots`.
     shots_s: float = 0.0
+    #: False when the file cannot seek (a raw H.264 stream, say): its clips are then decoded by one
+    #: sequential walk (`pipeline.range_decode.walk_clips`) instead of one seek per clip, each of
+    #: which would fall back to decoding from the first frame.
+    seekable: bool = True
 
     def grid_time(self, k: int) -> float:
         return grid_time(k, self.sampled_fps)
@@ -275,6 +288,13 @@ def plan_video(
     header: _Header = call_isolated(_header_request, uri, storage_options, timeout_s=timeout_s, label=uri)
     notes: list[str] = []
     duration, num_frames_seen, cut_times = header.duration_s, header.num_frames, []
+    interval = 1 / header.fps if header.fps else 0.0
+    tolerance = max(0.5, 2 * interval)
+    if header.stream_end_s is not None and (duration is None or abs(header.stream_end_s - duration) > tolerance):
+        if duration is not None and duration > header.stream_end_s:
+            notes.append(f"the stream ends at {header.stream_end_s:.1f} s of the {duration:.1f} s its header "
+                         "says: planned the part that is there")
+        duration, num_frames_seen = header.stream_end_s, None  # the header's frame count is as stale
     shots_s = 0.0
     if cuts == "shot":
         frames = header.num_frames or (duration or 3600.0) * (header.fps or 30.0)
@@ -288,16 +308,20 @@ def plan_video(
             detail = f" (demuxer: {found.stream_error})" if found.stream_error else ""
             raise DecodeError(f"{uri}: no frame could be decoded{detail}")
         cut_times, num_frames_seen = found.cut_times, found.num_frames
-        interval = 1 / header.fps if header.fps else 0.0
         end = (found.last_time or 0.0) + interval
-        if duration is None or duration - end > max(0.5, 2 * interval):
-            if duration is not None:
+        if duration is None or abs(duration - end) > tolerance:
+            if duration is not None and duration > end:
                 notes.append(f"stream truncated after {end:.1f} s of {duration:.1f} s: planned the decodable part")
             duration = end
         if found.failed_packets:
             notes.append(f"{found.failed_packets} damaged packets (their clips may fail)")
     if duration is None:
         raise DecodeError(f"{uri}: the duration is unknown (no container header says it and no frame was indexed)")
+    if header.duration_s is not None and duration - header.duration_s > tolerance:
+        notes.insert(0, f"the header says {header.duration_s:.1f} s but the stream runs to {duration:.1f} s: "
+                        "indexed to the end of the stream")
+    if not header.seekable:
+        notes.append("the file cannot seek: its clips were decoded in one pass from the start")
 
     rate, thinned, rate_note = sampling_rate(
         duration, fps=fps, num_frames=num_frames, max_frames=max_frames, stream_fps=header.fps
@@ -310,17 +334,20 @@ def plan_video(
         num_frames=num_frames_seen, sampled_fps=rate, thinned=thinned, num_sampled=grid_size(duration, rate),
         clips=tuple(assign_grid(clips, rate, duration)), cuts=cuts, cut_times=tuple(cut_times),
         stream_start_s=header.stream_start_s, note="; ".join(notes) or None, shots_s=shots_s,
+        seekable=header.seekable,
     )
 
 
 @dataclass
 class _Header:
-    duration_s: float | None
+    duration_s: float | None  # what the container header says (or a demux scan, when it says nothing)
     fps: float | None
     width: int  # displayed, rotation applied
     height: int
     num_frames: int | None
     stream_start_s: float
+    stream_end_s: float | None = None  # end of the last packet demuxed (`_probe_end`)
+    seekable: bool = True
 
 
 def _header_request(uri: str, storage_options: dict | None) -> _Header:
@@ -330,18 +357,22 @@ def _header_request(uri: str, storage_options: dict | None) -> _Header:
     with open_video(uri, storage_options) as source:
         stream = source.stream
         interval = source.frame_interval
+        width, height = stream.codec_context.width, stream.codec_context.height
+        num_frames = int(stream.frames) or None
         duration = _header_duration(source)
         turns = _first_frame_turns(source, av)
+        end, seekable = _probe_end(source, av, duration, interval)  # may reopen the container
         if duration is None:
-            duration = _scan_duration(source, av, interval)
-        width, height = stream.codec_context.width, stream.codec_context.height
+            duration = end
         return _Header(
             duration_s=duration,
             fps=1 / interval if interval else None,
             width=height if turns % 2 else width,
             height=width if turns % 2 else height,
-            num_frames=int(stream.frames) or None,
+            num_frames=num_frames,
             stream_start_s=float(source.origin * source.time_base),
+            stream_end_s=end,
+            seekable=seekable,
         )
 
 
@@ -388,3 +419,40 @@ def _scan_duration(source: VideoSource, av: Any, interval: float | None) -> floa
     except (av.FFmpegError, OSError):
         pass
     return None if last is None else source.seconds(int(last)) + (interval or 0.0)
+
+
+def _probe_end(source: VideoSource, av: Any, duration: float | None, interval: float | None
+               ) -> tuple[float | None, bool]:
+    """(end of the last packet, seekable): a seek to `END_PROBE_S` before `duration`, then a demux to the end.
+
+    A file cannot seek when the demuxer refuses the seek (a raw MJPEG stream: "Invalid argument")
+    or ignores it, landing more than `SEEK_LANDING_S` before the target (an AVI written to a pipe,
+    which has no index: demuxing goes on from where it was). Its end then comes from a demux pass
+    from the start, which its clips' one sequential walk costs anyway. Only packet headers are
+    read, never decoded: for a file whose header is right, the last second or so. Without a
+    `duration` the seek goes to `END_PROBE_S` on a fresh container (demuxers that index what they
+    read would seek by that index, which a clip task's fresh container lacks), and the demux after
+    it is the scan for the end. None for the end when no packet follows the seek.
+    """
+    if duration is None:
+        source.restart()
+    target = END_PROBE_S if duration is None else max(0.0, duration - END_PROBE_S)
+    try:
+        source.container.seek(source.ticks(target), stream=source.stream, backward=True, any_frame=False)
+    except (av.FFmpegError, OSError):
+        source.restart()
+        return _scan_duration(source, av, interval), False
+    first = last = None
+    try:
+        for packet in source.container.demux(source.stream):
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None or not packet.size:
+                continue
+            first = stamp if first is None else first
+            last = stamp if last is None else max(last, stamp)
+    except (av.FFmpegError, OSError):
+        pass
+    if last is None:
+        return None, True
+    end = source.seconds(int(last)) + (interval or 0.0)
+    return end, source.seconds(int(first)) >= min(target, end) - SEEK_LANDING_S

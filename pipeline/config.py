@@ -10,11 +10,10 @@ import dataclasses
 import json
 from typing import Any
 
+from pipeline.clips import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS
 from pipeline.sizing import REFERRER_ROWS_PER_BATCH, Cluster, StageResources, check_placement, size_stages
 
-
-#: Longer clips hold more frames in one SAM 2 session and one decode task than a worker should.
-MAX_CLIP_SECONDS = 600.0
+__all__ = ["DEFAULT_CLIP_SECONDS", "MAX_CLIP_SECONDS", "IndexConfig"]
 
 
 @dataclasses.dataclass
@@ -32,7 +31,7 @@ class IndexConfig:
     #: Clips end at shot cuts (`cuts="shot"`, TransNetV2) and are at most this long; "none": fixed
     #: windows. 30 s: at 1 fps, 30 frames per SAM 2 session (bounded tracker state) and a caption
     #: timeline with one entry per half minute, while an object crossing a window boundary is linked.
-    clip_seconds: float = 30.0
+    clip_seconds: float = DEFAULT_CLIP_SECONDS
     cuts: str = "shot"
     #: Minutes between commits of a long run (whole videos only).
     commit_every_min: float = 10.0

@@ -72,7 +72,7 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
     meta = {
         "duration_s": plan.duration_s, "fps": plan.fps, "width": plan.width, "height": plan.height,
         "num_frames": plan.num_frames, "sampled_fps": plan.sampled_fps, "thinned": plan.thinned,
-        "num_clips": len(plan.clips), "prompted": prompted,
+        "num_clips": len(plan.clips), "prompted": prompted, "note": plan.note or "",
     }
     # A video's planning cost, spread over its clips so that the driver's sums come out right.
     share = {f"{PHASE_PREFIX}decode_shots": plan.shots_s / max(1, len(plan.clips)),
@@ -91,6 +91,9 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
                                      "grid": grid, "shared": shared}),
             "discover": discover,
             "prompts_json": json.dumps(prompts) if prompts else "",
+            # The plan's note (a header that under-reports, a stream that cannot seek) rides on the first
+            # clip: a clip's note is what reaches the videos row of an ok video (`pipeline.assemble`).
+            "note": (plan.note or "") if clip.clip_index == 0 else "",
         })
     return rows
 
@@ -155,5 +158,11 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
         return {**out, "error": f"{row['uri']}: no frame could be decoded in {clip.get('ts_start')}..{clip.get('ts_end')} s"}
     return {
         **out, "frames": got.frames, "timestamps": times_to_column(got.timestamps),
-        "num_owned": num_owned, "note": got.error or "", f"{PHASE_PREFIX}decode_read": time.perf_counter() - started,
+        "num_owned": num_owned, "note": join_notes(row.get("note"), got.error),
+        f"{PHASE_PREFIX}decode_read": time.perf_counter() - started,
     }
+
+
+def join_notes(*notes: str | None) -> str:
+    """Non-empty notes joined with "; " (a planning note first, then the decoder's)."""
+    return "; ".join(n for n in notes if n)
