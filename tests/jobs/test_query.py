@@ -464,3 +464,16 @@ def test_long_video_json_timeline(long_index: IndexInfo, run_query, data) -> Non
     assert objects[8]["clips"] == list(range(data.LONG_FIRST[8] // 30, 240))
     assert objects[1]["track_caption"] == "thing 1 over the whole video"
     assert sum(len(c["captions"]) for c in clips) + data.LONG_OBJECTS == len(doc["captions"])
+
+
+def test_hostile_text_is_neutralised_in_table_and_csv_only(local_index: IndexInfo, run_query) -> None:
+    """Escapes cannot drive the terminal, formulas cannot run in a spreadsheet; json keeps the exact text."""
+    sql = "SELECT chr(27) || '[2Jred' || chr(8238) AS caption, '=HYPERLINK(''http://x'')' AS f, -1.5 AS score"
+    code, out, err = run_query(local_index.output, "--sql", sql)
+    assert code == 0, err
+    assert "\x1b" not in out and "\u202e" not in out and "\\x1b[2Jred\\u202e" in out
+    code, out, err = run_query(local_index.output, "--sql", sql, "--format", "csv")
+    assert code == 0, err
+    assert list(csv.reader(io.StringIO(out)))[1] == ["\x1b[2Jred\u202e", "'=HYPERLINK('http://x')", "-1.5"]
+    code, out, err = run_query(local_index.output, "--sql", sql, "--format", "json")
+    assert json.loads(out) == [{"caption": "\x1b[2Jred\u202e", "f": "=HYPERLINK('http://x')", "score": -1.5}]
