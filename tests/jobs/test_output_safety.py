@@ -97,7 +97,8 @@ def test_json_keeps_the_exact_values(fmt: str) -> None:
 
 def test_video_table_escapes_the_uri_and_captions() -> None:
     doc = {"video": {"video_id": "v1", "uri": f"s3://b/{ANSI}.mp4", "status": "ok", "model": f"m{OSC}"},
-           "runs": [{"run_id": "r1", "status": "ok", "model": "m"}, {"run_id": f"r2{C1}", "status": "ok", "model": "m"}],
+           "runs": [{"run_id": "r1", "status": "ok", "model": "m"},
+                    {"run_id": f"r2{C1}", "status": "ok", "model": "m"}],
            "objects": [{"object_id": 1, "source": "auto", "label": f"dog{BIDI}", "first_ts": 0.0, "last_ts": 1.0,
                         "num_frames": 2, "clips": [0], "spans": [(0.0, 1.0)]}],
            "clips": [{"clip_index": 0, "ts_start": 0.0, "ts_end": 1.0, "boundary": "cut", "status": "ok",
