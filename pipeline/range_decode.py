@@ -202,3 +202,94 @@ def _decode_from(source: VideoSource, seek_pts: int | None, stats: _Stats) -> It
     except (av.FFmpegError, OSError) as exc:
         stats.stream_error = str(exc)
 
+
+
+# ---------------------------------------------------------------- files that cannot seek
+
+
+@dataclass
+class WalkedClip:
+    """One clip's frames from `walk_clips`; `error` says its stretch was damaged (its frames are dropped)."""
+
+    picked: Picked
+    error: str | None = None
+
+
+def walk_clips(
+    uri: str, groups: Sequence[Sequence[float]], *, max_side: int | None, storage_options: dict | None
+) -> Iterator[WalkedClip]:
+    """The frame nearest to each time of each group (a clip's grid, then its shared time), from one
+    pass over the file from its first frame, one `WalkedClip` per group as soon as it is complete.
+
+    For files that cannot seek (`pipeline.clips.VideoPlan.seekable`), where `pick_frames` per clip
+    would decode from the first frame for every clip: quadratic in the clips, so the late clips of
+    a long file time out. The choice is `pick_frames`'s (nearest PTS, the earlier on a tie), so a
+    clip gets the frames it would get alone, and a shared frame is converted once for both clips.
+    Packets that fail, or frames flagged corrupt, since the previous group's last frame fail this
+    group alone, as `pick_frames(strict=True)` fails one clip.
+    """
+    with open_video(uri, storage_options, sequential=True) as source:
+        context = source.stream.codec_context
+        width, height = output_size(context.width, context.height, max_side)
+        stats = _Stats()
+        frames = _decode_from(source, None, stats)
+        previous: tuple[float, Any] | None = None
+        current = next(frames, None)
+        kept: dict[float, np.ndarray] = {}  # the last group's last frame: the next group's shared one
+        failed = corrupt = 0
+        for times in groups:
+            picked = Picked()
+            for target in map(float, times):
+                while current is not None and current[0] <= target:
+                    previous, current = current, next(frames, None)
+                if previous is None:
+                    choice = current
+                elif current is None:
+                    choice = previous if target - previous[0] <= END_SLACK_S else None
+                else:
+                    choice = previous if target - previous[0] <= current[0] - target else current
+                if choice is None:
+                    continue
+                stamp, frame = choice
+                if stamp not in kept:
+                    kept[stamp] = upright_rgb(frame, width, height, quarter_turns(frame))
+                picked.frames.append(kept[stamp])
+                picked.timestamps.append(stamp)
+                picked.answered.append(target)
+            kept = {picked.timestamps[-1]: picked.frames[-1]} if picked.frames else {}
+            error = None
+            if stats.failed > failed or stats.corrupt > corrupt:
+                error = (f"damaged stream before {float(times[-1]):.2f} s ({stats.failed - failed} packets "
+                         f"failed to decode, {stats.corrupt - corrupt} frames corrupt)")
+                picked = Picked()
+                failed, corrupt = stats.failed, stats.corrupt
+            elif len(picked.answered) < len(times):
+                end = f"the stream ends at {previous[0]:.2f} s" if previous is not None else "no frame decodes"
+                detail = f" (demuxer: {stats.stream_error})" if stats.stream_error else ""
+                picked.notes.append(f"{len(times) - len(picked.answered)} of {len(times)} requested times from "
+                                    f"{float(times[0]):.2f} s not sampled: {end}{detail}")
+            picked.bytes_read = source.bytes_read()
+            yield WalkedClip(picked, error)
+
+
+def spill_walk(
+    uri: str, groups: Sequence[Sequence[float]], folder: str, *, max_side: int | None, storage_options: dict | None
+) -> list[dict[str, Any]]:
+    """Child side of the one-pass decode of a video that cannot seek (`walk_clips`).
+
+    A decode child answers a call with one result, and a whole video's frames do not fit one
+    answer: each clip's frames go to ``folder/clip-NNNNNN.npy`` as the walk reaches them, so the
+    child holds one clip at a time. Returns per group: the file (None without frames), timestamps,
+    answered times, notes and error.
+    """
+    import os
+
+    out: list[dict[str, Any]] = []
+    for n, walked in enumerate(walk_clips(uri, groups, max_side=max_side, storage_options=storage_options)):
+        picked, path = walked.picked, None
+        if picked.frames:
+            path = os.path.join(folder, f"clip-{n:06d}.npy")
+            np.save(path, np.stack(picked.frames))
+        out.append({"path": path, "timestamps": picked.timestamps, "answered": picked.answered,
+                    "notes": picked.notes, "error": walked.error})
+    return out

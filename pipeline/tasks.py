@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -26,6 +29,9 @@ from actors.columns import times_to_column
 from pipeline.config import IndexConfig
 
 EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+#: Allowance per frame of the video for the one-pass decode of a file that cannot seek, on top of
+#: `decode_timeout_s`: a guard against hangs (a 1080p H.264 frame decodes in a few milliseconds).
+WALK_S_PER_FRAME = 0.05
 
 #: Columns every row carries (besides the listing's), with their empty values.
 ROW_DEFAULTS: dict[str, Any] = {
@@ -46,10 +52,24 @@ def video_row(video: Any, run_id: str, prompts_json: str, questions_json: str, c
     }
 
 
-def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
-    """`flat_map` body: a `video` row becomes one row per clip (or one `failed` row); others pass."""
+def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> Iterator[dict[str, Any]]:
+    """`flat_map` body: a `video` row becomes one row per clip (or one `failed` row); others pass.
+
+    The clips of a video that cannot seek are decoded here, by one pass over the file
+    (`walked_rows`), and leave with their frames, one row at a time (Ray Data streams a generator's
+    rows): decoded one task per clip, each would decode from the first frame.
+    """
+    rows, plan = _clip_rows(row, cfg)
+    if plan is not None and not plan.seekable:
+        yield from walked_rows(rows, plan, cfg)
+    else:
+        yield from rows
+
+
+def _clip_rows(row: dict[str, Any], cfg: IndexConfig) -> tuple[list[dict[str, Any]], Any]:
+    """(rows, plan): the clip rows of a `video` row and its `VideoPlan`; ([row], None) for any other row."""
     if row["kind"] != "video":
-        return [row]
+        return [row], None
     from pipeline.clips import plan_video
     from pipeline.errors import DecodeError
 
@@ -61,13 +81,13 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
             timeout_s=cfg.decode_timeout_s,
         )
     except DecodeError as exc:
-        return [{**row, "kind": "failed", "error": str(exc)}]
+        return [{**row, "kind": "failed", "error": str(exc)}], None
     except Exception as exc:  # noqa: BLE001 - an unexpected planner failure is still one video's failure
-        return [{**row, "kind": "failed", "error": f"planning {row['uri']}: {type(exc).__name__}: {exc}"}]
+        return [{**row, "kind": "failed", "error": f"planning {row['uri']}: {type(exc).__name__}: {exc}"}], None
     try:
         by_clip, first_prompted = assign_prompts(row.get("prompts_json") or "", plan)
     except ValueError as exc:
-        return [{**row, "kind": "failed", "error": f"prompts: {exc}"}]
+        return [{**row, "kind": "failed", "error": f"prompts: {exc}"}], None
     prompted = first_prompted is not None
     meta = {
         "duration_s": plan.duration_s, "fps": plan.fps, "width": plan.width, "height": plan.height,
@@ -95,7 +115,7 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> list[dict[str, Any]]:
             # clip: a clip's note is what reaches the videos row of an ok video (`pipeline.assemble`).
             "note": (plan.note or "") if clip.clip_index == 0 else "",
         })
-    return rows
+    return rows, plan
 
 
 def assign_prompts(prompts_json: str, plan: Any) -> tuple[dict[int, list[dict]], int | None]:
@@ -137,6 +157,8 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
     if row["kind"] not in ("clip", "track") or row["error"]:
         return out
     clip = json.loads(row["clip_json"])
+    if clip.get("walked"):  # decoded by planning's one pass (`walked_rows`)
+        return row
     started = time.perf_counter()
     try:
         if row["kind"] == "clip":
@@ -166,3 +188,62 @@ def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
 def join_notes(*notes: str | None) -> str:
     """Non-empty notes joined with "; " (a planning note first, then the decoder's)."""
     return "; ".join(n for n in notes if n)
+
+
+def walked_rows(rows: list[dict[str, Any]], plan: Any, cfg: IndexConfig) -> Iterator[dict[str, Any]]:
+    """The clip rows of a video that cannot seek, each with its frames, from one pass over the file.
+
+    The pass runs in a decode child (`pipeline.range_decode.spill_walk`), which writes each clip's
+    frames to a scratch folder as it reaches them; the rows then leave one at a time, each file
+    deleted as its row goes. The folder holds every sampled frame of the video at once, so a video
+    whose frames do not fit the free space fails with that said instead of filling the disk.
+    """
+    from pipeline.errors import DecodeError
+    from pipeline.isolation import call_isolated
+    from pipeline.probe import output_size
+    from pipeline.range_decode import spill_walk
+
+    uri = rows[0]["uri"]
+    groups = [json.loads(r["clip_json"])["grid"] for r in rows]
+    folder = tempfile.mkdtemp(prefix="pixelrefer-walk-")
+    try:
+        width, height = output_size(plan.width, plan.height, cfg.max_side)
+        needed, free = sum(map(len, groups)) * width * height * 3, shutil.disk_usage(folder).free
+        frames = plan.num_frames or plan.duration_s * (plan.fps or 30.0)
+        started = time.perf_counter()
+        try:
+            if needed > free:
+                raise DecodeError(f"{uri}: the file cannot seek, and its {sum(map(len, groups))} sampled frames "
+                                  f"({needed / 2**30:.1f} GiB) do not fit the {free / 2**30:.1f} GiB free in "
+                                  f"{tempfile.gettempdir()} for its one-pass decode; pass --max-side or sample fewer frames")
+            walked = call_isolated(spill_walk, uri, groups, folder, max_side=cfg.max_side,
+                                   storage_options=cfg.storage_options, label=uri,
+                                   timeout_s=cfg.decode_timeout_s + frames * WALK_S_PER_FRAME)
+        except DecodeError as exc:
+            for r in rows:
+                yield {**r, "error": str(exc)}
+            return
+        read_s = (time.perf_counter() - started) / len(rows)
+        for r, got in zip(rows, walked, strict=True):
+            yield _walked_row(r, got, read_s)
+            if got["path"]:
+                os.remove(got["path"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _walked_row(row: dict[str, Any], got: dict[str, Any], read_s: float) -> dict[str, Any]:
+    """A clip row with what `spill_walk` got for it, as `decode_row` would have made it."""
+    clip = json.loads(row["clip_json"])
+    if got["error"]:
+        return {**row, "error": f"{row['uri']}: {got['error']}"}
+    if not got["path"]:
+        reason = "; ".join(got["notes"]) or "the decoder returned nothing"
+        return {**row, "error": f"{row['uri']}: no frame could be decoded in {clip['ts_start']}..{clip['ts_end']} s ({reason})"}
+    shared = bool(clip["shared"]) and got["answered"][-1] == clip["grid"][-1]
+    return {
+        **row, "clip_json": json.dumps({**clip, "walked": True}), "frames": np.load(got["path"]),
+        "timestamps": times_to_column(np.asarray(got["timestamps"], dtype=np.float64)),
+        "num_owned": len(got["timestamps"]) - (1 if shared else 0), "note": join_notes(row.get("note"), *got["notes"]),
+        f"{PHASE_PREFIX}decode_read": read_s,
+    }
