@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.demo import add_demo_arguments, demo_main
     from jobs.embed import add_embed_arguments, embed_main
     from jobs.index import add_index_arguments, index_main
+    from jobs.migrate import add_migrate_arguments, migrate_main
     from jobs.models import add_models_arguments, models_main
     from jobs.query import add_query_arguments, query_main
     from jobs.report import add_report_arguments, report_main
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="HTML report of one video: frames with masks, captions, answers")
     add_report_arguments(report)
     report.set_defaults(func=report_main)
+
+    migrate = sub.add_parser("migrate", help="convert an OUTPUT of the pre-Delta Parquet layout into Delta tables, in place")
+    add_migrate_arguments(migrate)
+    migrate.set_defaults(func=migrate_main)
 
     submit = sub.add_parser("submit", help="run a pixelrefer command on a Ray cluster through the Ray Jobs API")
     add_submit_arguments(submit)
