@@ -102,3 +102,24 @@ def test_frames_that_do_not_fit_the_disk_fail_the_video_with_a_reason(mjpeg, tmp
     rows = list(plan_rows(video_row(video, "run", "", ""), cfg=cfg))
     assert len(rows) == 8 and all("do not fit" in r["error"] for r in rows)
     assert all(decode_row(r, cfg=cfg)["frames"].size == 0 for r in rows)
+
+
+def test_ray_data_streams_the_walked_rows_beside_seekable_ones(mjpeg, tmp_path, ray_local):
+    """The graph's first two operators on a video that cannot seek and one that can: planning's
+    generator rows (with frames) and the per-clip decode's rows leave with the same columns."""
+    import ray.data
+
+    seekable = tmp_path / "seekable.mp4"
+    ffmpeg.input("testsrc2=size=160x90:rate=10:duration=7", f="lavfi").output(
+        str(seekable), vcodec="libx264", g=10, pix_fmt="yuv420p").run(quiet=True)
+    cfg = IndexConfig(str(tmp_path), str(tmp_path / "out"), cuts="none", clip_seconds=5)
+    rows = [video_row(VideoFile(uri=uri, size_bytes=Path(uri).stat().st_size, etag=None, mtime=None), "run", "", "")
+            for uri in (mjpeg, str(seekable))]
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = 1
+    ds = ray.data.from_items(rows, override_num_blocks=2)
+    ds = ds.flat_map(plan_rows, fn_kwargs={"cfg": cfg}).map(decode_row, fn_kwargs={"cfg": cfg})
+    out = sorted(((r["uri"], int(r["clip_index"]), r["frames"].shape[0], r["error"]) for r in ds.iter_rows()))
+    expected = [(mjpeg, i, 6 if i < 7 else 5, "") for i in range(8)] + [(str(seekable), 0, 6, ""),
+                                                                         (str(seekable), 1, 2, "")]
+    assert out == sorted(expected)
