@@ -79,3 +79,12 @@ def test_the_note_reaches_the_video_through_its_first_clip(short_header, tmp_pat
     first, last = decode_row(rows[0], cfg=cfg), decode_row(rows[-1], cfg=cfg)
     assert "header says 4.0 s" in first["note"] and not first["error"]
     assert last["num_owned"] == 2 and not last["error"] and last["note"] == ""
+
+
+def test_the_shot_pass_plans_what_decodes_too(short_header):
+    """With shot cuts every frame is decoded: the plan ends at the last decoded frame (TransNetV2 runs,
+    on 120 small frames)."""
+    plan = plan_video(short_header, fps=1.0, clip_seconds=5, cuts="shot")
+    assert plan.duration_s == pytest.approx(DURATION_S) and plan.num_frames == DURATION_S * 10
+    assert plan.note.startswith("the header says 4.0 s but the stream runs to 12.0 s")
+    assert plan.clips[-1].ts_end == pytest.approx(DURATION_S)
