@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="download model checkpoints, or check that one loads")
     add_models_arguments(models)
     models.set_defaults(func=models_main)
+
+    from jobs.maintain import add_maintain_arguments, maintain_main
+
+    maintain = sub.add_parser("maintain", help="compact OUTPUT's tables, remove killed runs' leftovers and old files")
+    add_maintain_arguments(maintain)
+    maintain.set_defaults(func=maintain_main)
     return parser
 
 
