@@ -1,7 +1,10 @@
 """Clip planning: a video becomes clips (the unit of work) and each clip gets its slice of one sampling grid.
 
 `plan_video` runs a cheap pass in a decode child: the container header (duration, frame rate,
-size) and, with ``cuts='shot'``, TransNetV2 over every frame at 48x27 (`pipeline.shots`). Then two
+size), checked against the stream by a seek near its end (`END_PROBE_S`: the plan runs to the last
+packet, whatever the header says, and the same seek tells whether the file can seek at all,
+`VideoPlan.seekable`) and, with ``cuts='shot'``, TransNetV2 over every frame at 48x27
+(`pipeline.shots`), whose last decoded frame then ends the plan. Then two
 pure functions decide everything else, so that any task can recompute them and tests can check
 them without video:
 
@@ -292,8 +295,8 @@ def plan_video(
     tolerance = max(0.5, 2 * interval)
     if header.stream_end_s is not None and (duration is None or abs(header.stream_end_s - duration) > tolerance):
         if duration is not None and duration > header.stream_end_s:
-            notes.append(f"the stream ends at {header.stream_end_s:.1f} s of the {duration:.1f} s its header "
-                         "says: planned the part that is there")
+            notes.append(f"the video stream ends at {header.stream_end_s:.1f} s, the header says {duration:.1f} s "
+                         "(a cut file, or longer audio): planned to the end of the video stream")
         duration, num_frames_seen = header.stream_end_s, None  # the header's frame count is as stale
     shots_s = 0.0
     if cuts == "shot":

@@ -54,7 +54,7 @@ def test_an_avi_written_to_a_pipe_cannot_seek(tmp_path):
     plan = plan_video(str(path), fps=1.0, clip_seconds=10, cuts="none")
     assert not plan.seekable
     assert plan.duration_s == pytest.approx(45.0, abs=0.2) and len(plan.clips) == 5
-    assert "planned the part that is there" in plan.note
+    assert "planned to the end of the video stream" in plan.note
 
 
 def test_one_pass_decodes_every_clip_like_a_clip_alone(mjpeg, tmp_path, monkeypatch):
