@@ -219,6 +219,7 @@ def _names(store: TableStore, folder: str) -> list[tuple[str, str, str]]:
         if not store.fs.exists(folder):
             return []
         entries = store.fs.ls(folder, detail=True)
+    _forget_listings(store)
     return [(e["name"].rstrip("/"), posixpath.basename(e["name"].rstrip("/")), e.get("type", "")) for e in entries]
 
 
@@ -242,6 +243,7 @@ def _plan(store: TableStore, table: str) -> _Plan:
             for path, info in sorted(store.fs.find(run_folder, detail=True).items()):
                 if path.endswith(".parquet"):
                     found.append((path, int(info.get("size") or 0), run_id))
+    _forget_listings(store)
     if not found:
         return _Plan(table, [])
     dataset = _dataset(store, table, [p for p, _, _ in found])
@@ -265,7 +267,14 @@ def _dataset(store: TableStore, table: str, paths: Sequence[str]) -> pads.Datase
 
 
 def _footer(fragment: Any) -> tuple[str, tuple[set[str], int]]:
-    return fragment.path, (set(fragment.physical_schema.names), int(fragment.count_rows()))
+    fragment.ensure_complete_metadata()  # one footer read gives both the columns and the row count
+    return fragment.path, (set(fragment.physical_schema.names), int(fragment.metadata.num_rows))
+
+
+def _forget_listings(store: TableStore) -> None:
+    """Drop fsspec's cached listings: delta-rs writes behind its back, and a stale listing of a table's
+    folder (s3fs caches them) would hide the `_delta_log` the conversion just created."""
+    store.fs.invalidate_cache()
 
 
 def _check_columns(store: TableStore, table: str, path: str, names: set[str]) -> None:
