@@ -171,9 +171,18 @@ def _tidy(store: TableStore, table: str, opener: Callable[[str], Any], retain_ho
         handle = opener(table)
         handle.create_checkpoint()
         handle.cleanup_metadata()
+    present = _data_files(store, table)
     removed = _retry(store, table, "vacuuming", lambda h: h.vacuum(
         retention_hours=int(retain_hours), enforce_retention_duration=False, dry_run=False), opener)
-    result.vacuumed_files = len(removed or [])
+    result.vacuumed_files = len(present & set(removed or []))
+
+
+def _data_files(store: TableStore, table: str) -> set[str]:
+    """The table's files on storage, relative to its folder: vacuum names every expired file of the
+    log, also those an earlier vacuum deleted, so only these count as deleted now."""
+    folder = store.path(table).rstrip("/")
+    with store.guard("listing the table's folder", table):
+        return {p[len(folder) + 1:] for p in store.fs.find(folder) if "/_delta_log/" not in p[len(folder):]}
 
 
 def _retry(store: TableStore, table: str, action: str, step: Callable[[Any], Any],

@@ -174,6 +174,7 @@ def test_leftovers_older_than_the_retention_are_removed(killed: TableStore) -> N
     assert result.tables["objects"].leftover_commits == ["lost"]
     assert (result.tables["videos"].leftover_rows, result.tables["captions"].leftover_rows) == (2, 1)
     assert result.tables["runs"].rows_after == result.tables["runs"].rows_before == 4
+    assert result.tables["videos"].vacuumed_files >= result.tables["videos"].files_before == 6
     assert snapshot(killed) == seen
 
 
