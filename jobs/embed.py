@@ -2,7 +2,7 @@
 
 For an index made with `--embedder none`, or before embeddings existed: no video model runs, only
 the embedder, on the driver, with the same rows as an index run writes (`pipeline.embeddings`).
-It is committed like a run, through the same staging and commit (`pipeline.sink.RunWriter`): it
+It is committed like a run, through the same commit (`pipeline.store.commit.RunWriter`): it
 gets a run id, its vectors land under `embeddings/run_id=<id>/` with a `runs` row (`command`
 'embed', `model` the embedder, `captions`/`answers` the vectors added), and a crash leaves nothing
 half-written. Running it again adds nothing: a caption or answer whose key (video, run, object(s),
@@ -45,8 +45,8 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 def embed_main(args: argparse.Namespace) -> int:
     """Exit 0 when committed (or nothing was missing), 1 when it could not commit, 2 for bad input."""
     from pipeline.config import IndexConfig
-    from pipeline.sink import OutputError
     from pipeline.storage_errors import redact
+    from pipeline.store import OutputError
 
     try:
         storage_options = IndexConfig.parse_storage_options(args.storage_options)
@@ -88,28 +88,15 @@ def update_search(output: str, storage_options: Mapping[str, Any], *, rebuild: b
                  f"{'ANN' if result.ann else 'exact'} vector search, in {result.seconds:.1f} s")
 
 
-def _refuse_legacy(output: str, storage_options: Mapping[str, Any]) -> None:
-    """Indexes of the first contract are read through views that `read_table` does not apply."""
-    import posixpath
+def _open_index(output: str, storage_options: Mapping[str, Any]) -> Any:
+    """OUTPUT's tables, refusing one that holds no index or the pre-Delta layout (`pixelrefer migrate`)."""
+    from pipeline.store import OutputError, TableStore
 
-    from jobs.query_errors import LegacyLayoutError
-    from jobs.query_layout import detect_layout
-    from pipeline.sink import OutputError, filesystem
-
-    fs, root = filesystem(output, storage_options)
-    try:
-        folders = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
-    except FileNotFoundError as exc:
-        raise OutputError(f"OUTPUT {output!r} does not exist") from exc
-    if "videos" not in folders:
-        raise OutputError(f"OUTPUT {output!r} holds no index (no videos table): run `pixelrefer index` first")
-    try:
-        legacy = detect_layout(fs, root, output, folders).legacy
-    except LegacyLayoutError as exc:  # a mix of the two layouts
-        raise OutputError(str(exc)) from exc
-    if legacy:
-        raise OutputError(f"OUTPUT {output!r} was written by an older pixelrefer (masks in objects.frames, no clips); "
-                          "re-index the sources into a new OUTPUT to search it by meaning")
+    store = TableStore(output, storage_options)
+    store.check_layout()
+    if not store.exists("videos"):
+        raise OutputError(f"OUTPUT {store.shown!r} holds no index (no videos table): run `pixelrefer index` first")
+    return store
 
 
 def backfill(output: str, spec: str = DEFAULT_EMBEDDER, storage_options: Mapping[str, Any] | None = None,
@@ -117,30 +104,28 @@ def backfill(output: str, spec: str = DEFAULT_EMBEDDER, storage_options: Mapping
     """Embed what has no vector yet and commit it as one run; returns the vectors added per kind."""
     from pipeline.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
     from pipeline.run import new_run_id
-    from pipeline.sink import RunWriter, read_table, recover
     from pipeline.storage_errors import redact_url
+    from pipeline.store.commit import RunWriter, visible_rows
 
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     options = dict(storage_options or {})
-    recover(output, options)
-    _refuse_legacy(output, options)
+    store = _open_index(output, options)
     embedder = load_embedder(spec)
     if embedder is None:
         raise EmbedderError("--embedder none adds no embeddings: give 'wordllama' or a model folder or hub id")
     check_embedder(output, embedder.name, options, embedder.dim)
-    captions = read_table(output, "captions", options,
-                          columns=["video_id", "run_id", "object_id", "clip_index", "ts_start", "ts_end", "caption"])
-    qa = read_table(output, "qa", options,
-                    columns=["video_id", "run_id", "object_ids", "clip_index", "ts_start", "ts_end", "answer"])
-    have = {key_of(r) for r in read_table(output, "embeddings", options, columns=list(KEY_COLUMNS)).to_pylist()}
+    captions = visible_rows(store, "captions",
+                            ["video_id", "run_id", "object_id", "clip_index", "ts_start", "ts_end", "caption"])
+    qa = visible_rows(store, "qa", ["video_id", "run_id", "object_ids", "clip_index", "ts_start", "ts_end", "answer"])
+    have = {key_of(r) for r in visible_rows(store, "embeddings", list(KEY_COLUMNS)).to_pylist()}
     rows = [r for r in text_rows(captions.to_pylist(), qa.to_pylist()) if key_of(r) not in have]
     added = {"caption": sum(r["kind"] == "caption" for r in rows), "answer": sum(r["kind"] == "answer" for r in rows)}
     if not rows:
         progress(f"nothing to embed: every caption and answer in {redact_url(output)} has a {embedder.name} vector")
         return added
     run_id = run_id or new_run_id()
-    writer = RunWriter(output, run_id, options)
+    writer = RunWriter(store, run_id)
     try:
         for start in range(0, len(rows), EMBED_BATCH):
             writer.add("embeddings", embedding_table(embedder, rows[start:start + EMBED_BATCH], run_id))
@@ -150,6 +135,7 @@ def backfill(output: str, spec: str = DEFAULT_EMBEDDER, storage_options: Mapping
             "status": "committed", "videos_listed": 0, "videos_skipped": 0, "videos_ok": 0, "videos_failed": 0,
             "videos_quarantined": 0, "clips": 0, "video_seconds": 0.0, "objects": 0,
             "captions": added["caption"], "answers": added["answer"], "retry_video_ids": [],
+            "embeddings_version": None,
         }])
         writer.commit()
     except BaseException:

@@ -98,7 +98,7 @@ def index_main(args: argparse.Namespace) -> int:
     from pipeline.questions import QuestionsError
     from pipeline.run import run_index
     from pipeline.sizing import PlacementError
-    from pipeline.sink import OutputError
+    from pipeline.store import OutputError
     from pipeline.sources import SourceError
     from pipeline.storage_errors import explain, is_storage_exception, redact
 

@@ -1,13 +1,20 @@
 """The read-only SQL sandbox over a committed index: `open_index` and the `Index` it returns.
 
-The seven tables (`videos`, `clips`, `objects`, `masks`, `captions`, `qa`, `runs`) are DuckDB views
-over the committed Parquet files `OUTPUT/<table>/**/*.parquet` (hive partitioned by `run_id`, so a
-filter on `run_id` prunes whole runs); `latest_videos` is each video's latest ok run. A table whose
-folder holds no file yet (no run had questions, or an index from before the table existed) is an
-empty table of the right schema. An index of the first contract (masks in `objects.frames`, no
-`clips`) is mapped onto the same views by `jobs.query_layout`. Nothing under `OUTPUT/_staging/` is
-ever read: the globs only name the table folders, and after the views exist the connection is
-locked to exactly those folders.
+The eight tables are DuckDB views over the Parquet files of each Delta table's current version,
+as its transaction log lists them (`pipeline.store.TableStore.files`; never a glob: files a
+killed commit left, or that compaction replaced, are not in the log). The views apply the commit
+rule of `pipeline.store.commit`: a `videos` row shows only when `runs` holds its commit, a child
+row only when its video shows. `latest_videos` is, per source `uri`, its newest ok run; a source
+whose newest record is `removed` (deleted from SOURCE, seen by `nightly`) is not in it.
+
+- `model`: every view keeps the runs of that model only (removals count for every model), so a
+  trial with another model never hides the production results.
+- `as_of`: the `runs` table at that Delta version (or timestamp) decides what is visible, so the
+  index reads as it was then; the other tables are read at their latest version, which holds
+  every row that was visible then (rows are only ever appended; `maintain` removes leftovers
+  that were never visible).
+
+An OUTPUT of the pre-Delta layout is refused, naming `pixelrefer migrate`.
 
 Read-only by construction, in two independent layers:
 
@@ -16,16 +23,17 @@ Read-only by construction, in two independent layers:
    INSTALL/LOAD, SET, PRAGMA, EXPLAIN (EXPLAIN ANALYZE runs its statement) are refused.
 2. The connection itself cannot touch anything else: `allowed_directories` is set to the table
    folders, then `enable_external_access=false` and `lock_configuration=true`. So even a SELECT
-   such as `read_csv('/etc/passwd')` or `read_parquet('OUTPUT/_staging/...')` is refused by DuckDB.
+   such as `read_csv('/etc/passwd')` is refused by DuckDB.
 
-Remote OUTPUT (`s3://...` or any fsspec URL) is read through the fsspec filesystem registered with
-DuckDB (`register_filesystem`), because DuckDB's httpfs extension cannot be downloaded offline.
+Remote OUTPUT (`s3://...`) is read through the fsspec filesystem registered with DuckDB
+(`register_filesystem`), because DuckDB's httpfs extension cannot be downloaded offline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import os
 import posixpath
 import shutil
@@ -37,7 +45,7 @@ import fsspec
 import pyarrow as pa
 
 from jobs.query_errors import NoCommittedRun, QueryError, RefusedQuery, UsageError, VideoNotFound, duckdb_errors
-from jobs.query_layout import Layout, current_view_sql, detect_layout, first_parquet, legacy_view_sql
+from jobs.query_views import ViewSource, table_views
 from jobs.query_search import DEFAULT_SEARCH_LIMIT, LABEL_SQL, MACROS, SEARCH_SQL, TERMS_SQL, search_params
 from jobs.query_video import CLIPS_SQL, OBJECTS_SQL, RUNS_SQL, VideoResult
 from schemas.tables import TABLES
@@ -64,9 +72,6 @@ class OutputLocation:
     def table_dir(self, table: str) -> str:
         """The folder of a committed table, with a trailing slash (DuckDB's allowed_directories)."""
         return f"{self.duckdb_root}/{table}/"
-
-    def table_glob(self, table: str) -> str:
-        return f"{self.duckdb_root}/{table}/**/*.parquet"
 
 
 def resolve_output(output: str, storage_options: Mapping[str, Any] | None = None) -> OutputLocation:
@@ -131,19 +136,14 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
 # The index.
 # --------------------------------------------------------------------------------------------
 
-LATEST_VIDEOS_SQL = """
-CREATE VIEW latest_videos AS
-SELECT * FROM videos WHERE status = 'ok'
-QUALIFY row_number() OVER (PARTITION BY video_id ORDER BY indexed_at DESC NULLS LAST, run_id DESC) = 1
-"""
-
-
 class Index:
     """A read-only DuckDB view of one OUTPUT. Use `open_index`; close it (or use `with`)."""
 
-    def __init__(self, location: OutputLocation) -> None:
+    def __init__(self, location: OutputLocation, model: str | None = None,
+                 as_of: int | dt.datetime | None = None) -> None:
         self.location = location
-        self.layout = Layout()
+        self.model, self.as_of = model, as_of
+        self.versions: dict[tuple[str, int], dict[str, Any]] = {}
         self._tempdir = tempfile.mkdtemp(prefix="pixelrefer-query-")
         self.con = duckdb.connect(
             config={
@@ -164,55 +164,17 @@ class Index:
     # -- setup -------------------------------------------------------------------------------
 
     def _create_views(self) -> None:
-        folders = self._table_folders()
-        loc = self.location
-        try:
-            self.layout = detect_layout(loc.fs, loc.root, loc.url, folders)
-        except QueryError:
-            raise
-        except Exception as exc:  # OSError, or a storage client's own (e.g. botocore's endpoint errors)
-            raise QueryError(f"cannot read OUTPUT {loc.url!r}: {type(exc).__name__}: {exc}") from exc
-        if loc.remote:
-            self.con.register_filesystem(loc.fs)
+        source = ViewSource.open(self.location.url, self.location.storage_options, as_of=self.as_of)
+        self.versions = source.runs_versions
+        if self.location.remote:
+            self.con.register_filesystem(self.location.fs)
         with duckdb_errors():
-            for name, schema in TABLES.items():  # in order: legacy `clips` and `qa` use views made before
-                if self.layout.legacy:
-                    source, sql = legacy_view_sql(name, loc.table_glob)
-                else:
-                    source, sql = name, current_view_sql(name, schema, loc.table_glob(name))
-                if not (source in folders and self._try_file_view(sql)):
-                    # e.g. no run had questions: an empty table of the right shape, not an error
-                    self.con.register(name, schema.empty_table())
-            self.con.execute(LATEST_VIDEOS_SQL)
+            for name, schema in TABLES.items():
+                self.con.register(f"_empty_{name}", schema.empty_table())
+            for sql in table_views(source, self.model):
+                self.con.execute(sql)
             for macro in MACROS:
                 self.con.execute(macro)
-
-    def _table_folders(self) -> set[str]:
-        """Which table folders exist (one listing), after checking that a run has committed."""
-        loc = self.location
-        try:
-            entries = {posixpath.basename(p.rstrip("/")) for p in loc.fs.ls(loc.root, detail=False)}
-            committed = "videos" in entries and first_parquet(loc.fs, f"{loc.root}/videos") is not None
-        except FileNotFoundError as exc:
-            raise NoCommittedRun(f"OUTPUT {loc.url!r} does not exist") from exc
-        except Exception as exc:  # OSError, or a storage client's own (e.g. botocore's endpoint errors)
-            raise QueryError(f"cannot read OUTPUT {loc.url!r}: {type(exc).__name__}: {exc}") from exc
-        if not committed:
-            raise NoCommittedRun(
-                f"no committed run in OUTPUT {loc.url!r}: {loc.url.rstrip('/')}/videos/ holds no Parquet file "
-                "(runs become visible only when they commit; staging data is never read)"
-            )
-        return entries & set(TABLES)
-
-    def _try_file_view(self, sql: str) -> bool:
-        """Create a view over a table's files; False when its folder holds no Parquet file."""
-        try:
-            self.con.execute(sql)
-            return True
-        except duckdb.IOException as exc:
-            if "no files found" in str(exc).lower():
-                return False
-            raise
 
     def _lock(self) -> None:
         """Second layer of read-only: DuckDB itself refuses any other file, extension or setting."""
@@ -239,12 +201,23 @@ class Index:
     @property
     def notes(self) -> list[str]:
         """Lines a command should show the user about how OUTPUT was read (stderr, not the result)."""
-        note = self.layout.note(self.location.url)
-        return [note] if note else []
+        notes = []
+        if self.as_of is not None:
+            notes.append(f"note: reading OUTPUT as of {self.as_of} (runs table version "
+                         f"{max((v['version'] for v in self.versions.values()), default='?')})")
+        if self.model is not None:
+            notes.append(f"note: runs of model {self.model} only")
+        return notes
 
     def runs(self) -> pa.Table:
-        """One row per committed run: when, with which model, videos ok / failed, clips, video-hours."""
-        return self._internal(RUNS_SQL)
+        """One row per committed run: when, with which model, videos ok / failed, clips, video-hours,
+        and `version`: the `runs` table version of its last commit (what `--as-of` takes)."""
+        table = self._internal(RUNS_SQL)
+        last: dict[str, int] = {}
+        for (run_id, _), info in self.versions.items():
+            last[run_id] = max(last.get(run_id, -1), int(info["version"]))
+        versions = pa.array([last.get(r) for r in table.column("run_id").to_pylist()], pa.int64())
+        return table.append_column("version", versions)
 
     def video(self, ref: str, run_id: str | None = None) -> VideoResult:
         """Everything about one video, by video_id, unique video_id prefix or source URI.
@@ -353,11 +326,13 @@ def _uri_candidates(ref: str) -> list[str]:
     return candidates
 
 
-def open_index(output: str, storage_options: Mapping[str, Any] | None = None) -> Index:
-    """Open OUTPUT (local path or fsspec URL) for read-only queries.
+def open_index(output: str, storage_options: Mapping[str, Any] | None = None, *, model: str | None = None,
+               as_of: int | dt.datetime | None = None) -> Index:
+    """Open OUTPUT (local path or fsspec URL) for read-only queries (`model`, `as_of`: see the
+    module docstring).
 
     >>> idx = open_index("s3://bucket/index", {"profile": "prod"})   # doctest: +SKIP
     >>> idx.sql("SELECT count(*) FROM objects")                         # doctest: +SKIP
     """
-    return Index(resolve_output(output, storage_options))
+    return Index(resolve_output(output, storage_options), model=model, as_of=as_of)
 

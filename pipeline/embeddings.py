@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from models.embedders import Embedder, embedder_name, load_embedder
-from pipeline.sink import OutputError, read_table
+from pipeline.store import OutputError, TableStore
+from pipeline.store.commit import visible_rows
 from schemas.tables import EMBEDDINGS, to_table
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class RunEmbedder:
 
 def index_embedders(output: str, storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, int]]:
     """The (embedder, dim) pairs of the vectors already committed in OUTPUT, sorted."""
-    table = read_table(output, "embeddings", storage_options, columns=["embedder", "dim"])
+    table = visible_rows(TableStore(output, storage_options), "embeddings", ["embedder", "dim"])
     if not table.num_rows:
         return []
     pairs = table.group_by(["embedder", "dim"]).aggregate([]).to_pylist()

@@ -11,7 +11,11 @@ work since its last commit, and the same command resumes there (committed videos
 Why not Ray Data's `Datasink.on_write_complete` or the DataContext checkpointing: both work per
 output block of one dataset, while a commit here is a set of whole videos whose rows come from many
 blocks (one per clip) and from two waves (the whole-track captions), written to eight tables in one
-atomic publish (`pipeline.sink`).
+commit over the Delta tables (`pipeline.store.commit`).
+
+Overlapping runs (a cron overlap, `index` and `nightly` at once, two clusters) claim their videos
+before indexing them (`pipeline.store.claims`): each video is indexed by one run; the other run
+leaves it and says so.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from pipeline.graph import build_dataset, ensure_ray, iter_finished
 from pipeline import storage_errors
 from pipeline.questions import load_questions, questions_for
 from pipeline.search_index import SearchIndexUnsupported, sync
-from pipeline.sink import RunWriter, indexed_video_ids, recover, retry_counts
+from pipeline.store.claims import Claims
+from pipeline.store.commit import RunWriter, indexed_video_ids, latest_by_uri, retry_counts, visible_videos
+from pipeline.store.tables import TableStore
 from pipeline.sources import VideoFile, list_videos
 from pipeline.storage_errors import redact_url
 from pipeline.sizing import Cluster, Sizing, describe
@@ -62,9 +68,9 @@ class _Pending:
 class _Run:
     """The driver's state for one run (kept apart from `run_index` so each piece stays small)."""
 
-    def __init__(self, cfg: IndexConfig, run_id: str, summary: RunSummary, listed: int,
+    def __init__(self, cfg: IndexConfig, store: TableStore, run_id: str, summary: RunSummary, listed: int,
                  progress: Callable[[str], None]) -> None:
-        self.cfg, self.run_id, self.summary, self.progress = cfg, run_id, summary, progress
+        self.cfg, self.store, self.run_id, self.summary, self.progress = cfg, store, run_id, summary, progress
         self.listed = listed
         self.started = time.monotonic()
         self.started_at = dt.datetime.now(dt.timezone.utc)
@@ -80,7 +86,7 @@ class _Run:
         self.clips_total = 0
         self.clips_done = 0
         self.last_progress = 0.0
-        self.quarantine_rows: list[dict[str, Any]] = []
+        self.quarantine_rows: list[dict[str, Any]] = []  # and sources removed from SOURCE
         self.finished: set[str] = set()  # videos linked (committed, ready or waiting for track captions)
         self.embedder = RunEmbedder(cfg.embedder)
 
@@ -193,8 +199,7 @@ class _Run:
         if not self.ready and not final:
             return
         started = time.perf_counter()
-        writer = RunWriter(self.cfg.output, self.run_id, self.cfg.storage_options,
-                           rows_per_file=self.cfg.rows_per_file, commit_index=self.commit_index)
+        writer = RunWriter(self.store, self.run_id, commit_index=self.commit_index)
         try:
             counts = RunSummary(run_id=self.run_id, videos_listed=self.summary.videos_listed,
                                 videos_skipped=self.summary.videos_skipped)
@@ -247,7 +252,7 @@ def run_row(cfg: IndexConfig, counts: RunSummary, started_at: dt.datetime, commi
         "videos_ok": counts.videos_ok, "videos_failed": counts.videos_failed,
         "videos_quarantined": counts.videos_quarantined, "clips": counts.clips, "video_seconds": counts.video_seconds,
         "objects": counts.objects, "captions": counts.captions, "answers": counts.answers,
-        "retry_video_ids": counts.retry_video_ids,
+        "retry_video_ids": counts.retry_video_ids, "embeddings_version": None,
     }
 
 
@@ -258,7 +263,40 @@ def quarantined_row(cfg: IndexConfig, video: VideoFile, run_id: str, attempts: i
         "sampled_fps": None, "clips": None, "status": "failed",
         "error": f"quarantined: workers crashed on this video in {attempts} runs",
         "model": cfg.model_label, "tracker": cfg.tracker_label, "run_id": run_id, "indexed_at": when,
+        "commit_index": 0,
     }
+
+
+def removed_rows(cfg: IndexConfig, store: TableStore, listed: list[VideoFile], run_id: str,
+                 when: dt.datetime) -> list[dict[str, Any]]:
+    """`removed` rows for the sources under SOURCE that the index shows but SOURCE no longer holds.
+
+    Only uris under this SOURCE count (an OUTPUT may index several sources), and only when the
+    listing found something: an empty listing is more likely a wrong prefix or a transient store
+    problem than a bucket emptied on purpose."""
+    if not listed:
+        return []
+    prefix = _source_prefix(cfg.source, listed).rstrip("/")
+    present = {v.uri for v in listed}
+    shown = latest_by_uri(visible_videos(store, ["video_id", "uri", "status", "model", "run_id", "indexed_at"]))
+    rows = []
+    for uri, row in sorted(shown.items()):
+        if uri in present or not (uri == prefix or uri.startswith(prefix + "/")):
+            continue
+        rows.append({**quarantined_row(cfg, VideoFile(uri=uri, size_bytes=0, etag=None), run_id, 0, when),
+                     "video_id": row["video_id"], "status": "removed", "error": "removed from SOURCE"})
+    return rows
+
+
+def _source_prefix(source: str, listed: list[VideoFile]) -> str:
+    """SOURCE as its videos' uris spell it: a local folder's or file's absolute path, else the URL."""
+    import os
+
+    from pipeline.sources import is_local, local_path
+
+    if is_local(source):
+        return os.path.abspath(local_path(source))
+    return source.rstrip("/")
 
 
 def _input_rows(cfg: IndexConfig, videos: list[VideoFile], run_id: str) -> list[dict[str, Any]]:
@@ -318,35 +356,58 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
     started, cpu_started = time.monotonic(), time.process_time()
     run_id = cfg.run_id or new_run_id()
     summary = RunSummary(run_id=run_id)
-    finished = recover(cfg.output, cfg.storage_options)
-    if finished:
-        progress(f"finished interrupted commits of runs {', '.join(finished)}")
+    store = TableStore(cfg.output, cfg.storage_options)
+    store.require_location()
+    store.check_layout()
     videos = list_videos(cfg.source, cfg.storage_options)
     summary.videos_listed = len(videos)
     if not videos:
         progress(f"no videos found under {redact_url(cfg.source)}")
-    done = indexed_video_ids(cfg.output, cfg.model_label, cfg.tracker_label, cfg.storage_options,
-                             include_failed=not cfg.retry_failed)
-    attempts = retry_counts(cfg.output, cfg.model_label, cfg.tracker_label, cfg.storage_options)
-    todo = [v for v in videos if v.video_id not in done]
-    summary.videos_skipped = len(videos) - len(todo)
-    quarantine = [v for v in todo if attempts.get(v.video_id, 0) >= cfg.max_attempts]
-    todo = [v for v in todo if attempts.get(v.video_id, 0) < cfg.max_attempts]
-    run = _Run(cfg, run_id, summary, len(videos), progress)
-    run.quarantine_rows = [quarantined_row(cfg, v, run_id, attempts[v.video_id], run.started_at) for v in quarantine]
-    for video, row in zip(quarantine, run.quarantine_rows):
-        summary.videos_failed += 1
-        summary.videos_quarantined += 1
-        summary.failures.append((video.uri, row["error"]))
+    claims = Claims(store, run_id, cfg.model_label, cfg.tracker_label)
+    run = _Run(cfg, store, run_id, summary, len(videos), progress)
     try:
+        todo, quarantine, attempts = _claim_work(cfg, store, claims, videos, summary, progress)
+        run.quarantine_rows = [quarantined_row(cfg, v, run_id, attempts[v.video_id], run.started_at) for v in quarantine]
+        if cfg.command == "nightly":
+            removed = removed_rows(cfg, store, videos, run_id, run.started_at)
+            if removed:
+                progress(f"{len(removed)} source(s) no longer under {redact_url(cfg.source)}: recorded as removed")
+            run.quarantine_rows += removed
+        for video, row in zip(quarantine, run.quarantine_rows):
+            summary.videos_failed += 1
+            summary.videos_quarantined += 1
+            summary.failures.append((video.uri, row["error"]))
         if todo:
             run.embedder.prepare(cfg.output, cfg.storage_options)
             _process(cfg, run, todo, len(videos))
         run.commit(final=True)
     finally:
+        claims.release()
         summary.seconds = time.monotonic() - started
         summary.driver_cpu_s = time.process_time() - cpu_started
     return summary
+
+
+def _claim_work(cfg: IndexConfig, store: TableStore, claims: Claims, videos: list[VideoFile], summary: RunSummary,
+                progress: Callable[[str], None]) -> tuple[list[VideoFile], list[VideoFile], dict[str, int]]:
+    """(videos to index, videos to quarantine, crash counts): what is not indexed yet, claimed by
+    this run. What is indexed is read again *after* claiming: a run that committed and released
+    those videos a moment ago is then seen, so nothing is indexed twice."""
+    done = indexed_video_ids(store, cfg.model_label, cfg.tracker_label, include_failed=not cfg.retry_failed)
+    wanted = [v for v in videos if v.video_id not in done]
+    mine, others = claims.claim([v.video_id for v in wanted])
+    if others:
+        holders = sorted(set(others.values()))
+        progress(f"another run holds {len(others)} of these videos ({', '.join(holders[:3])}"
+                 f"{', ...' if len(holders) > 3 else ''}); they are left to it")
+    done = indexed_video_ids(store, cfg.model_label, cfg.tracker_label, include_failed=not cfg.retry_failed)
+    held = set(mine)
+    todo = [v for v in wanted if v.video_id in held and v.video_id not in done]
+    summary.videos_skipped = len(videos) - len(todo)
+    attempts = retry_counts(store, cfg.model_label, cfg.tracker_label)
+    quarantine = [v for v in todo if attempts.get(v.video_id, 0) >= cfg.max_attempts]
+    todo = [v for v in todo if attempts.get(v.video_id, 0) < cfg.max_attempts]
+    return todo, quarantine, attempts
 
 
 def update_search_index(output: str, storage_options: Mapping[str, Any] | None,

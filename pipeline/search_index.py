@@ -18,10 +18,16 @@ FAISS would need a second store for the rows and a hand-made BM25 side.
 nothing changed. It runs after every commit of an index run and in `pixelrefer embed`. What it has
 seen is the set of (run, commit) of the `runs` table, written last to `_search/state.json`; a query
 uses the index only when that set equals the `runs` table's, so a stale index is never read (the
-query then ranks exactly; `SearchIndex.open` says why). A sync reads only the embeddings and
-videos files of the commits it has not seen (`pipeline.sink.read_commits`), replacing any rows of
-theirs that a sync stopped half-way left, and deletes the passages of the videos they re-indexed
-that are no longer their video's latest ok run.
+query then ranks exactly; `SearchIndex.open` says why). A sync reads only what the commits it has
+not seen appended: each commit's vectors from the `embeddings` change feed at the version its
+`runs` row names (`runs.embeddings_version`), so a long run's earlier commits are never read again.
+It replaces any rows of those commits that a sync stopped half-way left, and deletes the passages
+that are no longer their source's latest ok run (a re-indexed or replaced file, a removed one).
+When the feed of an old version is gone (vacuumed), it rebuilds from the tables.
+
+One sync at a time per OUTPUT: a sync holds a claim (`pipeline.store.claims`) on the index while
+it runs; a second waits for it. A state that cannot be read because the store failed is an error
+(the index is kept); only a missing state, or one that is not valid JSON, means "rebuild".
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sink import OutputError, filesystem, read_commits, read_table
 from pipeline.storage_errors import redact, redact_url
+from pipeline.store.commit import commit_key, split_commit, visible_videos
+from pipeline.store.location import OutputError, UnsupportedStore, filesystem, object_store_options, rust_url
+from pipeline.store.tables import TableError, TableStore
 
 os.environ.setdefault("LANCE_LOG", "error")  # Lance's Rust logger: its notices are not the user's business
 
@@ -102,58 +110,27 @@ class SearchLocation:
         """Local folders and S3 (s3fs's options translated to Lance's); other stores raise, since
         their fsspec options have no faithful translation, and `--like` then ranks exactly."""
         fs, root = filesystem(output, storage_options)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        path = posixpath.join(root, SEARCH_FOLDER, DATASET)
-        if protocol in ("file", "local"):
-            return cls(path, {})
-        if protocol in ("s3", "s3a"):
-            return cls(f"s3://{path}", lance_s3_options(storage_options or {}))
-        raise SearchIndexUnsupported(f"no search index on {protocol}:// storage (local folders and S3 only)")
+        try:
+            return cls(rust_url(fs, posixpath.join(root, SEARCH_FOLDER, DATASET)),
+                       object_store_options(fs, storage_options))
+        except UnsupportedStore as exc:
+            raise SearchIndexUnsupported(f"no search index: {exc}") from exc
 
 
 def lance_s3_options(options: Mapping[str, Any]) -> dict[str, str]:
-    """s3fs's storage options as Lance's (object_store) keys; unset ones fall back, as with s3fs,
-    to the AWS_* environment. An option with no equivalent is refused rather than dropped."""
-    client = dict(options.get("client_kwargs") or {})
-    out: dict[str, str] = {}
-    names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token"}
-    for name, value in options.items():
-        if name in names and value:
-            out[names[name]] = str(value)
-        elif name == "endpoint_url" and value:
-            client["endpoint_url"] = value
-        elif name == "anon" and value:
-            out["aws_skip_signature"] = "true"
-        elif name not in ("client_kwargs", "config_kwargs", "use_listings_cache", "skip_instance_cache",
-                          "default_block_size", "default_fill_cache", "anon", "key", "secret", "token", "endpoint_url"):
-            raise SearchIndexUnsupported(f"storage option {name!r} has no equivalent for the search index")
-    endpoint = client.get("endpoint_url")
-    if endpoint:
-        out["aws_endpoint"] = str(endpoint)
-        if str(endpoint).startswith("http://"):
-            out["allow_http"] = "true"
-    region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        out["aws_region"] = str(region)
-    elif endpoint:
-        out["aws_region"] = "us-east-1"  # S3-compatible stores ignore it, but the client needs one
-    return out
+    """s3fs's storage options as Lance's (object_store's; `pipeline.store.location`)."""
+    import fsspec
 
-
-def commit_key(run_id: str, commit_index: int) -> str:
-    """One commit as "run_id/commit_index" (run ids have no '/'): in the state, the rows, the query."""
-    return f"{run_id}/{int(commit_index)}"
-
-
-def split_commit(key: str) -> tuple[str, int]:
-    run_id, commit_index = key.rsplit("/", 1)
-    return run_id, int(commit_index)
+    try:
+        return object_store_options(fsspec.filesystem("s3", skip_instance_cache=True), options)
+    except UnsupportedStore as exc:
+        raise SearchIndexUnsupported(str(exc)) from exc
 
 
 def committed(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """The index's commits as sorted `commit_key`s: what a sync has seen."""
-    runs = read_table(output, "runs", storage_options, columns=["run_id", "commit_index"])
-    return sorted({commit_key(r["run_id"], r["commit_index"]) for r in runs.to_pylist()})
+    runs = TableStore(output, storage_options).read("runs", columns=["run_id", "commit_index"])
+    return sorted({commit_key(r["run_id"], r["commit_index"] or 0) for r in runs.to_pylist()})
 
 
 def _state_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -166,27 +143,27 @@ def read_state(output: str, storage_options: Mapping[str, Any] | None = None) ->
     the dataset, `LAYOUT_VERSION`: the next sync rebuilds it)."""
     fs, path = _state_path(output, storage_options)
     try:
-        state = json.loads(fs.cat_file(path))
+        raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        log.warning("search index state %s is unreadable (%s): it will be rebuilt", path, exc)
+    except OSError as exc:  # the store failed: not the same as no state; never rebuild on it
+        raise SearchIndexError(redact(f"the search index state of OUTPUT {redact_url(output)!r} could not be read "
+                                      f"({type(exc).__name__}: {exc}); the index is kept, try again",
+                                      storage_options)) from exc
+    try:
+        state = json.loads(raw)
+    except ValueError as exc:
+        log.warning("search index state %s is not valid JSON (%s): it will be rebuilt", path, exc)
         return None
     return state if isinstance(state, dict) and state.get("layout") == LAYOUT_VERSION else None
 
 
-def latest_runs(videos: pa.Table) -> dict[str, str]:
-    """Each video's latest ok run, by the rule of the `latest_videos` view (newest `indexed_at`,
-    then the greater run id)."""
-    best: dict[str, tuple[Any, str]] = {}
-    never = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-    for row in videos.to_pylist():
-        if row["status"] != "ok":
-            continue
-        key = (row["indexed_at"] or never, row["run_id"])
-        if row["video_id"] not in best or key > best[row["video_id"]]:
-            best[row["video_id"]] = key
-    return {video: key[1] for video, key in best.items()}
+def current_runs(videos: pa.Table) -> dict[str, str]:
+    """video_id -> run, for each source's latest ok run (`pipeline.store.commit.latest_by_uri`, the
+    rule of the `latest_videos` view): passages of any other (video, run) are stale."""
+    from pipeline.store.commit import latest_by_uri
+
+    return {row["video_id"]: row["run_id"] for row in latest_by_uri(videos).values()}
 
 
 def _quote(value: str) -> str:
@@ -235,8 +212,9 @@ def passages(embeddings: pa.Table, labels: Mapping[tuple[str, str, int], str], d
     })
 
 
-def _labels(output: str, options: Mapping[str, Any], runs: Iterable[str]) -> dict[tuple[str, str, int], str]:
-    objects = read_table(output, "objects", options, columns=["video_id", "run_id", "object_id", "label"], runs=runs)
+def _labels(store: TableStore, runs: Iterable[str]) -> dict[tuple[str, str, int], str]:
+    objects = store.read("objects", columns=["video_id", "run_id", "object_id", "label"],
+                         filter=pc.field("run_id").isin(sorted(set(runs))))
     return {(r["video_id"], r["run_id"], r["object_id"]): r["label"].strip().lower()
             for r in objects.to_pylist() if r["label"] and r["label"].strip()}
 
@@ -260,28 +238,47 @@ def sync(output: str, storage_options: Mapping[str, Any] | None = None, *, rebui
 
 def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bool,
           progress: Callable[[str], None] | None) -> SyncResult:
-    lance = _lance()
+    from pipeline.store.claims import SyncLock
+
     options = dict(storage_options or {})
+    location = SearchLocation.of(output, options)
+    store = TableStore(output, options)
+    with SyncLock(store, wait_s=SYNC_WAIT_S):
+        return _sync_locked(store, location, rebuild=rebuild, progress=progress)
+
+
+#: How long a sync waits for another one of the same OUTPUT to finish.
+SYNC_WAIT_S = 600.0
+
+
+def _sync_locked(store: TableStore, location: SearchLocation, *, rebuild: bool,
+                 progress: Callable[[str], None] | None) -> SyncResult:
+    lance = _lance()
+    output, options = store.output, store.storage_options
     started = time.perf_counter()
     result = SyncResult()
-    location = SearchLocation.of(output, options)
     commits = committed(output, options)
     state = None if rebuild else read_state(output, options)
     dataset = None
     if state is not None:
         try:
             dataset = lance.dataset(location.uri, storage_options=location.options)
-        except (ValueError, OSError):
+        except ValueError:
             state = None  # the state outlived its dataset: start again
     if state is not None and dataset is not None and state.get("commits") == commits:
         return SyncResult(rows=int(state.get("rows", 0)), ann=bool(state.get("ann")), up_to_date=True,
                           seconds=time.perf_counter() - started)
-    if state is None:
-        _remove_dataset(output, options)  # whatever is there was not recorded as synced: start again
+    videos = visible_videos(store, ["video_id", "uri", "status", "model", "run_id", "commit_index", "indexed_at"])
+    current = current_runs(videos)
     seen = set(state["commits"]) if state else set()
     new_commits = [c for c in commits if c not in seen]
-    latest = latest_runs(read_table(output, "videos", options, columns=["video_id", "run_id", "status", "indexed_at"]))
     kind = (state.get("embedder"), state.get("dim")) if state and state.get("dim") else None
+    versions = _embedding_versions(store, new_commits) if state is not None else {}
+    if state is not None and any(v is not None and not _feed_readable(store, v) for v in versions.values()):
+        log.warning("the change feed of an older embeddings version is gone (vacuumed): rebuilding the search index")
+        state, dataset = None, None
+    if state is None:
+        _remove_dataset(output, options)  # whatever is there was not recorded as synced: start again
     result.steps["read_s"] = time.perf_counter() - started
 
     step = time.perf_counter()
@@ -290,11 +287,10 @@ def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bo
         before = dataset.count_rows()
         if new_commits:
             clauses = [_in("commit", new_commits)]  # a sync that stopped half-way left them
-            clauses += [f"({_in('video_id', videos)} AND text_run_id != {_quote(run)})"
-                        for run, videos in _reindexed(output, options, new_commits, latest).items()]
+            clauses += _stale_clauses(videos, new_commits, current)
             dataset.delete(" OR ".join(clauses))
         result.removed = before - dataset.count_rows()
-    new = _NewPassages(output, options, new_commits, latest, kind)
+    new = _NewPassages(store, versions if state is not None else None, current, kind, set(commits))
     batches = iter(new)
     first = next(batches, None)
     if first is not None:
@@ -313,27 +309,68 @@ def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bo
                              state.get("ann_rows") if state else None)
         result.ann = ann_rows is not None
     result.steps["index_s"] = time.perf_counter() - step
-    fs, path = _state_path(output, options)
-    fs.pipe_file(path, json.dumps({"layout": LAYOUT_VERSION, "commits": commits, "embedder": kind[0] if kind else None,
-                                   "dim": kind[1] if kind else None, "rows": result.rows, "ann": result.ann,
-                                   "ann_rows": ann_rows,
-                                   "synced_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode())
+    _write_state(output, options, {
+        "layout": LAYOUT_VERSION, "commits": commits, "embedder": kind[0] if kind else None,
+        "dim": kind[1] if kind else None, "rows": result.rows, "ann": result.ann, "ann_rows": ann_rows,
+        "synced_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _reindexed(output: str, options: Mapping[str, Any], commits: list[str],
-               latest: Mapping[str, str]) -> dict[str, set[str]]:
-    """The videos `commits` indexed ok, by their latest ok run: only these can have passages of
-    another run that is no longer their latest (a video's latest run changes only when a run
-    indexes it ok), so a sync reads the new commits' `videos` rows rather than scanning the index."""
-    moved: dict[str, set[str]] = {}
-    for _, batch in read_commits(output, "videos", [split_commit(c) for c in commits], options,
-                                 columns=["video_id", "status"]):
-        for video, status in zip(batch.column("video_id").to_pylist(), batch.column("status").to_pylist()):
-            if status == "ok" and video in latest:
-                moved.setdefault(latest[video], set()).add(video)
-    return moved
+def _write_state(output: str, options: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Write the state whole: a temporary sibling renamed over it on local folders (one PUT on S3
+    is atomic already), so a reader never finds half a state."""
+    fs, path = _state_path(output, options)
+    data = json.dumps(state).encode()
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _embedding_versions(store: TableStore, commits: list[str]) -> dict[str, int | None]:
+    """Each new commit's `embeddings` version (from its `runs` row; None: it added no vectors)."""
+    if not commits:
+        return {}
+    runs = store.read("runs", columns=["run_id", "commit_index", "embeddings_version"],
+                      filter=pc.field("run_id").isin(sorted({split_commit(c)[0] for c in commits})))
+    found = {commit_key(r["run_id"], r["commit_index"] or 0): r["embeddings_version"] for r in runs.to_pylist()}
+    return {c: found.get(c) for c in commits}
+
+
+def _feed_readable(store: TableStore, version: int) -> bool:
+    try:
+        store.changes("embeddings", version)
+        return True
+    except TableError:
+        return False
+
+
+def _stale_clauses(videos: pa.Table, commits: list[str], current: Mapping[str, str]) -> list[str]:
+    """Deletes for passages the new commits made stale: every other (video, run) of a source they
+    indexed ok or recorded as removed. Only those sources can have changed their latest run, so
+    a sync reads the new commits' `videos` rows rather than scanning the index."""
+    new = {split_commit(c) for c in commits}
+    touched = {r["uri"] for r in videos.to_pylist()
+               if (r["run_id"], r["commit_index"] or 0) in new and r["status"] in ("ok", "removed")}
+    if not touched:
+        return []
+    ids_of: dict[str, set[str]] = {}
+    for row in videos.select(["uri", "video_id"]).to_pylist():
+        if row["uri"] in touched:
+            ids_of.setdefault(row["uri"], set()).add(row["video_id"])
+    clauses = []
+    for uri in sorted(touched):
+        ids = ids_of[uri]
+        keep = [(v, current[v]) for v in ids if v in current]
+        clause = _in("video_id", ids)
+        if keep:
+            video, run = keep[0]
+            clause += f" AND NOT (video_id = {_quote(video)} AND text_run_id = {_quote(run)})"
+        clauses.append(f"({clause})")
+    return clauses
 
 
 def _chain(first: pa.RecordBatch, rest: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
@@ -342,13 +379,15 @@ def _chain(first: pa.RecordBatch, rest: Iterable[pa.RecordBatch]) -> Iterable[pa
 
 
 class _NewPassages:
-    """The passages of `runs` that are their video's latest ok run, batch by batch (iterate once);
-    `kind` is the (embedder, dim) they hold. A second embedder is refused: a query could not
-    compare its vectors with the others."""
+    """The passages to add, batch by batch (iterate once): the vectors each new commit appended
+    (`versions`: commit -> embeddings version), or, for a rebuild (`versions` None), every visible
+    vector; of those, only the ones of their source's latest ok run. `kind` is the (embedder, dim)
+    they hold. A second embedder is refused: a query could not compare its vectors with the others."""
 
-    def __init__(self, output: str, options: Mapping[str, Any], commits: list[str], latest: Mapping[str, str],
-                 kind: tuple[str, int] | None) -> None:
-        self.output, self.options, self.commits, self.latest, self.kind = output, options, commits, latest, kind
+    def __init__(self, store: TableStore, versions: Mapping[str, int | None] | None, current: Mapping[str, str],
+                 kind: tuple[str, int] | None, commits: set[str]) -> None:
+        self.store, self.versions, self.current, self.kind = store, versions, current, kind
+        self.committed_runs = {split_commit(c)[0] for c in commits}
         self.labels: dict[tuple[str, str, int], str] = {}
         self._label_runs: set[str] = set()
 
@@ -357,25 +396,36 @@ class _NewPassages:
         vectors are committed by `embed`, their objects by the index run), read once per run."""
         missing = text_runs - self._label_runs
         if missing:
-            self.labels.update(_labels(self.output, self.options, missing))
+            self.labels.update(_labels(self.store, missing))
             self._label_runs |= missing
         return self.labels
 
+    def _sources(self) -> Iterator[tuple[str, pa.Table]]:
+        if self.versions is None:
+            for batch in self.store.batches("embeddings"):
+                table = pa.Table.from_batches([batch])
+                keep = [r in self.committed_runs for r in table.column("run_id").to_pylist()]
+                yield "rebuild/0", table.filter(pa.array(keep, pa.bool_()))
+            return
+        for commit, version in self.versions.items():
+            if version is not None:
+                yield commit, self.store.changes("embeddings", int(version))
+
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        keys = [split_commit(c) for c in self.commits]
-        for (run_id, commit_index), batch in read_commits(self.output, "embeddings", keys, self.options):
-            table = pa.Table.from_batches([batch])
+        for commit, table in self._sources():
+            if not table.num_rows:
+                continue
             kinds = {(str(k["embedder"]), int(k["dim"])) for k in table.group_by(["embedder", "dim"]).aggregate([]).to_pylist()}
             self.kind = self.kind or min(kinds)
             if kinds - {self.kind}:
                 held = ", ".join(f"{n} ({d}-d)" for n, d in sorted(kinds | {self.kind}))
-                raise SearchIndexError(f"OUTPUT {self.output} holds vectors of several embedders ({held}); the search "
-                                       "index keeps one")
-            want = pa.array([self.latest.get(v) for v in table.column("video_id").to_pylist()], pa.string())
+                raise SearchIndexError(f"OUTPUT {self.store.shown} holds vectors of several embedders ({held}); the "
+                                       "search index keeps one")
+            want = pa.array([self.current.get(v) for v in table.column("video_id").to_pylist()], pa.string())
             table = table.filter(pc.fill_null(pc.equal(table.column("text_run_id"), want), False))
             if table.num_rows:
                 labels = self._labels_of(set(table.column("text_run_id").unique().to_pylist()))
-                yield from passages(table, labels, self.kind[1], commit_key(run_id, commit_index)).to_batches()
+                yield from passages(table, labels, self.kind[1], commit).to_batches()
 
 
 def _remove_dataset(output: str, options: Mapping[str, Any]) -> None:

@@ -34,7 +34,10 @@ VIDEOS = pa.schema(
         ("model", pa.string()),
         ("tracker", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
+        # When the row was committed (its commit's time): what orders "latest" for a source.
         ("indexed_at", pa.timestamp("us", tz="UTC")),
+        # The run commit that wrote the row: a video is visible only once `runs` holds that commit.
+        ("commit_index", pa.int32()),
     ]
 )
 
@@ -140,6 +143,9 @@ RUNS = pa.schema(
         # Videos whose workers crashed in this run: not recorded in `videos`, so the next run
         # retries them; after `max_attempts` such runs they are quarantined.
         ("retry_video_ids", pa.list_(pa.string())),
+        # The `embeddings` table version this commit appended (null: none): what the search index
+        # reads from the change feed instead of re-reading the run's files.
+        ("embeddings_version", pa.int64()),
     ]
 )
 
@@ -172,7 +178,12 @@ TABLES: dict[str, pa.Schema] = {
     "embeddings": EMBEDDINGS,
 }
 
-VIDEO_STATUSES = ("ok", "failed")
+#: Version of these schemas as the Delta tables record it (`pipeline.store.tables`): 2 is the Delta
+#: layout (`videos.commit_index`, `videos.status` 'removed', `runs.embeddings_version`).
+SCHEMA_VERSION = 2
+
+#: `removed`: the source was deleted from SOURCE (recorded by `nightly`); its history stays readable.
+VIDEO_STATUSES = ("ok", "failed", "removed")
 MODES = ("lite", "full")
 OBJECT_SOURCES = ("prompt", "auto", "concept")
 CLIP_STATUSES = ("ok", "failed")

@@ -32,8 +32,16 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Any:
-    """A real S3 API on loopback (moto server mode), with dummy credentials."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 API on loopback (moto's server in a process of its own), with dummy credentials.
+
+    Its own process, not a thread of the test's: delta-rs holds the GIL through some calls, which
+    would stall an in-process server until the client times out. moto implements S3's conditional
+    writes (If-None-Match), which delta-rs commits with (`test_loopback_s3_has_conditional_writes`)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {
@@ -42,13 +50,25 @@ def s3_endpoint() -> Any:
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         }.items():  # fmt: skip
             mp.setenv(key, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("moto_server did not start on loopback")
+                    time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}"
         finally:
-            server.stop()
+            server.terminate()
+            server.wait(timeout=10)
 
 
 @pytest.fixture

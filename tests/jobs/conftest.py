@@ -30,7 +30,7 @@ def long_index(tmp_path_factory: pytest.TempPathFactory) -> IndexInfo:
     uri = os.path.abspath(truth.path)
     root = str(folder / "index")
     fs = fsspec.filesystem("file")
-    write_index(fs, root, long_tables(uri, truth.width, truth.height))
+    write_index(root, long_tables(uri, truth.width, truth.height))
     return IndexInfo(output=root, storage_options=None, uris={"long": uri}, video_ids={"long": video_id_for(uri)},
                      truths={"long": truth}, fs=fs, root=root)  # fmt: skip
 

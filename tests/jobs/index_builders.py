@@ -1,7 +1,7 @@
 """The committed test indexes of `tests/jobs`: their rows, and writers that lay them out as the index job does.
 
-Layout: OUTPUT/<table>/run_id=<run>/part-cNNNN-NNNNN.parquet (one file set per commit), plus junk
-under OUTPUT/_staging/ that no query may ever see. Source videos are real H.264 files from
+Layout: the Delta tables of `pipeline.store` (one append per run, table and commit), plus the
+leftovers of a killed commit (tables appended, no `runs` row) that no query may ever see. Source videos are real H.264 files from
 pipeline.samples with known masks, and the `masks` rows are built from those ground-truth masks
 (COCO RLE), so a report's overlays can be checked pixel by pixel.
 
@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from pipeline.samples import GroundTruth, Shape
+from pipeline.store import TableStore
+from pipeline.store.commit import PUBLISH_ORDER
 from schemas.tables import CAPTIONS as CAPTIONS_SCHEMA, MASKS, OBJECTS, QA as QA_SCHEMA, RUNS, VIDEOS, to_table
 
 RUN1, RUN2, RUN3 = "1700000000", "run-2024-02", "run-2024-03"
@@ -265,21 +267,25 @@ def index_tables(uris: dict[str, str], truths: dict[str, GroundTruth]) -> dict[s
     return runs
 
 
-def write_index(fs: Any, root: str, runs: dict[str, dict[str, list[dict[str, Any]]]], prefix: str = "") -> None:
-    """Write each run's non-empty tables as the sink does: OUTPUT/[prefix]<table>/run_id=<run>/part-cNNNN-00000.parquet.
+def write_index(output: str, runs: dict[str, dict[str, list[dict[str, Any]]]],
+                storage_options: dict[str, Any] | None = None, committed: bool = True) -> None:
+    """Append each run's tables through `TableStore` in the commit order (children, videos, runs).
 
-    `runs` rows go to the file of their own commit; the rest of a run's rows to commit 0.
-    """
+    `runs` rows go to the commit of their own index; every other row to commit 0 (videos get
+    `commit_index` 0). Rows keep their own `indexed_at`. `committed=False` leaves out the `runs`
+    rows: the leftovers of a killed commit."""
+    store = TableStore(output, storage_options)
     for run_id, tables in runs.items():
-        for name, rows in tables.items():
+        for name in PUBLISH_ORDER:
+            rows = [{**r, "commit_index": r.get("commit_index") or 0} if name == "videos" else r
+                    for r in tables.get(name, [])]
+            if name == "runs" and not committed:
+                continue
             commits: dict[int, list[dict[str, Any]]] = {}
             for row in rows:
-                commit = (row["commit_index"] or 0) if name == "runs" else 0
-                commits.setdefault(commit, []).append(row)
-            folder = f"{root}/{prefix}{name}/run_id={run_id}"
+                commits.setdefault((row["commit_index"] or 0) if name == "runs" else 0, []).append(row)
             for commit, part in sorted(commits.items()):
-                fs.makedirs(folder, exist_ok=True)
-                pq.write_table(to_table(name, part), f"{folder}/part-c{commit:04d}-00000.parquet", filesystem=fs)
+                store.append(name, to_table(name, part), commit=f"{run_id}/{commit}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,8 +343,8 @@ def write_legacy_index(fs: Any, root: str, runs: dict[str, dict[str, list[dict[s
                 pq.write_table(table, f"{folder}/part-00000.parquet", filesystem=fs)
 
 
-def write_staging(fs: Any, root: str, truth: GroundTruth, uri: str) -> None:
-    """An uncommitted run (newer than all): visible to nobody. Two plausible staging layouts."""
+def write_staging(output: str, truth: GroundTruth, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """A killed commit (newer than all): its rows are appended, its `runs` row is not: visible to nobody."""
     when = dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)
     vid = video_id_for(uri + "#staged")
     objects, masks = object_and_mask_rows(truth, "a", vid, STAGED_RUN)
@@ -346,8 +352,7 @@ def write_staging(fs: Any, root: str, truth: GroundTruth, uri: str) -> None:
         **empty_run(), "videos": [video_row("staged", uri + "#staged", STAGED_RUN, truth, when, "staged-model")],
         "clips": clip_rows(truth, vid, STAGED_RUN), "objects": objects, "masks": masks,
     }}  # fmt: skip
-    write_index(fs, root, staged, prefix=f"_staging/{STAGED_RUN}/")
-    write_index(fs, f"{root}/_staging", staged)
+    write_index(output, staged, storage_options, committed=False)
 
 
 def build_index(fs: Any, root: str, output: str, uris: dict[str, str], truths: dict[str, GroundTruth],
@@ -355,8 +360,8 @@ def build_index(fs: Any, root: str, output: str, uris: dict[str, str], truths: d
     if legacy:
         write_legacy_index(fs, root, legacy_tables(index_tables(uris, truths)))
     else:
-        write_index(fs, root, index_tables(uris, truths))
-        write_staging(fs, root, truths["a"], uris["a"])
+        write_index(output, index_tables(uris, truths), storage_options)
+        write_staging(output, truths["a"], uris["a"], storage_options)
     return IndexInfo(
         output=output, storage_options=storage_options, uris=uris,
         video_ids={k: video_id_for(v) for k, v in uris.items()}, truths=truths, fs=fs, root=root,

@@ -108,7 +108,7 @@ def scene_tables() -> dict[str, list[dict[str, Any]]]:
 def bare_index(tmp_path_factory: pytest.TempPathFactory, data) -> Path:
     """The scenes index without embeddings (as `--embedder none` or an older pixelrefer left it)."""
     root = tmp_path_factory.mktemp("scenes") / "index"
-    data.write_index(fsspec.filesystem("file"), str(root), {RUN: scene_tables()})
+    data.write_index(str(root), {RUN: scene_tables()})
     return root
 
 

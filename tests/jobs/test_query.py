@@ -37,23 +37,26 @@ def test_views_have_schema_columns_and_a_single_string_run_id(index: IndexInfo, 
             assert table.column_names == schema.names, name  # hive run_id merged, not duplicated
             assert is_text(table.schema.field("run_id").type), name  # "1700000000" stays a string
             assert_types_match(table, schema)
-        assert not ix.layout.legacy and ix.notes == []
+        assert ix.notes == []
         expected = data.index_tables(index.uris, index.truths)
         for name in TABLES:
             rows = ix.sql(f"SELECT run_id, count(*) AS n FROM {name} GROUP BY run_id").to_pylist()
             counts = {r["run_id"]: r["n"] for r in rows}
             want = {run: len(tables[name]) for run, tables in expected.items() if tables[name]}
             assert counts == want, name
-        # The value stored in each file (hive partitioning off) is the one its folder names.
-        rows = ix.sql("SELECT run_id, filename FROM read_parquet("
-                      f"'{ix.location.table_glob('captions')}', filename = true, hive_partitioning = false)"
-                      ).to_pylist()  # fmt: skip
-        assert rows and all(f"/run_id={r['run_id']}/" in r["filename"] for r in rows)
-        view = ix.sql("SELECT run_id, count(*) AS n FROM captions GROUP BY ALL ORDER BY ALL").to_pylist()
-        assert view == [{"run_id": k, "n": v} for k, v in sorted(Counter(r["run_id"] for r in rows).items())]
+        # Every table reads through its Delta log: the same rows as deltalake alone gives.
+        from deltalake import DeltaTable
+
+        from pipeline.store import TableStore
+
+        store = TableStore(index.output, index.storage_options)
+        for name in ("captions", "runs"):
+            alone = pa.table(DeltaTable(store.uri(name), storage_options=store.rust_options or None)
+                             .to_pyarrow_table()).num_rows
+            assert ix.sql(f"SELECT count(*) AS n FROM {name}").column("n")[0].as_py() <= alone
 
 
-def test_staging_is_never_read(index: IndexInfo, run_query) -> None:
+def test_a_killed_commit_is_never_read(index: IndexInfo, run_query) -> None:
     with open_index(index.output, index.storage_options) as ix:
         for name in ("videos", "objects"):
             runs = ix.sql(f"SELECT DISTINCT run_id FROM {name}").column("run_id").to_pylist()
@@ -160,19 +163,22 @@ def test_writers_emit_each_batch_before_pulling_the_next(fmt: str) -> None:
         assert json.loads(out.getvalue()) == [{"x": 1, "tags": ["a"]}, {"x": 2, "tags": []}, {"x": 3, "tags": None}]
 
 
-def test_filters_on_run_id_prune_other_runs(private_local_index: IndexInfo, run_query) -> None:
-    """A damaged file in another run's partition is never opened when run_id is filtered."""
-    bad = Path(private_local_index.output) / "objects" / "run_id=zzz-damaged" / "part-00000.parquet"
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"not parquet at all")
+def test_only_files_in_the_delta_log_are_read(private_local_index: IndexInfo, run_query) -> None:
+    """A file in a table's folder that its log does not list (a killed writer's, a foreign one) is
+    never opened; a damaged file the log does list is a clean error naming it."""
+    from pipeline.store import TableStore
+
+    stray = Path(private_local_index.output) / "objects" / "run_id=zzz-damaged" / "part-00000.parquet"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"not parquet at all")
     code, out, err = run_query(private_local_index.output, "--sql",
                                f"SELECT count(*) AS n FROM objects WHERE run_id = '{RUN1}'", "--format", "json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out) == [{"n": 5}]
-    code, out, err = run_query(private_local_index.output, "--video", private_local_index.video_ids["a"])
-    assert code == 0, err  # the video view reads only the chosen run
+    listed = TableStore(private_local_index.output).files("objects")
+    Path(listed[0]).write_bytes(b"damaged too")
     code, out, err = run_query(private_local_index.output, "--sql", "SELECT count(*) FROM objects", "--format", "json")
-    assert_clean_error(code, err, 1, "zzz-damaged")
+    assert_clean_error(code, err, 1, Path(listed[0]).name)
     assert out == ""  # the array's `[` waits for the first row: no half document on an early error
 
 
@@ -299,9 +305,7 @@ def test_bad_sql(index: IndexInfo, run_query, sql: str, phrase: str) -> None:
 
 def test_output_without_a_committed_run(tmp_path: Path, local_index: IndexInfo, run_query, data) -> None:
     runs = data.index_tables(local_index.uris, local_index.truths)
-    import fsspec
-
-    data.write_index(fsspec.filesystem("file"), str(tmp_path / "out"), runs, prefix="_staging/crashed/")
+    data.write_index(str(tmp_path / "out"), runs, committed=False)  # a killed commit: rows, no runs row
     code, _, err = run_query(str(tmp_path / "out"))
     assert_clean_error(code, err, 1, "no committed run")
     code, _, err = run_query(str(tmp_path / "does-not-exist"))
@@ -325,9 +329,8 @@ def test_tables_without_files_are_empty_not_errors(tmp_path: Path, local_index: 
     import fsspec
 
     runs = data.index_tables(local_index.uris, local_index.truths)
-    only = {RUN1: {"videos": runs[RUN1]["videos"], "objects": runs[RUN1]["objects"]}}
-    data.write_index(fsspec.filesystem("file"), str(tmp_path / "out"), only)
-    (tmp_path / "out" / "captions").mkdir()  # a folder without files counts as no files
+    only = {RUN1: {"videos": runs[RUN1]["videos"], "objects": runs[RUN1]["objects"], "runs": runs[RUN1]["runs"]}}
+    data.write_index(str(tmp_path / "out"), only)
     with open_index(str(tmp_path / "out")) as ix:
         for name in ("qa", "clips", "masks", "runs"):
             assert ix.sql(f"SELECT * FROM {name}").column_names == TABLES[name].names
@@ -335,7 +338,6 @@ def test_tables_without_files_are_empty_not_errors(tmp_path: Path, local_index: 
         result = ix.video(local_index.video_ids["a"])
         assert result.objects.num_rows == 3 and result.clips.num_rows == 0
         assert result.objects.column("spans").to_pylist() == [[], [], []]  # no masks: no presence to show
-        assert not ix.layout.legacy
 
 
 # --------------------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ def test_portrait_phone_video_is_drawn_upright_under_its_masks(tmp_path: Path) -
     objects, masks = object_and_mask_rows(truth, "phone", video_id_for(uri), RUN2)  # type: ignore[arg-type]
     tables["objects"], tables["masks"] = objects, masks
     tables["runs"] = run_rows(RUN2, 1, when, tables)
-    write_index(fsspec.filesystem("file"), str(tmp_path / "index"), {RUN2: tables})
+    write_index(str(tmp_path / "index"), {RUN2: tables})
 
     out = tmp_path / "phone.html"
     assert r.main([str(tmp_path / "index"), "--video", video_id_for(uri), "--out", str(out)]) == 0
