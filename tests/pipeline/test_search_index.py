@@ -1,7 +1,9 @@
 """The search index (`pipeline.search_index`): a Lance copy of each video's latest passages.
 
-The OUTPUTs are written here in the committed layout (the project's schemas, one Parquet file per
-run and commit), with 8-d vectors chosen so that the nearest passage of a query is known.
+The OUTPUTs are written here as an index run writes them: one `RunWriter` commit per (run,
+commit) into the Delta tables, `runs` last, so a sync reads each commit's vectors from the
+`embeddings` change feed at the version its `runs` row names. The 8-d vectors are chosen so that
+the nearest passage of a query is known.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import search_index
 from pipeline.search_index import (SearchIndex, SearchIndexUnsupported, SearchLocation, committed, lance_s3_options,
                                    sync)
-from schemas.tables import to_table
+from pipeline.store import TableStore
+from pipeline.store.commit import RunWriter
 
 DIM = 8
 T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
@@ -29,38 +31,37 @@ def unit(seed: int) -> list[float]:
     return (v / np.linalg.norm(v)).tolist()
 
 
-def write(fs: Any, root: str, table: str, run: str, rows: list[dict[str, Any]], commit: int = 0) -> None:
-    folder = f"{root}/{table}/run_id={run}"
-    fs.makedirs(folder, exist_ok=True)
-    pq.write_table(to_table(table, rows), f"{folder}/part-c{commit:04d}-00000.parquet", filesystem=fs)
+def embedding(video: str, object_id: int, text: str, seed: int, run: str, text_run: str | None = None) -> dict[str, Any]:
+    return {"run_id": run, "video_id": video, "kind": "caption", "object_id": object_id, "object_ids": None,
+            "clip_index": 0, "ts_start": 0.0, "ts_end": 5.0, "text": text, "embedder": "test-8", "dim": DIM,
+            "vector": unit(seed), "text_run_id": text_run or run}
 
 
-def commit(fs: Any, root: str, run: str, videos: dict[str, str], passages: list[tuple[str, int, str, int]],
-           *, when: dt.datetime = T0, commit_index: int = 0) -> None:
+def run_row(run: str, videos: int, commit_index: int, when: dt.datetime) -> dict[str, Any]:
+    return {"run_id": run, "commit_index": commit_index, "command": "index", "source": "/videos", "model": "m",
+            "tracker": "t", "mode": "lite", "started_at": when, "ended_at": when, "status": "committed",
+            "videos_listed": videos, "videos_ok": videos, "retry_video_ids": []}
+
+
+def commit(root: str, run: str, videos: dict[str, str], passages: list[tuple[str, int, str, int]],
+           *, when: dt.datetime = T0, commit_index: int = 0, options: dict[str, Any] | None = None,
+           objects: list[tuple[str, int, str]] = ()) -> None:
     """One commit of `run`: `videos` {video: status}, `passages` [(video, object, text, seed)]
-    (captions; the object's label is its text's first word, upper-cased to show normalisation)."""
-    base = {"run_id": run}
-    write(fs, root, "videos", run, [{
-        **base, "video_id": v, "uri": f"/videos/{v}.mp4", "size_bytes": 1, "etag": v, "duration_s": 10.0, "fps": 25.0,
-        "width": 64, "height": 48, "num_frames": 250, "sampled_ts": [], "sampled_fps": 1.0, "clips": 1,
-        "status": status, "error": None if status == "ok" else "boom", "model": "m", "tracker": "t", "indexed_at": when,
-    } for v, status in videos.items()], commit_index)
-    objects = {(v, o): text.split()[0] for v, o, text, _ in passages}
-    if objects:
-        write(fs, root, "objects", run, [{**base, "video_id": v, "object_id": o, "source": "auto", "label": f" {label.upper()} ",
-                                          "first_ts": 0.0, "last_ts": 5.0, "num_frames": 2}
-                                         for (v, o), label in objects.items()], commit_index)
-        write(fs, root, "embeddings", run, [{
-            **base, "video_id": v, "kind": "caption", "object_id": o, "object_ids": None, "clip_index": 0,
-            "ts_start": 0.0, "ts_end": 5.0, "text": text, "embedder": "test-8", "dim": DIM, "vector": unit(seed),
-            "text_run_id": run,
-        } for v, o, text, seed in passages], commit_index)
-    write(fs, root, "runs", run, [{
-        **base, "commit_index": commit_index, "command": "index", "source": "/videos", "model": "m", "tracker": "t",
-        "mode": "lite", "started_at": when, "ended_at": when, "status": "committed", "videos_listed": len(videos),
-        "videos_skipped": 0, "videos_ok": len(videos), "videos_failed": 0, "videos_quarantined": 0, "clips": 1,
-        "video_seconds": 10.0, "objects": len(objects), "captions": len(passages), "answers": 0, "retry_video_ids": [],
-    }], commit_index)
+    (captions; the object's label is its text's first word, upper-cased to show normalisation),
+    `objects` more [(video, object, label)] without passages."""
+    writer = RunWriter(TableStore(root, options), run, commit_index)
+    writer.add("videos", [{
+        "run_id": run, "video_id": v, "uri": f"/videos/{v}.mp4", "size_bytes": 1, "etag": v, "duration_s": 10.0,
+        "fps": 25.0, "width": 64, "height": 48, "num_frames": 250, "sampled_ts": [], "sampled_fps": 1.0, "clips": 1,
+        "status": status, "error": None if status == "ok" else "boom", "model": "m", "tracker": "t",
+    } for v, status in videos.items()])
+    labels = {(v, o): f" {text.split()[0].upper()} " for v, o, text, _ in passages}
+    labels.update({(v, o): label for v, o, label in objects})
+    writer.add("objects", [{"run_id": run, "video_id": v, "object_id": o, "source": "auto", "label": label,
+                            "first_ts": 0.0, "last_ts": 5.0, "num_frames": 2} for (v, o), label in labels.items()])
+    writer.add("embeddings", [embedding(v, o, text, seed, run) for v, o, text, seed in passages])
+    writer.add("runs", [run_row(run, len(videos), commit_index, when)])
+    writer.commit(when)
 
 
 def held(output: str, options: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
@@ -76,7 +77,7 @@ def output(tmp_path: Path) -> tuple[Any, str]:
 
     root = tmp_path / "index"
     fs = fsspec.filesystem("file")
-    commit(fs, str(root), "run-1", {"a": "ok", "b": "ok"}, [
+    commit(str(root), "run-1", {"a": "ok", "b": "ok"}, [
         ("a", 1, "man carrying a ladder", 1), ("a", 2, "dog chasing ladders", 2), ("b", 1, "cat on a sofa", 3)])
     return fs, str(root)
 
@@ -115,7 +116,7 @@ def test_nearest_and_bm25_rank_and_filter_inside_the_index(output: tuple[Any, st
 def test_a_reindexed_video_replaces_its_passages_and_a_failed_one_keeps_them(output: tuple[Any, str]) -> None:
     fs, root = output
     sync(root)
-    commit(fs, root, "run-2", {"a": "ok", "b": "failed"}, [("a", 1, "woman on a bicycle", 4)],
+    commit(root, "run-2", {"a": "ok", "b": "failed"}, [("a", 1, "woman on a bicycle", 4)],
            when=T0 + dt.timedelta(days=1))
     result = sync(root)
     assert (result.added, result.removed, result.rows) == (1, 2, 2)
@@ -125,7 +126,7 @@ def test_a_reindexed_video_replaces_its_passages_and_a_failed_one_keeps_them(out
 def test_a_new_commit_of_a_run_replaces_that_run_without_duplicates(output: tuple[Any, str]) -> None:
     fs, root = output
     sync(root)
-    commit(fs, root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
+    commit(root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
     assert sync(root).rows == 4
     assert [t for _, _, t in held(root)].count("man carrying a ladder") == 1
     assert ("c", "run-1", "bus at the station") in held(root)
@@ -136,7 +137,7 @@ def test_a_stale_index_is_not_opened_and_says_why(output: tuple[Any, str]) -> No
     search, why = SearchIndex.open(root, {}, committed(root))
     assert search is None and why == "OUTPUT has no search index"
     sync(root)
-    commit(fs, root, "run-2", {"a": "ok"}, [("a", 1, "woman on a bicycle", 4)], when=T0 + dt.timedelta(days=1))
+    commit(root, "run-2", {"a": "ok"}, [("a", 1, "woman on a bicycle", 4)], when=T0 + dt.timedelta(days=1))
     search, why = SearchIndex.open(root, {}, committed(root))
     assert search is None and why == "the search index is behind the tables by 1 commit(s)"
     sync(root)
@@ -165,10 +166,10 @@ def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
     monkeypatch.setattr(search_index, "ROWS_PER_PARTITION", 100)
     fs, root = fsspec.filesystem("file"), str(tmp_path / "index")
     first = [(f"v{i % 10}", i, f"thing number {i}", i) for i in range(300)]
-    commit(fs, root, "run-1", {f"v{i}": "ok" for i in range(10)}, first)
+    commit(root, "run-1", {f"v{i}": "ok" for i in range(10)}, first)
     assert sync(root).ann is False
     second = [(f"w{i % 10}", i, f"other thing {i}", 1000 + i) for i in range(400)]
-    commit(fs, root, "run-2", {f"w{i}": "ok" for i in range(10)}, second)
+    commit(root, "run-2", {f"w{i}": "ok" for i in range(10)}, second)
     result = sync(root)
     assert result.ann and result.rows == 700
     search, _ = SearchIndex.open(root, {}, committed(root))
@@ -178,7 +179,7 @@ def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
     for seed, text in ((7, "thing number 7"), (1234, "other thing 234")):
         top = search.nearest(unit(seed), 50).to_pylist()[0]  # refined on the exact vectors
         assert top["text"] == text and top["similarity"] == pytest.approx(1.0, abs=1e-5)
-    commit(fs, root, "run-3", {"z": "ok"}, [("z", 1, "late arrival", 99_999)], when=T0 + dt.timedelta(days=1))
+    commit(root, "run-3", {"z": "ok"}, [("z", 1, "late arrival", 99_999)], when=T0 + dt.timedelta(days=1))
     assert sync(root).rows == 701  # appended rows are searched before and after the index takes them in
     search, _ = SearchIndex.open(root, {}, committed(root))
     assert search.nearest(unit(99_999), 50).column("text").to_pylist()[0] == "late arrival"
@@ -186,7 +187,7 @@ def test_the_ann_index_is_built_at_its_threshold_and_finds_the_nearest(
     assert state()["ann_rows"] == 700  # the new row joined the trained lists
     monkeypatch.setattr(search_index, "ANN_RETRAIN_GROWTH", 2)
     grown = [(f"x{i % 10}", i, f"grown thing {i}", 5000 + i) for i in range(700)]
-    commit(fs, root, "run-4", {f"x{i}": "ok" for i in range(10)}, grown, when=T0 + dt.timedelta(days=2))
+    commit(root, "run-4", {f"x{i}": "ok" for i in range(10)}, grown, when=T0 + dt.timedelta(days=2))
     assert sync(root).rows == 1401 and state()["ann_rows"] == 1401  # twice as many: the lists are trained again
     search, _ = SearchIndex.open(root, {}, committed(root))
     assert search.nearest(unit(5123), 50).column("text").to_pylist()[0] == "grown thing 123"
@@ -201,7 +202,7 @@ def test_s3_options_are_translated_and_the_index_lives_in_the_bucket(s3_bucket: 
         "allow_http": "true", "aws_region": "us-east-1"}
     output = f"s3://{bucket}/index"
     fs = fsspec.filesystem("s3", **options)
-    commit(fs, f"{bucket}/index", "run-1", {"a": "ok"}, [("a", 1, "man carrying a ladder", 1)])
+    commit(output, "run-1", {"a": "ok"}, [("a", 1, "man carrying a ladder", 1)], options=options)
     assert sync(output, options).rows == 1
     assert held(output, options) == [("a", "run-1", "man carrying a ladder")]
     assert fs.exists(f"{bucket}/index/_search/state.json")
@@ -220,15 +221,12 @@ def test_a_backfill_committed_later_gets_the_labels_of_the_run_it_embedded(outpu
     """`pixelrefer embed` commits vectors under its own run id for text of an earlier run: the
     passages must take that earlier run's labels."""
     fs, root = output
-    commit(fs, root, "run-2", {"d": "ok"}, [], when=T0 + dt.timedelta(days=1))
-    write(fs, root, "objects", "run-2", [{"run_id": "run-2", "video_id": "d", "object_id": 7, "source": "auto",
-                                         "label": "Heron", "first_ts": 0.0, "last_ts": 5.0, "num_frames": 2}])
+    commit(root, "run-2", {"d": "ok"}, [], when=T0 + dt.timedelta(days=1), objects=[("d", 7, "Heron")])
     sync(root)
-    commit(fs, root, "embed-1", {}, [])
-    write(fs, root, "embeddings", "embed-1", [{
-        "run_id": "embed-1", "video_id": "d", "kind": "caption", "object_id": 7, "object_ids": None, "clip_index": 0,
-        "ts_start": 0.0, "ts_end": 5.0, "text": "a grey bird wading", "embedder": "test-8", "dim": DIM,
-        "vector": unit(9), "text_run_id": "run-2"}])
+    writer = RunWriter(TableStore(root), "embed-1")  # what `pixelrefer embed` commits: vectors and a runs row
+    writer.add("embeddings", [embedding("d", 7, "a grey bird wading", 9, "embed-1", text_run="run-2")])
+    writer.add("runs", [run_row("embed-1", 0, 0, T0 + dt.timedelta(days=2))])
+    writer.commit()
     assert sync(root).added == 1
     search, _ = SearchIndex.open(root, {}, committed(root))
     assert search.nearest(unit(9), 1, SearchIndex.where(label="heron")).column("text").to_pylist() == ["a grey bird wading"]
@@ -252,7 +250,7 @@ def test_lance_failures_become_one_error_naming_output(output: tuple[Any, str], 
 def test_a_sync_stopped_before_its_state_was_written_adds_nothing_twice(output: tuple[Any, str]) -> None:
     fs, root = output
     sync(root)
-    commit(fs, root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
+    commit(root, "run-1", {"c": "ok"}, [("c", 1, "bus at the station", 5)], commit_index=1)
     state_path = f"{root}/_search/state.json"
     before = fs.cat_file(state_path)
     sync(root)
@@ -263,8 +261,48 @@ def test_a_sync_stopped_before_its_state_was_written_adds_nothing_twice(output: 
     assert [t for _, _, t in held(root)].count("bus at the station") == 1
 
 
-def test_files_named_before_commits_were_numbered_count_as_commit_zero(output: tuple[Any, str]) -> None:
+def test_a_removed_source_leaves_the_index(output: tuple[Any, str]) -> None:
+    """`nightly` records a deleted source as a `removed` videos row with no passages: its passages
+    must go, though no new vector names it, while the other videos' stay."""
+    _, root = output
+    sync(root)
+    commit(root, "nightly-1", {"b": "removed"}, [], when=T0 + dt.timedelta(days=1))
+    result = sync(root)
+    assert (result.added, result.removed, result.rows) == (0, 1, 2)
+    assert held(root) == [("a", "run-1", "dog chasing ladders"), ("a", "run-1", "man carrying a ladder")]
+    assert sync(root, rebuild=True).rows == 2  # a rebuild agrees: a removed source has no latest ok run
+
+
+def test_a_state_that_is_not_json_is_rebuilt(output: tuple[Any, str]) -> None:
+    """A torn or foreign state file says nothing about what was synced: start again from the tables."""
     fs, root = output
-    folder = f"{root}/embeddings/run_id=run-1"
-    fs.mv(f"{folder}/part-c0000-00000.parquet", f"{folder}/part-00000.parquet")
-    assert sync(root).rows == 3
+    sync(root)
+    fs.pipe_file(f"{root}/_search/state.json", b'{"layout": 1, "commits": ["run-1/')
+    assert search_index.read_state(root) is None
+    result = sync(root)
+    assert (result.added, result.rows, result.up_to_date) == (3, 3, False)
+    assert json.loads(fs.cat_file(f"{root}/_search/state.json"))["commits"] == ["run-1/0"]
+
+
+def test_a_state_the_store_cannot_read_is_an_error_and_the_index_is_kept(
+        output: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O failure is not "no state": rebuilding on it would throw away a good index because of
+    one bad request. The sync must fail, and the next one find the index as it was."""
+    fs, root = output
+    sync(root)
+    dataset = f"{root}/_search/passages.lance"
+    version = search_index._lance().dataset(dataset).version
+    real = type(fs).cat_file
+
+    def failing(self: Any, path: str, *args: Any, **kwargs: Any) -> bytes:
+        if str(path).endswith("state.json"):
+            raise OSError(5, "Input/output error")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "cat_file", failing)
+    with pytest.raises(search_index.SearchIndexError, match=r"state of OUTPUT '.*index' could not be read "
+                                                            r"\(OSError: .*Input/output error\); the index is kept"):
+        sync(root)
+    monkeypatch.undo()
+    assert fs.exists(dataset) and search_index._lance().dataset(dataset).version == version
+    assert sync(root).up_to_date
