@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import os
 import sys
 from typing import Callable, Sequence
@@ -37,6 +38,24 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='fsspec options for OUTPUT and remote source videos, e.g. \'{"profile": "prod"}\'',
     )
+    parser.add_argument("--model", metavar="M", default=None,
+                        help="only runs of model M (a trial run with another model never hides these results)")
+    parser.add_argument("--as-of", metavar="VERSION|TIMESTAMP", default=None, type=parse_as_of,
+                        help="read the index as it was: a version of its runs table (listed by `pixelrefer query "
+                             "OUTPUT`) or an ISO time, e.g. 2026-12-01T00:00:00Z")
+
+
+def parse_as_of(text: str) -> int | dt.datetime:
+    """`--as-of`: a runs-table version (a whole number) or an ISO 8601 time (UTC when no zone)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a version number nor an ISO time "
+                                         "(e.g. 2026-12-01T06:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +101,7 @@ def _query(args: argparse.Namespace) -> None:
         raise UsageError("--label lists objects on its own, or narrows --like; it does not combine with "
                          "--sql, --video or --text")
     out = sys.stdout
-    with open_index(args.output, storage_options) as index:
+    with open_index(args.output, storage_options, model=args.model, as_of=args.as_of) as index:
         for note in index.notes:
             print(note, file=sys.stderr)
         writer = WRITERS[args.format]

@@ -162,12 +162,14 @@ def build_report(
     max_frames: int = DEFAULT_MAX_FRAMES,
     image_format: str = "jpeg",
     max_width: int = DEFAULT_MAX_WIDTH,
+    model: str | None = None,
+    as_of: Any = None,
 ) -> str:
     """The report of one video as an HTML string (the Python API behind `pixelrefer report`)."""
     if not 1 <= max_frames <= MAX_FRAMES_LIMIT or max_width < 16:
         raise UsageError(f"--max-frames must be 1 to {MAX_FRAMES_LIMIT} and --max-width at least 16")
     options = dict(storage_options or {})
-    with open_index(output, options) as index:
+    with open_index(output, options, model=model, as_of=as_of) as index:
         for note in index.notes:
             print(note, file=sys.stderr)
         result = index.video(video, run_id=run_id)
@@ -246,6 +248,8 @@ def _report(args: argparse.Namespace) -> None:
         max_frames=args.max_frames,
         image_format=args.image_format,
         max_width=args.max_width,
+        model=args.model,
+        as_of=args.as_of,
     )
     write_text_atomically(args.out, page)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -35,7 +35,7 @@ from pipeline.embeddings import RunEmbedder
 from pipeline.graph import build_dataset, ensure_ray, iter_finished
 from pipeline import storage_errors
 from pipeline.questions import load_questions, questions_for
-from pipeline.search_index import SearchIndexUnsupported, sync
+from pipeline.search_sync import BackgroundSync
 from pipeline.store.claims import Claims
 from pipeline.store.commit import RunWriter, indexed_video_ids, latest_by_uri, retry_counts, visible_videos
 from pipeline.store.tables import TableStore
@@ -89,6 +89,7 @@ class _Run:
         self.quarantine_rows: list[dict[str, Any]] = []  # and sources removed from SOURCE
         self.finished: set[str] = set()  # videos linked (committed, ready or waiting for track captions)
         self.embedder = RunEmbedder(cfg.embedder)
+        self.search = BackgroundSync(cfg.output, cfg.storage_options, progress)
 
     # -- rows coming back ----------------------------------------------------------------------
 
@@ -237,9 +238,7 @@ class _Run:
             self.progress(f"run {self.run_id}: commit {self.commit_index} published {len(self.ready)} videos")
         self.commit_index += 1
         self.ready = []
-        search_started = time.perf_counter()
-        update_search_index(self.cfg.output, self.cfg.storage_options, self.progress)
-        self.summary.add_phase("driver_search_index", time.perf_counter() - search_started)
+        self.search.request()
         self.last_commit = time.monotonic()
 
 
@@ -381,11 +380,31 @@ def run_index(cfg: IndexConfig, progress: Callable[[str], None] | None = None) -
             run.embedder.prepare(cfg.output, cfg.storage_options)
             _process(cfg, run, todo, len(videos))
         run.commit(final=True)
+        search_started = time.perf_counter()
+        run.search.close()
+        summary.add_phase("driver_search_index", time.perf_counter() - search_started)
+        _maintain_if_needed(cfg, store, progress)
     finally:
         claims.release()
         summary.seconds = time.monotonic() - started
         summary.driver_cpu_s = time.process_time() - cpu_started
     return summary
+
+
+def _maintain_if_needed(cfg: IndexConfig, store: TableStore, progress: Callable[[str], None]) -> None:
+    """`nightly` compacts and vacuums by itself once a table has gathered many small files, so an
+    index committed every night for a year stays as fast to read as on its first day."""
+    if cfg.command != "nightly":
+        return
+    try:
+        from pipeline.store.maintain import maintain, needs_maintenance
+
+        if needs_maintenance(store):
+            progress("tables have many small files: running maintenance (compact, checkpoint, vacuum)")
+            maintain(store, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - the run is committed; maintenance is retried next night
+        log.warning("maintenance of %s failed (%s); `pixelrefer maintain` retries it", redact_url(cfg.output),
+                    storage_errors.redact(str(exc), cfg.storage_options))
 
 
 def _claim_work(cfg: IndexConfig, store: TableStore, claims: Claims, videos: list[VideoFile], summary: RunSummary,
@@ -408,26 +427,6 @@ def _claim_work(cfg: IndexConfig, store: TableStore, claims: Claims, videos: lis
     quarantine = [v for v in todo if attempts.get(v.video_id, 0) >= cfg.max_attempts]
     todo = [v for v in todo if attempts.get(v.video_id, 0) < cfg.max_attempts]
     return todo, quarantine, attempts
-
-
-def update_search_index(output: str, storage_options: Mapping[str, Any] | None,
-                        progress: Callable[[str], None]) -> None:
-    """Bring the search index up to date after a commit (`pipeline.search_index`), so that `--like`
-    stays fast during a long run: a sync reads only the new commit's vectors.
-
-    Never fails the run: its rows are committed already, and `--like` ranks exactly, with a note,
-    while the index is behind; `pixelrefer embed OUTPUT` retries it."""
-    try:
-        result = sync(output, storage_options, progress=progress)
-    except SearchIndexUnsupported as exc:
-        log.info("no search index for %s: %s", redact_url(output), exc)
-        return
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        log.warning("the search index of %s was not updated (%s); `pixelrefer embed` updates it",
-                    redact_url(output), storage_errors.redact(str(exc), storage_options))
-        return
-    if result.added or result.removed:
-        progress(f"search index: {result.rows} passages (+{result.added}, -{result.removed}) in {result.seconds:.1f} s")
 
 
 def _process(cfg: IndexConfig, run: _Run, todo: list[VideoFile], listed: int) -> None:

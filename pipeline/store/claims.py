@@ -7,16 +7,21 @@ this run's. Two runs that merge at the same moment conflict in Delta's optimisti
 retries on the new version and so sees the winner's claims. So each video ends up claimed by
 exactly one run, on a local folder and on S3 alike (delta-rs commits with conditional writes).
 
-Claims expire (`ttl`), and a live run renews its own from a background thread, so a crashed run's
-videos are picked up by a later run once their claims lapse, while a slow one keeps them. A run
-releases its claims when it ends; the committed `videos` rows are what says "indexed" after that.
+Claims expire (`ttl`, `PIXELREFER_CLAIM_TTL_S`), and a live run renews its own from a background
+thread, so a crashed run's videos are picked up by a later run once their claims lapse, while a
+slow one keeps them. A claim also names its holder's host and process: a run on the same host
+takes over the claims of a process that is gone at once (a killed run rerun by hand), without
+waiting for the expiry. A run releases its claims when it ends; the committed `videos` rows are
+what says "indexed" after that.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from typing import Iterable
@@ -35,9 +40,28 @@ SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("claimed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("expires_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("holder", pa.string(), nullable=False),  # host:pid of the claiming process
 ])
 #: How long a claim lasts without renewal; a live run renews every third of it.
-DEFAULT_TTL = dt.timedelta(minutes=30)
+DEFAULT_TTL = dt.timedelta(seconds=float(os.environ.get("PIXELREFER_CLAIM_TTL_S", 600)))
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _gone(holder: str) -> bool:
+    """True when `holder` is a process of this host that no longer runs."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 MAX_ATTEMPTS = 40
 
 
@@ -78,7 +102,7 @@ class Claims:
         source = pa.table({
             "claim": [claim_key(v, self.model, self.tracker) for v in video_ids], "video_id": video_ids,
             "run_id": [self.run_id] * len(video_ids), "claimed_at": [now] * len(video_ids),
-            "expires_at": [now + self.ttl] * len(video_ids),
+            "expires_at": [now + self.ttl] * len(video_ids), "holder": [_holder()] * len(video_ids),
         }, schema=SCHEMA)
         for attempt in range(MAX_ATTEMPTS):
             table = self._table()
@@ -105,10 +129,34 @@ class Claims:
             rows = pa.table(self._table().to_pyarrow_table()).to_pylist()
         return {wanted[r["claim"]]: r["run_id"] for r in rows if r["claim"] in wanted and r["expires_at"] > now}
 
+    def _drop_gone(self, video_ids: list[str]) -> None:
+        """Delete the claims of processes of this host that are gone (see the module docstring)."""
+        wanted = {claim_key(v, self.model, self.tracker) for v in video_ids}
+        with self.store.guard("reading the claims table", CLAIMS):
+            rows = pa.table(self._table().to_pyarrow_table()).to_pylist()
+        dead = sorted({r["run_id"] for r in rows if r["claim"] in wanted and r["run_id"] != self.run_id
+                       and _gone(r["holder"])})
+        if dead:
+            log.warning("taking over the claims of run(s) %s, whose process on this host is gone", ", ".join(dead))
+            self._delete(" OR ".join(f"run_id = '{r}'" for r in dead))
+
+    def _delete(self, predicate: str) -> None:
+        deltalake = _deltalake()
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with self.store.guard("updating the claims table", CLAIMS):
+                    self._table().delete(predicate)
+                return
+            except TableError as exc:
+                if not isinstance(exc.__cause__, deltalake.exceptions.CommitFailedError):
+                    raise
+                time.sleep(min(2.0, 0.05 * (attempt + 1)) * random.uniform(0.5, 1.5))
+
     def claim(self, video_ids: list[str]) -> tuple[list[str], dict[str, str]]:
         """Claim what is free; returns (ids now held by this run, {id: run} held by others)."""
         if not video_ids:
             return [], {}
+        self._drop_gone(video_ids)
         self._merge(video_ids, "claiming videos")
         holders = self.holders(video_ids)
         mine = [v for v in video_ids if holders.get(v) == self.run_id]
@@ -135,17 +183,10 @@ class Claims:
             self._renewer.join(timeout=5)
         if not self.held:
             return
-        deltalake = _deltalake()
-        for attempt in range(MAX_ATTEMPTS):
-            try:
-                with self.store.guard("releasing claims", CLAIMS):
-                    self._table().delete(f"run_id = '{self.run_id}'")
-                break
-            except TableError as exc:
-                if not isinstance(exc.__cause__, deltalake.exceptions.CommitFailedError):
-                    log.warning("could not release this run's claims (they expire in %s): %s", self.ttl, exc)
-                    break
-                time.sleep(min(2.0, 0.05 * (attempt + 1)) * random.uniform(0.5, 1.5))
+        try:
+            self._delete(f"run_id = '{self.run_id}'")
+        except OutputError as exc:
+            log.warning("could not release this run's claims (they expire in %s): %s", self.ttl, exc)
         self.held = set()
 
 

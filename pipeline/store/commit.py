@@ -198,3 +198,14 @@ def visible_rows(store: TableStore, table: str, columns: list[str] | None = None
         keep = [k and r in runs for k, r in zip(keep, rows.column("run_id").to_pylist())]
     rows = rows.filter(pa.array(keep, pa.bool_()))
     return rows.select(columns) if columns else rows
+
+
+def read_visible(output: str, table: str, storage_options: Mapping[str, Any] | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """What a reader sees of one table (the visibility rule applied): for notebooks and tests."""
+    store = TableStore(output, storage_options)
+    if table == "runs":
+        return store.read("runs", columns=columns)
+    if table == "videos":
+        return visible_videos(store, columns)
+    return visible_rows(store, table, columns)

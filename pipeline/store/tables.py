@@ -234,8 +234,8 @@ class TableStore:
             return TABLES[table].empty_table()
         with self.guard("reading the table's change feed", table):
             rows = pa.table(handle.load_cdf(starting_version=version, ending_version=version).read_all())
-        return rows.filter(pa.compute.equal(rows.column("_change_type"), "insert")).select(
-            TABLES[table].names).cast(TABLES[table])
+        inserted = pa.compute.equal(rows.column("_change_type").cast(pa.string()), "insert")
+        return rows.select(TABLES[table].names).cast(TABLES[table]).filter(inserted)
 
     def files(self, table: str) -> list[str]:
         """The Parquet files of the table's current version, as URLs (what DuckDB reads)."""

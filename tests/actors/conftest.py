@@ -1,4 +1,4 @@
-"""Fixtures for the tracker tests: real encoded videos of moving shapes, decoded with decord."""
+"""Fixtures for the tracker tests: real encoded videos of moving shapes, decoded with PyAV (the production decoder)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ class DecodedVideo:
 
 
 def decode(path: str, truth: GroundTruth, step: int = 1) -> DecodedVideo:
-    import decord
+    import av
 
-    reader = decord.VideoReader(path)
-    indices = list(range(0, len(reader), step))
-    frames = reader.get_batch(indices).asnumpy()
-    timestamps = np.array([float(reader.get_frame_timestamp(i)[0]) for i in indices], dtype=np.float64)
+    with av.open(path) as container:
+        decoded = [(f.to_ndarray(format="rgb24"), float(f.time)) for f in container.decode(video=0)]
+    picked = decoded[::step]
+    frames = np.stack([f for f, _ in picked])
+    timestamps = np.array([t for _, t in picked], dtype=np.float64)
     return DecodedVideo(frames=frames, timestamps=np.round(timestamps, 3), truth=truth)
 
 
