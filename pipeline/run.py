@@ -282,7 +282,7 @@ def removed_rows(cfg: IndexConfig, store: TableStore, listed: list[VideoFile], r
     for uri, row in sorted(shown.items()):
         if uri in present or not (uri == prefix or uri.startswith(prefix + "/")):
             continue
-        rows.append({**quarantined_row(cfg, VideoFile(uri=uri, size_bytes=0, etag=None), run_id, 0, when),
+        rows.append({**quarantined_row(cfg, VideoFile(uri=uri, size_bytes=0, etag=None, mtime=None), run_id, 0, when),
                      "video_id": row["video_id"], "status": "removed", "error": "removed from SOURCE"})
     return rows
 
