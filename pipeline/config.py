@@ -60,7 +60,6 @@ class IndexConfig:
     task_retries: int = 2
     command: str = "index"
     run_id: str | None = None
-    rows_per_file: int = 100_000
     decode: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))
     track: StageResources = dataclasses.field(default_factory=StageResources)
     refer: StageResources = dataclasses.field(default_factory=lambda: StageResources(batch_size=REFERRER_ROWS_PER_BATCH))
