@@ -102,15 +102,24 @@ def _open_index(output: str, storage_options: Mapping[str, Any]) -> Any:
 def backfill(output: str, spec: str = DEFAULT_EMBEDDER, storage_options: Mapping[str, Any] | None = None,
              run_id: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, int] | None:
     """Embed what has no vector yet and commit it as one run; returns the vectors added per kind."""
-    from pipeline.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
-    from pipeline.run import new_run_id
-    from pipeline.storage_errors import redact_url
-    from pipeline.store.commit import RunWriter, visible_rows
+    from pipeline.store.claims import SyncLock
 
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     options = dict(storage_options or {})
     store = _open_index(output, options)
+    with SyncLock(store, key="embed"):  # two backfills at once would embed the same rows twice
+        return _backfill(store, spec, options, run_id, progress, started, started_at)
+
+
+def _backfill(store: Any, spec: str, options: dict[str, Any], run_id: str | None, progress: Callable[[str], None],
+              started: float, started_at: dt.datetime) -> dict[str, int] | None:
+    from pipeline.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
+    from pipeline.run import new_run_id
+    from pipeline.storage_errors import redact_url
+    from pipeline.store.commit import RunWriter, visible_rows
+
+    output = store.output
     embedder = load_embedder(spec)
     if embedder is None:
         raise EmbedderError("--embedder none adds no embeddings: give 'wordllama' or a model folder or hub id")

@@ -191,16 +191,16 @@ class Claims:
 
 
 class SyncLock:
-    """One search-index sync at a time per OUTPUT: a claim on the key ``search-index`` (same
-    table, same expiry, so a crashed sync frees it). A second sync waits up to `wait_s`."""
+    """One holder at a time of a job per OUTPUT (`key`: ``search-index`` for syncs, ``embed`` for
+    backfills): a claim in the same table, with the same expiry, so a crashed holder frees it. A
+    second one waits up to `wait_s`."""
 
-    KEY = "search-index"
-
-    def __init__(self, store: TableStore, wait_s: float = 600.0, ttl: dt.timedelta = dt.timedelta(minutes=15)) -> None:
+    def __init__(self, store: TableStore, wait_s: float = 600.0, ttl: dt.timedelta = dt.timedelta(minutes=15),
+                 key: str = "search-index") -> None:
         import secrets
 
-        self.claims = Claims(store, f"sync-{secrets.token_hex(6)}", "-", "-", ttl=ttl)
-        self.wait_s = wait_s
+        self.claims = Claims(store, f"{key}-{secrets.token_hex(6)}", "-", "-", ttl=ttl)
+        self.wait_s, self.KEY = wait_s, key
 
     def __enter__(self) -> "SyncLock":
         deadline = time.monotonic() + self.wait_s
@@ -209,9 +209,9 @@ class SyncLock:
             if mine:
                 return self
             if time.monotonic() >= deadline:
-                raise OutputError(f"OUTPUT {self.claims.store.shown!r}: another search-index sync "
+                raise OutputError(f"OUTPUT {self.claims.store.shown!r}: another {self.KEY} job "
                                   f"({', '.join(sorted(set(others.values())))}) held it for {self.wait_s:.0f} s; "
-                                  "`pixelrefer embed OUTPUT` syncs it later")
+                                  "run the command again later")
             time.sleep(1.0)
 
     def __exit__(self, *exc: object) -> None:
