@@ -3,8 +3,8 @@
     python -m bench.search [--sizes 100000 1000000] [--repeats 5] [--vectors wordllama|random]
                            [--dir DIR] [--json FILE]
 
-For each size N it writes a synthetic index in the real table layout (`OUTPUT/<table>/run_id=<run>/
-part-*.parquet`, zstd, 100,000 rows a file as `RunWriter` writes them, every table validated by
+For each size N it writes a synthetic index in the real table layout (the Delta tables of
+`pipeline.store`, committed by `RunWriter` as one run commit, every table validated by
 `schemas.tables`): N captions of N/100 videos (10 objects x 10 clips each) with short everyday
 sentences, and their 256-d vectors: WordLlama's own (default; what an index holds, so ANN recall
 means something) or random unit vectors. Then it builds the search index as an index run's last
@@ -48,7 +48,6 @@ from bench.machine import describe
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 RUN = "run-bench"
 DIM = 256
@@ -92,24 +91,25 @@ def _vectors(texts: list[str], kind: str, rng: np.random.Generator) -> np.ndarra
 
 def write_index(root: Path, n: int, seed: int = 0, vectors: str = "wordllama", run: str = RUN,
                 first_video: int = 0) -> dict[str, Any]:
-    """The synthetic index of `n` captions (and their vectors); returns its size on disk."""
-    from schemas.tables import to_table
+    """The synthetic index of `n` captions (and their vectors), committed as run `run`; returns its size on disk."""
+    from pipeline.store import TableStore
+    from pipeline.store.commit import RunWriter
 
+    writer = RunWriter(TableStore(str(root)), run, commit_index=0)
     rng = np.random.default_rng(seed)
     per_video = OBJECTS_PER_VIDEO * CLIPS_PER_VIDEO
     videos = max(1, n // per_video)
     when = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 
     def write(table: str, data: pa.Table, part: int) -> None:
-        folder = root / table / f"run_id={run}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(to_table(table, data), folder / f"part-c0000-{part:05d}.parquet", compression="zstd")
+        writer.add(table, data)  # validated now, appended (zstd) by the commit below
 
     vids = [f"video-{v:07d}" for v in range(first_video, first_video + videos)]
     write("videos", pa.Table.from_pylist([
         {"video_id": v, "uri": f"s3://bucket/videos/{v}.mp4", "size_bytes": 1, "etag": v, "duration_s": 300.0,
          "fps": 25.0, "width": 640, "height": 360, "num_frames": 7500, "sampled_ts": [], "sampled_fps": 1.0,
          "clips": CLIPS_PER_VIDEO, "status": "ok", "error": None, "model": "bench", "tracker": "bench", "run_id": run,
+         "commit_index": 0,
          "indexed_at": when} for v in vids]), 0)
     objects = pa.table({
         "video_id": np.repeat(vids, OBJECTS_PER_VIDEO), "object_id": np.tile(np.arange(OBJECTS_PER_VIDEO, dtype=np.int32), videos),
@@ -144,7 +144,8 @@ def write_index(root: Path, n: int, seed: int = 0, vectors: str = "wordllama", r
         "tracker": "bench", "mode": "lite", "started_at": when, "ended_at": when, "status": "committed",
         "videos_listed": videos, "videos_skipped": 0, "videos_ok": videos, "videos_failed": 0, "videos_quarantined": 0,
         "clips": videos * CLIPS_PER_VIDEO, "video_seconds": videos * 300.0, "objects": videos * OBJECTS_PER_VIDEO,
-        "captions": total, "answers": 0, "retry_video_ids": []}]), 0)
+        "captions": total, "answers": 0, "retry_video_ids": [], "embeddings_version": None}]), 0)
+    writer.commit(when)
     size = sum(f.stat().st_size for f in root.rglob("*.parquet"))
     embeddings = sum(f.stat().st_size for f in (root / "embeddings").rglob("*.parquet"))
     return {"videos": videos, "captions": total, "index_mb": round(size / 2**20, 1),
@@ -163,10 +164,9 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
 
 def _exact_best(root: Path, queries: list[np.ndarray]) -> list[dict[tuple[str, int], float]]:
     """Every object's exact best cosine to each query (its best passage), in numpy over all vectors."""
-    import pyarrow.dataset as pads
+    from pipeline.store import TableStore
 
-    table = pads.dataset(root / "embeddings", format="parquet", partitioning="hive").to_table(
-        columns=["video_id", "object_id", "vector"])
+    table = TableStore(str(root)).read("embeddings", columns=["video_id", "object_id", "vector"])
     vectors = pc_flat(table.column("vector")).reshape(table.num_rows, DIM)
     videos, objects = table.column("video_id").to_pylist(), table.column("object_id").to_pylist()
     out = []
