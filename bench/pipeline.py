@@ -78,6 +78,7 @@ def plain_loop(cfg) -> dict[str, Any]:
     from pipeline.graph import referrer_kwargs, tracker_kwargs
     from pipeline.run import _input_rows, _Run, new_run_id
     from pipeline.sources import list_videos
+    from pipeline.store import TableStore
     from pipeline.summary import RunSummary
     from pipeline.tasks import decode_row, plan_rows
 
@@ -88,7 +89,9 @@ def plain_loop(cfg) -> dict[str, Any]:
     run_id = new_run_id()
     videos = list_videos(cfg.source, cfg.storage_options)
     rows = _input_rows(cfg, videos, run_id)
-    run = _Run(cfg, run_id, RunSummary(run_id=run_id, videos_listed=len(videos)), len(videos), lambda line: None)
+    store = TableStore(cfg.output, cfg.storage_options)
+    store.require_location()
+    run = _Run(cfg, store, run_id, RunSummary(run_id=run_id, videos_listed=len(videos)), len(videos), lambda line: None)
     clips = 0
     tracked: list[dict[str, Any]] = []
     cpu_start = time.process_time()
@@ -117,6 +120,7 @@ def plain_loop(cfg) -> dict[str, Any]:
         track(row)
     caption(final=True)
     run.commit(final=True)
+    run.search.close()  # the search index sync an index run ends with
     seconds = time.perf_counter() - start
     frames = run.summary.frames
     return {
