@@ -7,15 +7,15 @@ import dataclasses
 import os
 import shutil
 import types
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from index_builders import (BUCKET, CAPTIONS, LABELS, LEGACY_SCHEMAS, LONG_CLIP_SECONDS, LONG_FAILED_CLIP, LONG_FIRST,
-                            LONG_OBJECTS, LONG_RUN, LONG_SECONDS, LONG_ZEBRA, MISSED, QA, RUN1, RUN2, RUN3, SHAPES_B,
-                            STAGED_RUN, IndexInfo, build_index, index_tables, legacy_tables, long_tables,
-                            video_id_for, write_index, write_legacy_index)
+from index_builders import (BUCKET, CAPTIONS, LABELS, LONG_CLIP_SECONDS, LONG_FAILED_CLIP, LONG_FIRST, LONG_OBJECTS,
+                            LONG_RUN, LONG_SECONDS, LONG_ZEBRA, MISSED, QA, RUN1, RUN2, RUN3, SHAPES_B, STAGED_RUN,
+                            IndexInfo, build_index, index_tables, long_tables, video_id_for, write_index)
 from pipeline.samples import GroundTruth, Shape, make_video
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,6 @@ def data() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         RUN1=RUN1, RUN2=RUN2, RUN3=RUN3, STAGED_RUN=STAGED_RUN, CAPTIONS=CAPTIONS, QA=QA, MISSED=MISSED, LABELS=LABELS,
         index_tables=index_tables, write_index=write_index, local_index_at=local_index_at,
-        legacy_tables=legacy_tables, write_legacy_index=write_legacy_index, LEGACY_SCHEMAS=LEGACY_SCHEMAS,
         LONG_SECONDS=LONG_SECONDS, LONG_CLIP_SECONDS=LONG_CLIP_SECONDS, LONG_OBJECTS=LONG_OBJECTS,
         LONG_FAILED_CLIP=LONG_FAILED_CLIP, LONG_FIRST=LONG_FIRST, LONG_RUN=LONG_RUN, LONG_ZEBRA=LONG_ZEBRA,
     )  # fmt: skip
@@ -62,8 +61,9 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GroundT
 
 
 def local_index_at(folder: Path, sample_videos: dict[str, GroundTruth], copy_sources: bool = False,
-                   legacy: bool = False) -> IndexInfo:  # fmt: skip
-    """A local index in `folder`; with copy_sources the videos are private copies (tests delete them)."""
+                   pre_delta: bool = False) -> IndexInfo:  # fmt: skip
+    """A local index in `folder`; with copy_sources the videos are private copies (tests delete them);
+    with pre_delta it is in the layout before Delta tables (`pixelrefer migrate` converts it)."""
     import fsspec
 
     truths = dict(sample_videos)
@@ -78,18 +78,12 @@ def local_index_at(folder: Path, sample_videos: dict[str, GroundTruth], copy_sou
         "c": os.path.abspath(str(folder / "src" / "c-never-existed.mp4")),
     }
     root = str(folder / "index")
-    return build_index(fsspec.filesystem("file"), root, root, uris, truths, legacy=legacy)
+    return build_index(fsspec.filesystem("file"), root, root, uris, truths, pre_delta=pre_delta)
 
 
 @pytest.fixture(scope="session")
 def local_index(tmp_path_factory: pytest.TempPathFactory, sample_videos: dict[str, GroundTruth]) -> IndexInfo:
     return local_index_at(tmp_path_factory.mktemp("local"), sample_videos)
-
-
-@pytest.fixture(scope="session")
-def legacy_local_index(tmp_path_factory: pytest.TempPathFactory, sample_videos: dict[str, GroundTruth]) -> IndexInfo:
-    """The same index written under the first contract (objects.frames, no clips)."""
-    return local_index_at(tmp_path_factory.mktemp("legacy"), sample_videos, legacy=True)
 
 
 @pytest.fixture
@@ -125,18 +119,16 @@ def s3_index(s3_storage_options: dict[str, Any], sample_videos: dict[str, Ground
     return build_index(fs, root, f"s3://{root}", uris, sample_videos, storage_options=s3_storage_options)
 
 
-@pytest.fixture(scope="session")
-def s3_legacy_index(s3_index: IndexInfo, s3_storage_options: dict[str, Any]) -> IndexInfo:
-    """The first-contract index on S3 (same sources as `s3_index`)."""
-    root = f"{BUCKET}/legacy-index"
-    return build_index(s3_index.fs, root, f"s3://{root}", s3_index.uris, s3_index.truths,
-                       storage_options=s3_storage_options, legacy=True)  # fmt: skip
-
-
 @pytest.fixture(params=["local", "s3"])
-def legacy_index(request: pytest.FixtureRequest) -> IndexInfo:
-    """Each legacy test runs on both storages (s3fs lists folders differently from the local fs)."""
-    return request.getfixturevalue(f"{'legacy_local' if request.param == 'local' else 's3_legacy'}_index")
+def pre_delta_index(request: pytest.FixtureRequest, tmp_path: Path, sample_videos: dict[str, GroundTruth]) -> IndexInfo:
+    """The index in the layout before Delta tables, private to the test (migrate converts it in place),
+    locally and on S3 (s3fs lists folders differently from the local fs)."""
+    if request.param == "local":
+        return local_index_at(tmp_path, sample_videos, pre_delta=True)
+    s3 = request.getfixturevalue("s3_index")
+    root = f"{BUCKET}/pre-delta-{uuid.uuid4().hex[:12]}"
+    return build_index(s3.fs, root, f"s3://{root}", s3.uris, s3.truths, storage_options=s3.storage_options,
+                       pre_delta=True)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,9 +15,9 @@ of "a" enters at 1.0 s, in clip 1 only. Object 2 of "b" has no mask at 1.2 s (a 
 its presence breaks there. RUN1's id is all digits, which is what makes DuckDB guess a numeric hive
 partition type.
 
-Two more shapes are built here: `legacy_tables` writes the same index under the first contract
-(masks in `objects.frames`, no clips), and `long_index` is a 2-hour video sampled at 1 fps (7,200
-frames, 240 clips, 8 objects).
+Two more shapes are built here: `write_pre_delta_index` writes the same index in the layout
+before Delta tables (`run_id=` folders, no log; what `pixelrefer migrate` converts), and
+`long_index` is a 2-hour video sampled at 1 fps (7,200 frames, 240 clips, 8 objects).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pycocotools import mask as mask_utils
 from pipeline.samples import GroundTruth, Shape
 from pipeline.store import TableStore
 from pipeline.store.commit import PUBLISH_ORDER
-from schemas.tables import CAPTIONS as CAPTIONS_SCHEMA, MASKS, OBJECTS, QA as QA_SCHEMA, RUNS, VIDEOS, to_table
+from schemas.tables import to_table
 
 RUN1, RUN2, RUN3 = "1700000000", "run-2024-02", "run-2024-03"
 STAGED_RUN = "run-2024-04"
@@ -289,58 +289,25 @@ def write_index(output: str, runs: dict[str, dict[str, list[dict[str, Any]]]],
 
 
 # --------------------------------------------------------------------------------------------
-# The first contract: masks in objects.frames, no clips table (what older indexes hold).
+# The pre-Delta layout (the former pipeline.sink): what `pixelrefer migrate` converts.
 # --------------------------------------------------------------------------------------------
 
-def _without(schema: pa.Schema, *names: str) -> pa.Schema:
-    return pa.schema([f for f in schema if f.name not in names])
 
+def write_pre_delta_index(fs: Any, root: str, runs: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """OUTPUT/<table>/run_id=<run>/part-cCCCC-00000.parquet, one file per run commit (`runs` rows by
+    their `commit_index`, every other row in commit 0), with the pre-Delta schemas; no `_delta_log`."""
+    from pipeline.store.migrate import old_schema
 
-# The first contract's schemas: today's, less what issue 21 added, and objects with nested frames.
-LEGACY_FRAME = pa.struct([f for f in MASKS if f.name in ("frame_index", "ts", "bbox", "area", "score", "rle")])
-LEGACY_SCHEMAS = {
-    "videos": _without(VIDEOS, "sampled_fps", "clips"),
-    "objects": _without(OBJECTS, "label", "num_frames", "run_id").append(pa.field("frames", pa.list_(LEGACY_FRAME)))
-    .append(OBJECTS.field("run_id")),
-    "captions": _without(CAPTIONS_SCHEMA, "clip_index"),
-    "qa": _without(QA_SCHEMA, "clip_index", "ts_start", "ts_end"),
-    "runs": _without(RUNS, "commit_index", "clips", "video_seconds"),
-}
-
-
-def legacy_tables(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """The same index as the first contract wrote it: one caption per object (its whole track)."""
-    legacy: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for run_id, tables in runs.items():
-        frames: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for m in tables["masks"]:
-            frames.setdefault((m["video_id"], m["object_id"]), []).append(
-                {k: m[k] for k in ("frame_index", "ts", "bbox", "area", "score", "rle")}
-            )
-        captions: dict[tuple[str, int], dict[str, Any]] = {}
-        for c in sorted(tables["captions"], key=lambda c: c["clip_index"] is not None):
-            captions.setdefault((c["video_id"], c["object_id"]), c)  # the whole-track one where there is one
-        keep = lambda row, name: {k: v for k, v in row.items() if k in LEGACY_SCHEMAS[name].names}  # noqa: E731
-        legacy[run_id] = {
-            "videos": [keep(v, "videos") for v in tables["videos"]],
-            "objects": [keep({**o, "frames": frames.get((o["video_id"], o["object_id"]), [])}, "objects")
-                        for o in tables["objects"]],
-            "captions": [keep(c, "captions") for c in captions.values()],
-            "qa": [keep(q, "qa") for q in tables["qa"]],
-            "runs": [keep(r, "runs") for r in tables["runs"] if r["commit_index"] == 0],
-        }  # fmt: skip
-    return legacy
-
-
-def write_legacy_index(fs: Any, root: str, runs: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
-    """OUTPUT/<table>/run_id=<run>/part-00000.parquet with the first contract's schemas."""
     for run_id, tables in runs.items():
         for name, rows in tables.items():
-            if rows:
+            commits: dict[int, list[dict[str, Any]]] = {}
+            for row in rows:
+                commits.setdefault((row.get("commit_index") or 0) if name == "runs" else 0, []).append(row)
+            for commit, part in sorted(commits.items()):
                 folder = f"{root}/{name}/run_id={run_id}"
                 fs.makedirs(folder, exist_ok=True)
-                table = pa.Table.from_pylist(rows, schema=LEGACY_SCHEMAS[name])
-                pq.write_table(table, f"{folder}/part-00000.parquet", filesystem=fs)
+                table = pa.Table.from_pylist(part, schema=old_schema(name))
+                pq.write_table(table, f"{folder}/part-c{commit:04d}-00000.parquet", filesystem=fs)
 
 
 def write_staging(output: str, truth: GroundTruth, uri: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -356,9 +323,9 @@ def write_staging(output: str, truth: GroundTruth, uri: str, storage_options: di
 
 
 def build_index(fs: Any, root: str, output: str, uris: dict[str, str], truths: dict[str, GroundTruth],
-                storage_options: dict[str, Any] | None = None, legacy: bool = False) -> IndexInfo:  # fmt: skip
-    if legacy:
-        write_legacy_index(fs, root, legacy_tables(index_tables(uris, truths)))
+                storage_options: dict[str, Any] | None = None, pre_delta: bool = False) -> IndexInfo:  # fmt: skip
+    if pre_delta:
+        write_pre_delta_index(fs, root, index_tables(uris, truths))
     else:
         write_index(output, index_tables(uris, truths), storage_options)
         write_staging(output, truths["a"], uris["a"], storage_options)

@@ -1,85 +1,185 @@
-"""Indexes of the first contract (masks in objects.frames, no clips table) read through today's views."""
+"""Indexes written before the Delta tables: refused by every reader, converted by `pixelrefer migrate`.
+
+Two older layouts exist. The pre-Delta one (`<table>/run_id=<id>/part-cCCCC-NNNNN.parquet`, no
+`_delta_log`) is refused by `query`, `report` and `embed` with a message naming `pixelrefer
+migrate`, which converts it in place; after that the index reads as if it had been written as
+Delta tables. The first contract (masks nested in `objects.frames`, no `clips`) cannot be
+converted: `migrate` refuses it and says to re-index.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.query_sql import open_index
-from schemas.tables import TABLES
+from jobs.cli import main as cli_main
+from pipeline.store import TableStore
+from pipeline.store.migrate import old_schema
+from schemas.tables import MASKS, TABLES
 
-from query_helpers import RUN1, RUN2, RUN3, IndexInfo, assert_clean_error, assert_types_match
+from index_builders import index_tables, video_id_for
+from query_helpers import RUN1, RUN2, RUN3, IndexInfo, assert_clean_error
 
 pytestmark = pytest.mark.timeout(120)
 
+READERS = [
+    ["query"],
+    ["query", "--sql", "SELECT count(*) FROM objects"],
+    ["query", "--video", "{a}"],
+    ["query", "--text", "edge"],
+    ["report", "--video", "{a}", "--out", "{tmp}/report.html"],
+    ["embed"],
+]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """`pixelrefer ARGV...` through the real CLI; returns (exit code, stdout, stderr)."""
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli_main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def reader_argv(argv: list[str], index: IndexInfo, tmp: Any) -> list[str]:
+    """`pixelrefer COMMAND OUTPUT [--storage-options ...] OPTIONS...` for one of `READERS`."""
+    command, *options = argv
+    return [command, *index.cli(), *(o.format(a=index.video_ids["a"], tmp=tmp) for o in options)]
+
+
+def delta_tables(index: IndexInfo) -> list[str]:
+    store = TableStore(index.output, index.storage_options)
+    return [t for t in TABLES if store.exists(t)]
+
 
 # --------------------------------------------------------------------------------------------
-# Indexes written under the first contract (objects.frames, no clips table).
+# The pre-Delta layout: refused by name, converted by `pixelrefer migrate`.
 # --------------------------------------------------------------------------------------------
 
 
-def test_legacy_index_is_read_as_one_clip_per_video(legacy_index: IndexInfo, run_query, data) -> None:
-    current = data.index_tables(legacy_index.uris, legacy_index.truths)
-    with open_index(legacy_index.output, legacy_index.storage_options) as ix:
-        assert ix.layout.legacy and "older pixelrefer" in ix.notes[0] and "pixelrefer index" in ix.notes[0]
-        for name, schema in TABLES.items():
-            table = ix.sql(f"SELECT * FROM {name}")
-            assert table.column_names == schema.names, name
-            assert_types_match(table, schema)
-        # Every mask of the old objects.frames is a row of `masks`, unchanged.
-        key = lambda m: (m["run_id"], m["video_id"], m["object_id"], m["frame_index"])  # noqa: E731
-        cols = "run_id, video_id, object_id, frame_index, ts, bbox, area, score, rle"
-        rounded = lambda m: {**m, "score": round(m["score"], 5)}  # noqa: E731 - stored as float32
-        masks = sorted((rounded(m) for m in ix.sql(f"SELECT {cols} FROM masks").to_pylist()), key=key)
-        want = sorted((rounded({k: m[k] for k in cols.split(", ")}) for r in current.values() for m in r["masks"]), key=key)
-        assert masks == want and len(masks) == 69  # a: 10 + 10 + 5 (twice), b: 10 + 9
-        counts = ix.sql("SELECT object_id, num_frames, label FROM objects WHERE run_id = $r AND video_id = $v "
-                        "ORDER BY object_id", {"r": RUN1, "v": legacy_index.video_ids["b"]}).to_pylist()  # fmt: skip
-        assert counts == [{"object_id": 1, "num_frames": 10, "label": None}, {"object_id": 2, "num_frames": 9, "label": None}]
-        clips = ix.sql("SELECT * FROM clips ORDER BY run_id, video_id").to_pylist()
-        assert [(c["clip_index"], c["ts_start"], c["ts_end"], c["num_sampled"], c["boundary"]) for c in clips] == [
-            (0, 0.0, 2.0, 10, "end")] * 3  # the ok videos only; "c" and RUN3 failed
-        video = ix.sql("SELECT sampled_fps, clips FROM videos WHERE run_id = $r", {"r": RUN2}).to_pylist()
-        assert video == [{"sampled_fps": pytest.approx(5.0), "clips": 1}]
-    doc = json.loads(run_query(*legacy_index.cli(), "--video", legacy_index.video_ids["a"], "--format", "json")[1])
-    assert [c["clip_index"] for c in doc["clips"]] == [0] and doc["clips"][0]["object_ids"] == [1, 2, 3]
-    objects = {o["object_id"]: o for o in doc["objects"]}
-    assert objects[3]["spans"] == [[1.0, 1.8]] and objects[1]["num_frames"] == 10
-    assert [c["caption"] for c in doc["clips"][0]["captions"]] == [
-        data.CAPTIONS[(RUN2, "a")][k] for k in ((1, None), (2, None), (3, 1))]  # fmt: skip
-    assert [(a["clip_index"], a["ts_start"], a["ts_end"]) for a in doc["qa"]] == [(0, 0.0, 2.0)] * 2
-    code, out, err = run_query(*legacy_index.cli(), "--text", "edge", "--format", "json")
-    assert code == 0 and "older pixelrefer" in err and "Traceback" not in err
-    assert [(r["object_id"], r["clip_index"]) for r in json.loads(out)] == [(1, 0)]
+@pytest.mark.parametrize("argv", READERS, ids=lambda a: " ".join(a[:2]))
+def test_readers_refuse_a_pre_delta_index_naming_migrate(pre_delta_index: IndexInfo, cli, tmp_path,
+                                                         argv: list[str]) -> None:
+    code, out, err = cli(*reader_argv(argv, pre_delta_index, tmp_path))
+    assert_clean_error(code, err, 1, "pre-Delta layout", f"pixelrefer migrate {pre_delta_index.output}")
+    assert out == "" and list(tmp_path.glob("*.html")) == []
+    assert delta_tables(pre_delta_index) == []  # refused before anything was written: embed added no table
+    assert TableStore(pre_delta_index.output, pre_delta_index.storage_options).legacy_tables() == [
+        "videos", "clips", "objects", "masks", "captions", "qa", "runs"]  # fmt: skip
 
 
-def test_mixed_layouts_are_refused_with_how_to_reindex(tmp_path: Path, local_index: IndexInfo, run_query, data) -> None:
-    """Old runs next to new ones would bind one file's schema for all: refuse, never misread."""
-    import fsspec
+@pytest.mark.parametrize("pre_delta_index", ["local"], indirect=True)  # on S3: tests/pipeline/test_migrate.py
+def test_migrate_then_query_reads_what_the_delta_index_holds(pre_delta_index: IndexInfo, local_index: IndexInfo,
+                                                             cli) -> None:
+    """Converted in place, the old index answers `--video`, `--sql` and the run list exactly as the
+    same rows written as Delta tables (the conftest's index) do."""
+    same = local_index
+    assert same.uris["a"] == pre_delta_index.uris["a"]
+    code, out, err = cli("migrate", *pre_delta_index.cli())
+    assert code == 0 and "Traceback" not in err, err
+    assert "videos: 5 old rows -> 5 Delta rows" in out and "runs: 4 old rows -> 4 Delta rows" in out
+    assert "is migrated to Delta tables" in out
+    store = TableStore(pre_delta_index.output, pre_delta_index.storage_options)
+    assert store.legacy_tables() == [] and delta_tables(pre_delta_index) == [t for t in TABLES if t != "embeddings"]
 
-    fs = fsspec.filesystem("file")
-    runs = data.index_tables(local_index.uris, local_index.truths)
-    for new, old in ((RUN2, RUN1), (RUN1, RUN2)):  # either layout first in file order
-        out = str(tmp_path / f"mixed-{new}")
-        data.write_legacy_index(fs, out, data.legacy_tables({old: runs[old]}))
-        data.write_index(fs, out, {new: runs[new]})
-        for argv in (["--sql", "SELECT count(*) FROM objects"], ["--video", local_index.video_ids["a"]], []):
-            code, stdout, err = run_query(out, *argv)
-            assert_clean_error(code, err, 1, "older pixelrefer", "objects.frames", f"run {old}", "pixelrefer index")
-            assert stdout == ""
+    def query(index: IndexInfo, *argv: str) -> Any:
+        code, out, err = cli("query", *index.cli(), *argv, "--format", "json")
+        assert code == 0 and err == "", err
+        return json.loads(out)
+
+    for name in ("a", "b"):
+        doc = query(pre_delta_index, "--video", pre_delta_index.video_ids[name])
+        assert doc == query(same, "--video", same.video_ids[name])
+        assert doc["video"]["video_id"] == video_id_for(pre_delta_index.uris[name]) and doc["objects"]
+    a = query(pre_delta_index, "--video", pre_delta_index.video_ids["a"])
+    assert a["video"]["run_id"] == RUN2 and [r["run_id"] for r in a["runs"]] == [RUN3, RUN2, RUN1]
+    counts = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t}) AS {t}" for t in TABLES)
+    assert query(pre_delta_index, "--sql", counts) == query(same, "--sql", counts)  # the staged run is hidden in both
+    unversioned = lambda runs: [{k: v for k, v in r.items() if k != "version"} for r in runs]  # noqa: E731
+    assert unversioned(query(pre_delta_index)) == unversioned(query(same))  # versions: the migration's own commits
+    code, out, _ = cli("migrate", *pre_delta_index.cli())
+    assert code == 0 and "already migrated" in out
 
 
-def test_legacy_index_without_objects_is_still_recognised(tmp_path: Path, local_index: IndexInfo, data) -> None:
-    """Only failed videos: no objects file to look at, so the videos footer tells the layout."""
-    import fsspec
+# --------------------------------------------------------------------------------------------
+# The first contract: masks in objects.frames, no clips table. Not convertible.
+# --------------------------------------------------------------------------------------------
 
-    runs = data.legacy_tables(data.index_tables(local_index.uris, local_index.truths))
-    only_failed = {RUN3: {"videos": runs[RUN3]["videos"]}}
-    data.write_legacy_index(fsspec.filesystem("file"), str(tmp_path / "out"), only_failed)
-    with open_index(str(tmp_path / "out")) as ix:
-        assert ix.layout.legacy
-        rows = ix.sql("SELECT status, clips, sampled_fps FROM videos").to_pylist()
-        assert rows == [{"status": "failed", "clips": 0, "sampled_fps": pytest.approx(5.0)}]
-        assert ix.sql("SELECT * FROM clips").num_rows == 0
+FRAME = pa.struct([MASKS.field(n) for n in ("frame_index", "ts", "bbox", "area", "score", "rle")])
+
+
+def _without(table: str, *names: str) -> pa.Schema:
+    return pa.schema([f for f in old_schema(table) if f.name not in names])
+
+
+#: The first contract's tables and schemas: today's pre-Delta ones less what clips brought.
+FIRST_CONTRACT = {
+    "videos": _without("videos", "sampled_fps", "clips"),
+    "objects": _without("objects", "label", "num_frames").append(pa.field("frames", pa.list_(FRAME))),
+    "captions": _without("captions", "clip_index"),
+    "qa": _without("qa", "clip_index", "ts_start", "ts_end"),
+    "runs": _without("runs", "commit_index", "clips", "video_seconds"),
+}
+
+
+def write_first_contract(index: IndexInfo, root: str, runs: list[str]) -> None:
+    """`runs` of the test index as the first pixelrefer wrote them (`part-NNNNN.parquet`, one commit)."""
+    tables = index_tables(index.uris, index.truths)
+    for run_id in runs:
+        frames: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for m in tables[run_id]["masks"]:
+            frames.setdefault((m["video_id"], m["object_id"]), []).append(m)
+        rows = {
+            **{t: tables[run_id][t] for t in ("videos", "captions", "qa")},
+            "objects": [{**o, "frames": frames.get((o["video_id"], o["object_id"]), [])} for o in tables[run_id]["objects"]],
+            "runs": [r for r in tables[run_id]["runs"] if r["commit_index"] == 0],
+        }  # fmt: skip
+        for name, schema in FIRST_CONTRACT.items():
+            if rows[name]:
+                folder = f"{root}/{name}/run_id={run_id}"
+                index.fs.makedirs(folder, exist_ok=True)
+                pq.write_table(pa.Table.from_pylist(rows[name], schema=schema), f"{folder}/part-00000.parquet",
+                               filesystem=index.fs)  # fmt: skip
+
+
+def old_files(index: IndexInfo, root: str) -> list[str]:
+    index.fs.invalidate_cache()
+    return sorted(p for p in index.fs.find(root) if p.endswith(".parquet"))
+
+
+def test_first_contract_is_refused_by_readers_and_by_migrate(pre_delta_index: IndexInfo, cli, tmp_path) -> None:
+    root = f"{pre_delta_index.root}-first"
+    output = pre_delta_index.output.replace(pre_delta_index.root, root)
+    write_first_contract(pre_delta_index, root, [RUN1, RUN2, RUN3])
+    first = IndexInfo(**{**vars(pre_delta_index), "output": output, "root": root})
+    before = old_files(first, root)
+    assert len(before) == 5 + 5 + 2  # RUN1, RUN2: five tables each; RUN3 (failed): videos and runs
+    for argv in READERS:
+        code, out, err = cli(*reader_argv(argv, first, tmp_path))
+        assert_clean_error(code, err, 1, "pre-Delta layout", f"pixelrefer migrate {output}")
+    code, out, err = cli("migrate", *first.cli())
+    assert_clean_error(code, err, 1, "first pixelrefer layout", "masks in objects.frames", "re-index",
+                       "pixelrefer index SOURCE NEW_OUTPUT")
+    assert out == "" and delta_tables(first) == [] and old_files(first, root) == before  # nothing converted or lost
+
+
+def test_first_contract_runs_among_later_ones_are_refused_by_migrate(pre_delta_index: IndexInfo, cli) -> None:
+    """One first-contract run in an otherwise convertible index: refused whole, naming that run."""
+    objects = index_tables(pre_delta_index.uris, pre_delta_index.truths)[RUN1]["objects"]
+    folder = f"{pre_delta_index.root}/objects/run_id=ancient"
+    pre_delta_index.fs.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{**o, "frames": [], "run_id": "ancient"} for o in objects],
+                                        schema=FIRST_CONTRACT["objects"]),
+                   f"{folder}/part-00000.parquet", filesystem=pre_delta_index.fs)  # fmt: skip
+    before = old_files(pre_delta_index, pre_delta_index.root)
+    code, out, err = cli("migrate", *pre_delta_index.cli())
+    assert_clean_error(code, err, 1, "mixes runs of the first pixelrefer layout", "run ancient", "re-index")
+    assert out == "" and delta_tables(pre_delta_index) == []
+    assert old_files(pre_delta_index, pre_delta_index.root) == before
