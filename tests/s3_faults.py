@@ -19,18 +19,23 @@ really injected, not merely configured.
 Plain sockets and threads (one thread per client connection, HTTP/1.1 keep-alive, the upstream
 side through `http.client`): the proxy must control the connection byte by byte to cut it mid-body,
 which higher-level servers do not allow.
+
+`ProcessFaultProxy` runs the same proxy in a process of its own: what any test must use whose
+requests come from delta-rs (see its docstring).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
+import multiprocessing
 import socket
 import socketserver
 import struct
 import threading
 import urllib.parse
 import uuid
+from multiprocessing.managers import BaseManager
 from typing import Iterable
 
 #: Hop-by-hop headers that the proxy consumes instead of relaying.
@@ -261,3 +266,93 @@ class FaultProxy:
 
 def paths(requests: Iterable[tuple[str, str, str]]) -> list[str]:
     return [path for _, path, _ in requests]
+
+
+# ------------------------------------------------------------------------------------------------
+# The same proxy in a process of its own
+# ------------------------------------------------------------------------------------------------
+
+
+class _Hosted(FaultProxy):
+    """`FaultProxy` as served from the manager's process: plain methods only (what a manager exposes)."""
+
+    def start(self) -> str:
+        self.__enter__()
+        return self.url
+
+    def stop(self) -> None:
+        self.__exit__()
+
+    def add_fault(self, action: str, match: dict) -> int:
+        self.add(action, **match)
+        return len(self.faults) - 1
+
+    def fired(self, index: int) -> int:
+        with self._lock:
+            return self.faults[index].fired
+
+    def all_requests(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return list(self.requests)
+
+
+class _Manager(BaseManager):
+    pass
+
+
+_Manager.register("FaultProxy", _Hosted,
+                  exposed=("start", "stop", "add_fault", "fired", "all_requests", "clear", "injected"))
+
+
+@dataclasses.dataclass
+class RemoteFault:
+    """A fault of a `ProcessFaultProxy`: `fired` asks the proxy's process."""
+
+    _proxy: object
+    _index: int
+    times: int | None
+
+    @property
+    def fired(self) -> int:
+        return self._proxy.fired(self._index)  # type: ignore[attr-defined]
+
+
+class ProcessFaultProxy:
+    """`FaultProxy` run in a separate process (a `multiprocessing` manager, spawned).
+
+    delta-rs holds the GIL through some calls (reading a table's history, listing its log); a proxy
+    thread in the test's own process then cannot relay the very request that call waits for, and
+    both hang until the client's timeout (3 min). In its own process the proxy never waits on the
+    test's GIL. Same interface as `FaultProxy` (`url`, `add`, `clear`, `injected`, `requests`)."""
+
+    def __init__(self, upstream: str) -> None:
+        self._manager = _Manager(ctx=multiprocessing.get_context("spawn"))
+        self._upstream = upstream
+        self._remote: object = None
+        self.url = ""
+
+    def __enter__(self) -> "ProcessFaultProxy":
+        self._manager.start()
+        self._remote = self._manager.FaultProxy(self._upstream)  # type: ignore[attr-defined]
+        self.url = self._remote.start()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._remote.stop()  # type: ignore[attr-defined]
+        finally:
+            self._manager.shutdown()
+
+    def add(self, action: str, **match) -> RemoteFault:
+        Fault(action, **match)  # validate here, where the mistake is made
+        return RemoteFault(self._remote, self._remote.add_fault(action, match), match.get("times"))  # type: ignore[attr-defined]
+
+    def clear(self) -> None:
+        self._remote.clear()  # type: ignore[attr-defined]
+
+    def injected(self, action: str | None = None) -> list[tuple[str, str, str]]:
+        return list(self._remote.injected(action))  # type: ignore[attr-defined]
+
+    @property
+    def requests(self) -> list[tuple[str, str, str]]:
+        return list(self._remote.all_requests())  # type: ignore[attr-defined]
