@@ -68,6 +68,7 @@ class TableStore:
         self.shown = storage_errors.redact_url(output)
         self.rust_options = object_store_options(self.fs, storage_options)
         self._root_url = rust_url(self.fs, self.root)
+        self._written: dict[str, Any] = {}  # table -> the handle appends go through (kept up to date)
 
     # -- where -------------------------------------------------------------------------------
 
@@ -174,20 +175,23 @@ class TableStore:
 
         `commit` ("run_id/commit_index") is recorded in the commit's metadata, so a reader can find
         the version a run commit wrote (`version_of`)."""
-        handle = self.ensure(table)
+        handle = self._written.get(table)
+        if handle is None:
+            handle = self._written[table] = self.ensure(table)
         deltalake = _deltalake()
         meta = {COMMIT_PROPERTY: commit} if commit else None
         with self.guard("appending to the table", table):
+            handle.update_incremental()  # a long run's handle: catch up with other writers' commits
             deltalake.write_deltalake(
                 handle, data.cast(TABLES[table]), mode="append",
                 commit_properties=deltalake.CommitProperties(custom_metadata=meta, max_commit_retries=50),
                 writer_properties=deltalake.WriterProperties(compression="ZSTD"),
             )
-            return self.version_of(table, commit) if commit else int(handle.version())
+            return self.version_of(table, commit, handle=handle) if commit else int(handle.version())
 
-    def version_of(self, table: str, commit: str, look_back: int = 200) -> int:
+    def version_of(self, table: str, commit: str, look_back: int = 200, handle: Any = None) -> int:
         """The version of `table` that `commit` appended (searched among its latest versions)."""
-        handle = self.open(table)
+        handle = handle if handle is not None else self.open(table)
         with self.guard("reading the table's history", table):
             for entry in handle.history(look_back):
                 if entry.get(COMMIT_PROPERTY) == commit:
