@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from typing import Any, Iterator, Mapping
 
@@ -281,8 +282,7 @@ class _Guard:
         if exc is None or isinstance(exc, OutputError) or not _is_delta_error(exc):
             return False
         where = f"table {self.table!r} of OUTPUT {self.store.shown!r}" if self.table else f"OUTPUT {self.store.shown!r}"
-        text = storage_errors.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                                     self.store.storage_options)
+        text = storage_errors.redact(_one_line(str(exc)) or type(exc).__name__, self.store.storage_options)
         raise TableError(f"{where}: {self.action} failed: {_advice(exc, text)}") from exc
 
 
@@ -292,17 +292,32 @@ def _is_delta_error(exc: BaseException) -> bool:
         "DeltaError", "DeltaProtocolError", "CommitFailedError", "TableNotFoundError", "SchemaMismatchError")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_XML = re.compile(r"<\?xml.*", re.DOTALL)
+_BACKTRACE = re.compile(r"\s+0: (<unknown>|\S+ at ).*$")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """delta-rs's chained, coloured, multi-line error as one short line (no terminal codes, no XML body)."""
+    text = _XML.sub("", _ANSI.sub("", text))
+    text = " ".join(part.strip(" ↳") for part in text.splitlines() if part.strip(" ↳"))
+    text = _BACKTRACE.sub("", text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _advice(exc: BaseException, text: str) -> str:
     """delta-rs's words plus what to do, by the kind of failure."""
     name = type(exc).__name__
     lowered = text.lower()
+    if any(word in lowered for word in ("accessdenied", "access denied", "forbidden", " 403", "privileges")):
+        return f"{text}; the store refused the request (access denied): check the credentials and their permissions"
     if name == "CommitFailedError":
         return (f"{text}; another writer kept committing to the same table at the same moment: run the command "
                 "again (nothing of this commit is visible)")
     if "conditional" in lowered or "precondition" in lowered or "not implemented" in lowered:
         return (f"{text}; the store must support conditional writes (If-None-Match) for safe concurrent "
                 "commits: AWS S3 and MinIO do")
-    if "json" in lowered or "parse" in lowered or "invalid" in lowered or "checkpoint" in lowered:
+    if "json error" in lowered or "_delta_log" in lowered or ("pars" in lowered and "parquet" not in lowered):
         return (f"{text}; its _delta_log is damaged or was written by another program: restore the log from a "
                 "backup or copy of OUTPUT (committed data files are kept), or index into a new OUTPUT")
     return text
