@@ -16,16 +16,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import fsspec
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main as cli_main
 from jobs.query_like import RRF_K
 from models.embedders import WORDLLAMA_NAME
 from pipeline.embeddings import RunEmbedder, text_rows
-from pipeline.sink import read_table
-from schemas.tables import to_table
+from pipeline.store import TableStore
+from pipeline.store.commit import visible_rows
+
+from index_builders import write_index
 
 RUN = "run-scenes"
 T0 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
@@ -60,6 +60,11 @@ PARAPHRASES = {
     "automobile stopped at the signal": ("street", 2),
     "lady pedalling a bike": ("park", 2),
 }
+
+
+def read_table(output: Path, table: str) -> Any:
+    """Every row of one Delta table of OUTPUT (committed or not: what the files hold)."""
+    return TableStore(str(output)).read(table)
 
 
 def video_id(name: str) -> str:
@@ -160,20 +165,20 @@ def test_embed_backfills_every_caption_and_answer_once(bare_index: Path, tmp_pat
     code, _, err = run_cli(capsys, "embed", str(output))
     assert code == 0, err
     assert "embedded 9 captions and 2 answers" in err
-    rows = read_table(str(output), "embeddings").to_pylist()
-    captions = read_table(str(output), "captions").to_pylist()
+    rows = read_table(output, "embeddings").to_pylist()
+    captions = read_table(output, "captions").to_pylist()
     assert len(rows) == len(captions) + 2
     assert {(r["embedder"], r["dim"], len(r["vector"])) for r in rows} == {(WORDLLAMA_NAME, 256, 256)}
     assert {r["text_run_id"] for r in rows} == {RUN}
     [run_id] = {r["run_id"] for r in rows}
     assert run_id != RUN  # the backfill is a run of its own ...
-    runs = {r["run_id"]: r for r in read_table(str(output), "runs").to_pylist()}
+    runs = {r["run_id"]: r for r in read_table(output, "runs").to_pylist()}
     assert runs[run_id]["command"] == "embed" and runs[run_id]["model"] == WORDLLAMA_NAME  # ... with its runs row
     assert (runs[run_id]["captions"], runs[run_id]["answers"]) == (9, 2)
     by_text = {r["text"]: r for r in rows}
     assert by_text["cycling to work"]["kind"] == "answer" and by_text["cycling to work"]["object_ids"] == [2]
     assert by_text["a cat sleeping on the sofa"]["object_id"] == 1 and by_text["a cat sleeping on the sofa"]["object_ids"] is None
-    assert not (output / "_staging").exists() or not list((output / "_staging").iterdir())
+    assert visible_rows(TableStore(str(output)), "embeddings").num_rows == len(rows)  # committed: all visible
     code, out, err = run_cli(capsys, "query", str(output), "--format", "json")  # the run list shows it
     listed = {r["run_id"]: r for r in json.loads(out)}
     assert code == 0 and listed[run_id]["command"] == "embed" and listed[run_id]["videos_ok"] == 0, err
@@ -181,8 +186,8 @@ def test_embed_backfills_every_caption_and_answer_once(bare_index: Path, tmp_pat
 
     code, _, err = run_cli(capsys, "embed", str(output))  # again: nothing is missing, nothing is added
     assert code == 0 and "nothing to embed" in err
-    assert read_table(str(output), "embeddings").num_rows == len(rows)
-    assert len(read_table(str(output), "runs").to_pylist()) == len(runs)
+    assert read_table(output, "embeddings").num_rows == len(rows)
+    assert len(read_table(output, "runs").to_pylist()) == len(runs)
 
 
 def test_embed_adds_only_what_is_missing(bare_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,16 +198,14 @@ def test_embed_adds_only_what_is_missing(bare_index: Path, tmp_path: Path, capsy
     for table in later.values():
         for row in table:
             row["run_id"] = "run-later"
+    later["videos"] = [v for v in later["videos"] if v["video_id"] == video_id("home")]
     later["captions"] = [c for c in later["captions"] if c["video_id"] == video_id("home")]
     later["captions"][0]["caption"] = "a grey cat asleep"
-    folder = output / "captions" / "run_id=run-later"
-    folder.mkdir(parents=True)
-    from schemas.tables import to_table
-
-    pq.write_table(to_table("captions", later["captions"]), folder / "part-c0000-00000.parquet")
+    later["qa"] = []
+    write_index(str(output), {"run-later": later})
     code, _, err = run_cli(capsys, "embed", str(output))
     assert code == 0 and "embedded 2 captions and 0 answers" in err, err
-    assert read_table(str(output), "embeddings").num_rows == 11 + 2
+    assert read_table(output, "embeddings").num_rows == 11 + 2
 
 
 def test_embed_refuses_an_index_of_another_embedder(bare_index: Path, tmp_path: Path,
@@ -211,7 +214,7 @@ def test_embed_refuses_an_index_of_another_embedder(bare_index: Path, tmp_path: 
     code, _, err = run_cli(capsys, "embed", str(output))
     assert code == 1 and "Traceback" not in err
     assert "other-embedder (4-d)" in err and WORDLLAMA_NAME in err and "one embedder" in err
-    assert read_table(str(output), "embeddings").num_rows == 1  # nothing added
+    assert read_table(output, "embeddings").num_rows == 1  # nothing added
 
 
 def test_embed_none_and_a_missing_index_are_refused(tmp_path: Path, bare_index: Path,
@@ -229,15 +232,12 @@ def test_a_run_with_embedder_none_embeds_nothing() -> None:
 
 
 def other_embedder_index(bare_index: Path, tmp_path: Path) -> Path:
-    """The scenes index holding one vector of a made-up 4-d embedder."""
-    from schemas.tables import to_table
-
+    """The scenes index holding one committed vector of a made-up 4-d embedder."""
     output = copy_of(bare_index, tmp_path)
-    folder = output / "embeddings" / "run_id=run-other"
-    folder.mkdir(parents=True)
     row = {**text_rows(scene_tables()["captions"][:1], [])[0], "embedder": "other-embedder", "dim": 4,
            "vector": [0.5, 0.5, 0.5, 0.5], "run_id": "run-other"}
-    pq.write_table(to_table("embeddings", [row]), folder / "part-c0000-00000.parquet")
+    run = {**scene_tables()["runs"][0], "run_id": "run-other", "command": "embed", "model": "other-embedder"}
+    write_index(str(output), {"run-other": {"embeddings": [row], "runs": [run]}})
     return output
 
 
@@ -326,11 +326,9 @@ def test_a_search_index_behind_the_tables_is_not_used_until_embed_updates_it(
     """A commit the search index has not seen (a run stopped before its last commit): --like ranks
     every vector, says so once on stderr, and `pixelrefer embed` brings the index up to date."""
     output = copy_of(embedded_index, tmp_path)
-    runs = read_table(str(output), "runs").to_pylist()
-    extra = {**runs[0], "run_id": "run-later", "commit_index": 0}
-    folder = output / "runs" / "run_id=run-later"
-    folder.mkdir(parents=True)
-    pq.write_table(to_table("runs", [extra]), folder / "part-c0000-00000.parquet")
+    runs = read_table(output, "runs").to_pylist()
+    extra = {**runs[0], "run_id": "run-later", "commit_index": 0, "embeddings_version": None}
+    write_index(str(output), {"run-later": {"runs": [extra]}})  # a commit that added no vector
 
     def like(*extra_args: str) -> tuple[list[dict[str, Any]], str]:
         code, out, err = run_cli(capsys, "query", str(output), "--like", "puppy sprinting", "--format", "json",
