@@ -1,8 +1,8 @@
 """Read-only queries over a committed index: `pixelrefer query`.
 
 The work lives in modules this command imports (they never import it):
-`jobs.query_sql` (the read-only DuckDB sandbox, `open_index` for notebooks), `jobs.query_layout`
-(the table layouts, including indexes written under the first contract),
+`jobs.query_sql` (the read-only DuckDB sandbox, `open_index` for notebooks), `jobs.query_views`
+(the views over the Delta tables, with the commit rule),
 `jobs.query_search` (BM25 text search in SQL), `jobs.query_like` (`--like`: embeddings fused with
 BM25), `jobs.query_video` (`--video`'s result),
 `jobs.query_formats` (table, json, jsonl, csv) and `jobs.query_errors` (exit codes).

@@ -37,7 +37,7 @@ class RefusedQuery(UsageError):
 
 
 class NoCommittedRun(QueryError):
-    """OUTPUT holds no committed run (maybe only staging data of a crashed or running job)."""
+    """OUTPUT holds no committed run (maybe only the leftovers of a crashed or running job)."""
 
 
 class VideoNotFound(QueryError):
@@ -45,7 +45,7 @@ class VideoNotFound(QueryError):
 
 
 class LegacyLayoutError(QueryError):
-    """OUTPUT mixes runs of the first table layout (objects.frames) with runs of the current one."""
+    """OUTPUT holds tables of the pre-Delta layout: `pixelrefer migrate` converts them."""
 
 
 def translate_duckdb_error(exc: duckdb.Error) -> QueryError:

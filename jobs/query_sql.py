@@ -21,9 +21,10 @@ Read-only by construction, in two independent layers:
 1. Every user statement is parsed with DuckDB's own parser; only a single `SELECT`-kind statement
    (SELECT, WITH, FROM-first, VALUES, DESCRIBE, SHOW, SUMMARIZE) is accepted. Writes, COPY, ATTACH,
    INSTALL/LOAD, SET, PRAGMA, EXPLAIN (EXPLAIN ANALYZE runs its statement) are refused.
-2. The connection itself cannot touch anything else: `allowed_directories` is set to the table
-   folders, then `enable_external_access=false` and `lock_configuration=true`. So even a SELECT
-   such as `read_csv('/etc/passwd')` is refused by DuckDB.
+2. The connection itself cannot touch anything else: `allowed_paths` is set to the data files
+   the Delta logs list (not the table folders, which hold each `_delta_log`), then
+   `enable_external_access=false` and `lock_configuration=true`. So even a SELECT such as
+   `read_csv('/etc/passwd')` or `read_json('OUTPUT/videos/_delta_log/...')` is refused by DuckDB.
 
 Remote OUTPUT (`s3://...`) is read through the fsspec filesystem registered with DuckDB
 (`register_filesystem`), because DuckDB's httpfs extension cannot be downloaded offline.
@@ -166,6 +167,7 @@ class Index:
     def _create_views(self) -> None:
         source = ViewSource.open(self.location.url, self.location.storage_options, as_of=self.as_of)
         self.versions = source.runs_versions
+        self._files = sorted({f for files in source.files.values() for f in files})
         if self.location.remote:
             self.con.register_filesystem(self.location.fs)
         with duckdb_errors():
@@ -178,8 +180,8 @@ class Index:
 
     def _lock(self) -> None:
         """Second layer of read-only: DuckDB itself refuses any other file, extension or setting."""
-        allowed = [self.location.table_dir(name) for name in TABLES]
-        self.con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
+        # The data files the logs list, not the table folders: those hold the _delta_log too.
+        self.con.execute("SET allowed_paths = $paths", {"paths": self._files})
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 

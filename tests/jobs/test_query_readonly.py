@@ -52,14 +52,11 @@ REFUSED = [
 # On S3 the same guard applies; these cover writes, attach and reads elsewhere in the same bucket.
 REFUSED_ON_S3 = [REFUSED[i] for i in (6, 10, 13, 18, 21, 22)]
 
-# What OUTPUT holds besides the rows: the tables' Delta logs (inside the table folders DuckDB may
-# read), the claims table and the search index. A SELECT sees rows only through the views.
-_LOG_HOLE = pytest.mark.xfail(strict=True, reason="allowed_directories admits the table folders, _delta_log "
-                              "included: jobs.query_sql must allow the logged data files only (allowed_paths)")
+# What OUTPUT holds besides the rows: the tables' Delta logs (inside the table folders), the claims table and the search index. A SELECT sees rows only through the views.
 NOT_ROWS = [
-    pytest.param("SELECT * FROM read_text('{output}/videos/_delta_log/00000000000000000000.json')", marks=_LOG_HOLE),
-    pytest.param("SELECT * FROM read_json_auto('{output}/runs/_delta_log/*.json')", marks=_LOG_HOLE),
-    pytest.param("SELECT * FROM glob('{output}/masks/_delta_log/*')", marks=_LOG_HOLE),
+    "SELECT * FROM read_text('{output}/videos/_delta_log/00000000000000000000.json')",
+    "SELECT * FROM read_json_auto('{output}/runs/_delta_log/*.json')",
+    "SELECT * FROM glob('{output}/masks/_delta_log/*')",
     "SELECT * FROM read_text('{output}/_search/state.json')",
     "SELECT * FROM read_text('{output}/_claims/_delta_log/00000000000000000000.json')",
     "SELECT * FROM read_parquet('{output}/_claims/*.parquet')",
