@@ -14,9 +14,12 @@ Which objects:
   `keyframe_interval_s` later, and so on) SAM 2 proposes masks. Duplicates are removed (IoU; a whole
   replaces its parts), the best `max_objects` by score and area are kept, and a new track starts
   only for a proposal that no live track already covers (mask IoU, or one mask mostly inside the
-  other), so objects that enter later are found too. A new track is also followed backward to the
-  previous keyframe, where it had not been found yet. At most `max_objects` automatic objects are
-  followed at once; one absent for `retire_after_s` leaves the session (its track is kept) and frees
+  other), so objects that enter later are found too. With the "changed" schedule
+  (`actors.discovery_schedule`) a later keyframe runs discovery only where something may have
+  entered (the frame changed where no tracked object explains it, or a tracked object lost area);
+  "every" runs it on each keyframe. A new track is also followed backward to the previous keyframe
+  discovery was due on, where it had not been found yet. At most `max_objects` automatic objects
+  are followed at once; one absent for `retire_after_s` leaves the session (its track is kept) and frees
   its place; if it comes back it is found again as a new object.
 
 Bounded memory on long videos: frames are preprocessed `chunk_size` at a time, one session carries
@@ -50,6 +53,7 @@ import torch
 from actors.busy import BusyClock
 from actors.columns import times_column
 from actors.discovery import Discoverer, Sam2Discoverer, select_candidates, uncovered
+from actors.discovery_schedule import DiscoveryGate, DiscoverySchedule
 from actors.prompts import ObjectPrompt, PromptsError, prompts_from_json
 from actors.requests import owned_tracks, shown_frames
 from actors.rle import encode_masks
@@ -87,6 +91,8 @@ class _Video:
     max_state_frames: int = 0
     max_objects_in_session: int = 0
     keyframes_searched: int = 0
+    discovery_calls: int = 0
+    keyframes_skipped: int = 0
 
     @property
     def height(self) -> int:
@@ -111,7 +117,8 @@ class Tracker:
                  stability_score_thresh: float | None = None, nms_iou: float = 0.7, min_area_frac: float = 0.0005,
                  dedupe_iou: float = 0.7, dedupe_cover: float = 0.9, match_iou: float = 0.5, match_cover: float = 0.9,
                  retire_after_s: float | None = None, backfill_auto: bool = True, offload_state: bool = True,
-                 discover: Discoverer | None = None) -> None:
+                 discover: Discoverer | None = None,
+                 discovery_schedule: str | DiscoverySchedule = "every") -> None:
         from models.sam2 import load_sam2
 
         if max_objects <= 0 or chunk_size <= 0 or keyframe_interval_s <= 0:
@@ -127,6 +134,11 @@ class Tracker:
         self.retire_after_s = 3 * keyframe_interval_s if retire_after_s is None else retire_after_s
         self.backfill_auto = backfill_auto
         self.offload_state = offload_state
+        #: When later keyframes run discovery: "every", "changed" (only where something may have
+        #: entered: `actors.discovery_schedule`), or a `DiscoverySchedule` with its thresholds.
+        #: "every" by default: "changed" judges by the tracked masks, which only a trained checkpoint
+        #: makes meaningful (`tiny`'s random weights cover half the frame with every mask).
+        self.discovery_schedule = DiscoverySchedule.of(discovery_schedule)
         folder = self.bundle.tracker_defaults
         self.discover: Discoverer = discover or Sam2Discoverer(
             self.bundle, points_per_batch=points_per_batch, nms_iou=nms_iou,
@@ -170,7 +182,8 @@ class Tracker:
         self.last_stats = {
             "frames": len(frames), "objects": len(video.tracks), "seconds": time.perf_counter() - started,
             "max_state_frames": video.max_state_frames, "max_objects_in_session": video.max_objects_in_session,
-            "keyframes_searched": video.keyframes_searched,
+            "keyframes_searched": video.keyframes_searched, "discovery_calls": video.discovery_calls,
+            "keyframes_skipped": video.keyframes_skipped,
         }
         return [{"object_id": t.object_id, "source": t.source, "frames": [t.frames[i] for i in sorted(t.frames)]}
                 for t in sorted(video.tracks.values(), key=lambda t: t.object_id) if t.frames or t.source == "prompt"]
@@ -203,7 +216,8 @@ class Tracker:
             first_prompt.setdefault(s.object_id, s)
         video.back_seeds.extend(s for s in first_prompt.values() if s.frame > 0)
         keyframes = {"keyframes": keyframe_indices(video.timestamps, self.keyframe_interval_s), "first": [0]}.get(discover, [])
-        key_set, prev_key = set(keyframes), {k: (keyframes[j - 1] if j else -1) for j, k in enumerate(keyframes)}
+        key_set, searched_at = set(keyframes), -1  # the last keyframe discovery was due on
+        gate = DiscoveryGate(self.discovery_schedule, video.height, video.width)
         start = 0 if keyframes else min(by_frame)
         session = TrackingSession(self.bundle, video.height, video.width, offload_state=self.offload_state,
                                   times=self.times)
@@ -216,11 +230,12 @@ class Tracker:
                     self._record(video, result, i, lambda oid: True)
                 if i in key_set:
                     self._retire(video, session, i)
-                    new = self._discover_new(video, session, i, result, stop=prev_key[i] + 1)
-                    if new:  # re-run the frame with the new objects; the others' masks come out the same
-                        for s in new:
-                            session.add(s)
-                        self._record(video, session.step(i, pixels[j]), i, lambda oid: True)
+                    with self.times("discovery"):
+                        due = gate.due(video.frames[i], self._live(session, result))
+                    video.keyframes_skipped += not due
+                    if due:
+                        self._search(video, session, gate, i, pixels[j], result, stop=searched_at + 1)
+                        searched_at = i
                 session.prune(i)
                 self._account(video, session)
             self._retire(video, session, chunk[-1])
@@ -279,6 +294,21 @@ class Tracker:
         if stale:
             session.compact(oid for oid in session.object_ids if oid not in stale)
 
+    def _search(self, video: _Video, session: TrackingSession, gate: DiscoveryGate, i: int, pixels: torch.Tensor,
+                result: FrameResult | None, stop: int) -> None:
+        """Discovery on keyframe `i`: new objects join the session and the frame is tracked again with them
+        (the others' masks come out the same); the gate keeps the frame as its reference."""
+        calls = video.discovery_calls
+        new = self._discover_new(video, session, i, result, stop=stop)
+        if new:
+            for s in new:
+                session.add(s)
+            result = session.step(i, pixels)
+            self._record(video, result, i, lambda oid: True)
+        if video.discovery_calls > calls:
+            with self.times("discovery"):
+                gate.ran(video.frames[i], self._live(session, result))
+
     def _discover_new(self, video: _Video, session: TrackingSession, i: int, result: FrameResult | None,
                       stop: int) -> list[Seed]:
         """Seeds for the objects found on keyframe `i` that no live track covers, within `max_objects`."""
@@ -286,6 +316,7 @@ class Tracker:
         room = self.max_objects - sum(1 for oid in session.object_ids if video.tracks[oid].source == "auto")
         if room <= 0:
             return []
+        video.discovery_calls += 1
         with self.times("discovery"):
             candidates = list(self.discover(video.frames[i]))
             if not candidates:
@@ -294,10 +325,7 @@ class Tracker:
         min_area = int(self.min_area_frac * video.height * video.width)
         kept = select_candidates(rles, [c.score for c in candidates], max_objects=self.max_objects,
                                  min_area=min_area, **self.dedupe)
-        in_session = set(session.object_ids)
-        live = [] if result is None else [r for oid, r, a in zip(result.object_ids, result.rles, result.areas,
-                                                                           strict=True)
-                                          if a > 0 and oid in in_session]
+        live = list(self._live(session, result).values())
         fresh = [kept[k] for k in uncovered([rles[k] for k in kept], live, **self.match)][:room]
         seeds = []
         for k in fresh:
@@ -308,6 +336,15 @@ class Tracker:
             if self.backfill_auto and seed.frame > seed.stop:
                 video.back_seeds.append(seed)
         return seeds
+
+    @staticmethod
+    def _live(session: TrackingSession, result: FrameResult | None) -> dict[int, dict]:
+        """The RLE masks, by object id, of the objects in the session that are present on `result`'s frame."""
+        if result is None:
+            return {}
+        in_session = set(session.object_ids)
+        return {oid: r for oid, r, a in zip(result.object_ids, result.rles, result.areas, strict=True)
+                if a > 0 and oid in in_session}
 
     @staticmethod
     def _next_id(video: _Video) -> int:
