@@ -10,7 +10,7 @@ frame at 36 px per frame (1080p), so a frame one step early or late is told apar
 one by where the shapes are.
 
 For each video and each sampling mode (1 frame per second; 16 frames uniformly spaced) every
-decoder samples the same frames (chosen by `pipeline.sampling.select_frames` on the exact PTS), and
+decoder samples the same frames (chosen by `pipeline.decode.sampling.select_frames` on the exact PTS), and
 the run reports wall time, sampled frames per second and the ratio to a full decode of the same
 file by ``ffmpeg -i FILE -f null -`` measured in the same run (below 1: sampling is cheaper than
 decoding everything). A result is *correct* when every timestamp equals the demuxer's PTS and every
@@ -42,8 +42,8 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.machine import describe
-from pipeline import backends, isolation, sampling
-from pipeline.probe import Probe, demux_index
+from pipeline.decode import backends, isolation, sampling
+from pipeline.decode.probe import Probe, demux_index
 from pipeline.samples import GroundTruth, Shape, make_video
 
 FPS = 25.0

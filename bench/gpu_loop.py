@@ -14,7 +14,7 @@ machine has neither PyAV nor ffmpeg, which they need. So the video is written wi
 `VideoWriter` (MPEG-4 Part 2, or MJPEG where that encoder is missing), clips are planned with the
 pipeline's own pure functions (`pipeline.clips.split_clips`, `sampling_rate`, `assign_grid`), and a
 clip is decoded with OpenCV from a seek to its first frame, picking for each grid time the nearest
-frame (the earlier on a tie: `pipeline.range_decode`'s rule). The file is constant-rate and made
+frame (the earlier on a tie: `pipeline.decode.range_decode`'s rule). The file is constant-rate and made
 here, so a frame's time is its index / fps.
 
 Why the discoverer is wrapped: random SAM 2 weights propose noise that never passes SAM's quality

@@ -8,7 +8,7 @@ For each size N it writes a synthetic index in the real table layout (the Delta 
 `schemas.tables`): N captions of N/100 videos (10 objects x 10 clips each) with short everyday
 sentences, and their 256-d vectors: WordLlama's own (default; what an index holds, so ANN recall
 means something) or random unit vectors. Then it builds the search index as an index run's last
-commit does (`pipeline.search_index.sync`: `sync_s`, with IVF_PQ from 65,536 passages) and times one
+commit does (`pipeline.search.index.sync`: `sync_s`, with IVF_PQ from 65,536 passages) and times one
 more commit of 12,000 passages on top (`sync_commit_s`). Then, as medians of `--repeats` runs after
 one warm-up:
 
@@ -188,8 +188,8 @@ def pc_flat(column: pa.ChunkedArray) -> np.ndarray:
 def grow(root: Path, total: int, step: int, vectors: str) -> dict[str, Any]:
     """The index of `total` passages written `step` at a time, each a run of its own, with the
     search index synced after each as an index run does: the time of every sync, and where the
-    IVF lists were trained (`pipeline.search_index._maintain`)."""
-    from pipeline.search_index import read_state, sync
+    IVF lists were trained (`pipeline.search.index._maintain`)."""
+    from pipeline.search.index import read_state, sync
 
     syncs, layout = [], {}
     for i, start in enumerate(range(0, total, step)):
@@ -213,7 +213,8 @@ def measure(root: Path, repeats: int, vectors: str) -> dict[str, Any]:
     from jobs.query_search import TERMS_SQL
     from jobs.query_sql import open_index
     from models.embedders import load_embedder
-    from pipeline.search_index import NPROBES, sync
+    from pipeline.search.index import sync
+    from pipeline.search.reader import NPROBES
 
     started = time.perf_counter()
     built = sync(str(root))

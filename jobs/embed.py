@@ -1,7 +1,7 @@
 """`pixelrefer embed OUTPUT [--embedder E]`: add embeddings to the captions and answers that have none.
 
 For an index made with `--embedder none`, or before embeddings existed: no video model runs, only
-the embedder, on the driver, with the same rows as an index run writes (`pipeline.embeddings`).
+the embedder, on the driver, with the same rows as an index run writes (`pipeline.search.embeddings`).
 It is committed like a run, through the same commit (`pipeline.store.commit.RunWriter`): it
 gets a run id, its vectors land under `embeddings/run_id=<id>/` with a `runs` row (`command`
 'embed', `model` the embedder, `captions`/`answers` the vectors added), and a crash leaves nothing
@@ -10,7 +10,7 @@ clip, text) already has a vector is skipped, and with nothing to add nothing is 
 
 An OUTPUT keeps one embedder's vectors, so an index that holds another's is refused.
 
-Then it brings the search index (`pipeline.search_index`) up to date, also when no vector was
+Then it brings the search index (`pipeline.search.index`) up to date, also when no vector was
 missing: that is how an index whose run stopped before its last commit, or one made before the
 search index existed, gets one (`--rebuild-search` starts it again from the tables).
 """
@@ -70,9 +70,9 @@ def embed_main(args: argparse.Namespace) -> int:
 
 def update_search(output: str, storage_options: Mapping[str, Any], *, rebuild: bool = False,
                   progress: Callable[[str], None] | None = None) -> None:
-    """Bring the search index (`pipeline.search_index`) up to date with the committed tables; on a
+    """Bring the search index (`pipeline.search.index`) up to date with the committed tables; on a
     store it cannot live on, say so: `--like` then ranks every vector."""
-    from pipeline.search_index import SearchIndexUnsupported, sync
+    from pipeline.search.index import SearchIndexUnsupported, sync
     from pipeline.storage_errors import redact_url
 
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -114,7 +114,7 @@ def backfill(output: str, spec: str = DEFAULT_EMBEDDER, storage_options: Mapping
 
 def _backfill(store: Any, spec: str, options: dict[str, Any], run_id: str | None, progress: Callable[[str], None],
               started: float, started_at: dt.datetime) -> dict[str, int] | None:
-    from pipeline.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
+    from pipeline.search.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
     from pipeline.run import new_run_id
     from pipeline.storage_errors import redact_url
     from pipeline.store.commit import RunWriter, visible_rows

@@ -21,7 +21,7 @@ common still rank by the dense side; exact rare words (a name, a number) are not
 
 Two ways to the same ranking, `bench.search` times both:
 
-- through the search index (`pipeline.search_index`, kept up to date by index runs and `pixelrefer
+- through the search index (`pipeline.search.index`, kept up to date by index runs and `pixelrefer
   embed`), whenever it has seen every commit: Lance returns the `CANDIDATES_PER_OBJECT` x window
   nearest passages (IVF_PQ, re-ranked on the exact vectors) and the as many best BM25 passages, both
   already narrowed by --video / --label, and the same fusion runs in DuckDB over those candidates.
@@ -43,7 +43,8 @@ import pyarrow as pa
 from jobs.query_errors import QueryError, UsageError
 from jobs.query_search import SEARCH_SQL, TERMS_SQL, search_params
 from models.embedders import WORDLLAMA_NAME, EmbedderError, load_embedder
-from pipeline.search_index import SearchIndex, commit_key
+from pipeline.search.reader import SearchIndex
+from pipeline.store.commit import commit_key
 
 if TYPE_CHECKING:
     from jobs.query_sql import Index

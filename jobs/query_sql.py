@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
-import posixpath
 import shutil
 import tempfile
 from typing import Any, Mapping
@@ -45,7 +44,7 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from jobs.query_errors import NoCommittedRun, QueryError, RefusedQuery, UsageError, VideoNotFound, duckdb_errors
+from jobs.query_errors import RefusedQuery, UsageError, VideoNotFound, duckdb_errors
 from jobs.query_views import ViewSource, table_views
 from jobs.query_search import DEFAULT_SEARCH_LIMIT, LABEL_SQL, MACROS, SEARCH_SQL, TERMS_SQL, search_params
 from jobs.query_video import CLIPS_SQL, OBJECTS_SQL, RUNS_SQL, VideoResult

@@ -1,11 +1,11 @@
 """The frames of `pixelrefer report`: decoding the few that are shown, and drawing masks on them.
 
 Frames are not stored in the index (only masks are), so they are decoded again from the source
-video named by `videos.uri`, by the pipeline's own frame sampler (`pipeline.sampling.sample_at`):
+video named by `videos.uri`, by the pipeline's own frame sampler (`pipeline.decode.sampling.sample_at`):
 for each wanted time the decoded frame whose presentation time is nearest to the stored `ts`,
 turned upright by the stream's rotation metadata exactly as indexing turned it before computing
 the masks (phone footage is stored landscape with a display matrix), decoded in a decode child
-with a timeout (`pipeline.isolation`), so a hanging or crashing decoder fails the report with a
+with a timeout (`pipeline.decode.isolation`), so a hanging or crashing decoder fails the report with a
 message instead of hanging it. Remote sources are read through fsspec range requests with the
 same `--storage-options`. Only the frames the page shows are decoded, so the cost follows the page
 (about 60 frames), not the video's length.
@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 
 from jobs.query_errors import QueryError
 from pipeline.errors import DecodeError
-from pipeline.sampling import sample_at
+from pipeline.decode.sampling import sample_at
 
 MIN_DISPLAY_WIDTH = 320  # tiny test clips are upscaled (by an integer factor) to stay legible
 MASK_ALPHA = 0.5

@@ -15,7 +15,7 @@ them without video:
   A clip owns the grid points in [ts_start, ts_end) and also samples the next clip's first point
   (`ClipPlan.shared_time`): adjacent clips share that one frame, so linking tracks across a
   boundary is a function of the pair (mask IoU on the shared frame). Which frame answers a grid
-  time is `pipeline.range_decode`'s rule (nearest decoder PTS, the earlier on a tie), so the
+  time is `pipeline.decode.range_decode`'s rule (nearest decoder PTS, the earlier on a tie), so the
   shared frame of clip i is exactly clip i+1's first frame.
 
 Errors in the file raise `DecodeError` naming the uri; bad arguments raise `ValueError` with a
@@ -31,8 +31,8 @@ from typing import Any, Sequence
 
 
 from pipeline.errors import DecodeError
-from pipeline.isolation import call_isolated
-from pipeline.media import VideoSource, open_video, quarter_turns
+from pipeline.decode.isolation import call_isolated
+from pipeline.decode.media import VideoSource, open_video, quarter_turns
 from pipeline.shots import SHOT_THRESHOLD, ShotPass, detect_shots
 
 #: ``--clip-seconds`` default, the one definition (`pipeline.config` and the CLI import it): 30 s at
@@ -113,7 +113,7 @@ class VideoPlan:
     #: Seconds the shot pass took (0 with fixed windows): `phase_s_decode_shots`.
     shots_s: float = 0.0
     #: False when the file cannot seek (a raw H.264 stream, say): its clips are then decoded by one
-    #: sequential walk (`pipeline.range_decode.walk_clips`) instead of one seek per clip, each of
+    #: sequential walk (`pipeline.decode.range_decode.walk_clips`) instead of one seek per clip, each of
     #: which would fall back to decoding from the first frame.
     seekable: bool = True
 

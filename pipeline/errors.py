@@ -1,6 +1,6 @@
 """The one exception every decoding path raises for a bad file, clip or decoder failure.
 
-A module of its own so that the worker pool (`pipeline.isolation`), which re-raises it across the
+A module of its own so that the worker pool (`pipeline.decode.isolation`), which re-raises it across the
 process boundary, and the decoders, which raise it, share it without importing each other.
 """
 

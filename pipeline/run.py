@@ -31,11 +31,11 @@ from typing import Any, Callable, Mapping
 
 from pipeline.assemble import Assembled, VideoAssembly, assemble, loads, number, track_captions
 from pipeline.config import IndexConfig
-from pipeline.embeddings import RunEmbedder
+from pipeline.search.embeddings import RunEmbedder
 from pipeline.graph import build_dataset, ensure_ray, iter_finished
 from pipeline import storage_errors
 from pipeline.questions import load_questions, questions_for
-from pipeline.search_sync import BackgroundSync
+from pipeline.search.sync import BackgroundSync
 from pipeline.store.claims import Claims
 from pipeline.store.commit import RunWriter, indexed_video_ids, latest_by_uri, retry_counts, visible_videos
 from pipeline.store.tables import TableStore
@@ -191,7 +191,7 @@ class _Run:
         """Publish the ready videos and a `runs` row atomically.
 
         The vectors of their captions and answers are computed here, on the driver, in one batch per
-        commit (`pipeline.embeddings`, the code path `pixelrefer embed` uses too): the GPU actors stay
+        commit (`pipeline.search.embeddings`, the code path `pixelrefer embed` uses too): the GPU actors stay
         as they are, and WordLlama embeds ~12,000 sentences in 0.2 s.
 
         The final commit always happens (it carries the videos lost to worker crashes), so every

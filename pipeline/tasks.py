@@ -151,7 +151,7 @@ def assign_prompts(prompts_json: str, plan: Any) -> tuple[dict[int, list[dict]],
 def decode_row(row: dict[str, Any], *, cfg: IndexConfig) -> dict[str, Any]:
     """`map` body: the frames of a clip (its grid, plus the next clip's first frame) or of a track row."""
     from pipeline.errors import DecodeError
-    from pipeline.sampling import sample_at, sample_clip
+    from pipeline.decode.sampling import sample_at, sample_clip
 
     out = {**row, "frames": EMPTY_FRAMES, "timestamps": "[]"}  # JSON text: see `actors.columns`
     if row["kind"] not in ("clip", "track") or row["error"]:
@@ -193,15 +193,15 @@ def join_notes(*notes: str | None) -> str:
 def walked_rows(rows: list[dict[str, Any]], plan: Any, cfg: IndexConfig) -> Iterator[dict[str, Any]]:
     """The clip rows of a video that cannot seek, each with its frames, from one pass over the file.
 
-    The pass runs in a decode child (`pipeline.range_decode.spill_walk`), which writes each clip's
+    The pass runs in a decode child (`pipeline.decode.range_decode.spill_walk`), which writes each clip's
     frames to a scratch folder as it reaches them; the rows then leave one at a time, each file
     deleted as its row goes. The folder holds every sampled frame of the video at once, so a video
     whose frames do not fit the free space fails with that said instead of filling the disk.
     """
     from pipeline.errors import DecodeError
-    from pipeline.isolation import call_isolated
-    from pipeline.probe import output_size
-    from pipeline.range_decode import spill_walk
+    from pipeline.decode.isolation import call_isolated
+    from pipeline.decode.probe import output_size
+    from pipeline.decode.range_decode import spill_walk
 
     uri = rows[0]["uri"]
     groups = [json.loads(r["clip_json"])["grid"] for r in rows]

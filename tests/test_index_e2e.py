@@ -132,7 +132,8 @@ def test_captions_and_answers_have_embeddings(indexed):
 
 def test_the_run_leaves_an_up_to_date_search_index(indexed):
     """After its last commit the run copies its passages into the search index `--like` reads."""
-    from pipeline.search_index import SearchIndex, committed
+    from pipeline.search.index import committed
+    from pipeline.search.reader import SearchIndex
 
     output = str(indexed["output"])
     search, why = SearchIndex.open(output, {}, committed(output))

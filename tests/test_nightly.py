@@ -71,7 +71,8 @@ def test_nightly_on_s3_is_incremental(ray_local, s3_bucket, tmp_path):
         table = index.sql("SELECT count(*) AS n FROM videos WHERE status = 'ok'")
     assert table.column("n").to_pylist() == [4]
 
-    from pipeline.search_index import SearchIndex, committed  # kept up to date in the bucket by every run
+    from pipeline.search.index import committed  # kept up to date in the bucket by every run
+    from pipeline.search.reader import SearchIndex
 
     search, why = SearchIndex.open(output, options, committed(output, options))
     assert search is not None, why

@@ -109,7 +109,7 @@ class Claims:
             try:
                 with self.store.guard(action, CLAIMS):
                     merge = table.merge(source, "t.claim = s.claim", source_alias="s", target_alias="t")
-                    merge = merge.when_matched_update_all(predicate=f"t.run_id = s.run_id OR t.expires_at < s.claimed_at")
+                    merge = merge.when_matched_update_all(predicate="t.run_id = s.run_id OR t.expires_at < s.claimed_at")
                     merge.when_not_matched_insert_all().execute()
                 return
             except TableError as exc:

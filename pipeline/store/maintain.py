@@ -290,7 +290,7 @@ def _quote(value: str) -> str:
 
 def _maintain_search(store: TableStore, retain_hours: int, say: Progress) -> SearchResult | None:
     """Compact the Lance dataset and drop its old versions, holding the sync lock meanwhile."""
-    from pipeline.search_index import DATASET, SEARCH_FOLDER, SearchIndexUnsupported, SearchLocation, _lance
+    from pipeline.search.index import DATASET, SEARCH_FOLDER, SearchIndexUnsupported, SearchLocation, _lance
 
     with store.guard("looking for the search index"):
         if not store.fs.exists(store.path(SEARCH_FOLDER, DATASET)):

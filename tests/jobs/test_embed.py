@@ -21,7 +21,7 @@ import pytest
 from jobs.cli import main as cli_main
 from jobs.query_like import RRF_K
 from models.embedders import WORDLLAMA_NAME
-from pipeline.embeddings import RunEmbedder, text_rows
+from pipeline.search.embeddings import RunEmbedder, text_rows
 from pipeline.store import TableStore
 from pipeline.store.commit import visible_rows
 

@@ -18,7 +18,8 @@ from jobs.query_sql import open_index
 from pipeline.config import IndexConfig
 from pipeline.run import run_index
 from pipeline.samples import DEFAULT_SHAPES, make_video
-from pipeline.search_index import SearchIndex, committed, sync
+from pipeline.search.index import committed, sync
+from pipeline.search.reader import SearchIndex
 from pipeline.sources import list_videos
 from pipeline.store import TableStore
 from pipeline.store.commit import RunWriter

@@ -326,8 +326,6 @@ def test_bad_storage_options(local_index: IndexInfo, run_query) -> None:
 
 def test_tables_without_files_are_empty_not_errors(tmp_path: Path, local_index: IndexInfo, data) -> None:
     """A run with no questions writes no qa file: the view is empty, with the table's columns."""
-    import fsspec
-
     runs = data.index_tables(local_index.uris, local_index.truths)
     only = {RUN1: {"videos": runs[RUN1]["videos"], "objects": runs[RUN1]["objects"], "runs": runs[RUN1]["runs"]}}
     data.write_index(str(tmp_path / "out"), only)

@@ -349,7 +349,6 @@ class UprightTruth:
 def test_portrait_phone_video_is_drawn_upright_under_its_masks(tmp_path: Path) -> None:
     """Rotation metadata is honoured: the frame is the upright one and each mask lies on its object."""
     import ffmpeg
-    import fsspec
 
     shapes = (Shape(color=(230, 40, 40), size=(24, 30), start_xy=(12, 10)),  # near the stored top-left corner
               Shape(color=(40, 80, 230), size=(20, 20), start_xy=(110, 60), velocity=(-20, 0), kind="ellipse"))

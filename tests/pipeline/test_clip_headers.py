@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.clips import plan_video
 from pipeline.config import IndexConfig
-from pipeline.sampling import sample_clip
+from pipeline.decode.sampling import sample_clip
 from pipeline.sources import VideoFile
 from pipeline.tasks import decode_row, plan_rows, video_row
 

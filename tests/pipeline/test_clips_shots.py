@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.clips import plan_video
-from pipeline.media import open_video
+from pipeline.decode.media import open_video
 from pipeline.shots import detect_shots
 
 CUT_AT = 4.0

@@ -19,11 +19,11 @@ import ffmpeg
 import numpy as np
 import pytest
 
-from pipeline import backends
+from pipeline.decode import backends
 from pipeline.errors import DecodeError
-from pipeline.isolation import call_isolated
-from pipeline.probe import demux_index, probe_file
-from pipeline.sampling import SampledVideo, sample_video, select_frames
+from pipeline.decode.isolation import call_isolated
+from pipeline.decode.probe import demux_index, probe_file
+from pipeline.decode.sampling import SampledVideo, sample_video, select_frames
 from pipeline.samples import Shape, make_video
 
 SHAPES = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backends import DECODER_ENV
+from pipeline.decode.backends import DECODER_ENV
 from pipeline.samples import make_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +27,7 @@ raise ImportError("No module named 'decord' (test stand-in)")
 
 SAMPLE = """
 import json, sys
-from pipeline.sampling import sample_at, sample_video
+from pipeline.decode.sampling import sample_at, sample_video
 whole = sample_video(sys.argv[1], fps=2.0)
 some = sample_at(sys.argv[1], [0.0, 1.0])
 print(json.dumps({"whole": whole.timestamps.tolist(), "shape": list(whole.frames.shape),

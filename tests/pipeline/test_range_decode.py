@@ -15,12 +15,12 @@ import ffmpeg
 import numpy as np
 import pytest
 
-from pipeline import range_decode
+from pipeline.decode import range_decode
 from pipeline.clips import plan_video
 from pipeline.errors import DecodeError
-from pipeline.media import REMOTE_BLOCK_SIZE
+from pipeline.decode.media import REMOTE_BLOCK_SIZE
 from pipeline.samples import Shape, make_video
-from pipeline.sampling import sample_at, sample_clip, sample_video
+from pipeline.decode.sampling import sample_at, sample_clip, sample_video
 
 SHAPES = (
     Shape(color=(220, 40, 40), size=(30, 30), start_xy=(5, 10), velocity=(7, 3)),

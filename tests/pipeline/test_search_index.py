@@ -1,4 +1,4 @@
-"""The search index (`pipeline.search_index`): a Lance copy of each video's latest passages.
+"""The search index (`pipeline.search.index`): a Lance copy of each video's latest passages.
 
 The OUTPUTs are written here as an index run writes them: one `RunWriter` commit per (run,
 commit) into the Delta tables, `runs` last, so a sync reads each commit's vectors from the
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import search_index
-from pipeline.search_index import (SearchIndex, SearchIndexUnsupported, SearchLocation, committed, lance_s3_options,
-                                   sync)
+from pipeline.search import index as search_index
+from pipeline.search.index import SearchIndexUnsupported, SearchLocation, committed, lance_s3_options, sync
+from pipeline.search.reader import SearchIndex
 from pipeline.store import TableStore
 from pipeline.store.commit import RunWriter
 

@@ -15,11 +15,11 @@ import ffmpeg
 import numpy as np
 import pytest
 
-import pipeline.range_decode as range_decode
+import pipeline.decode.range_decode as range_decode
 import pipeline.tasks as tasks
 from pipeline.clips import plan_video
 from pipeline.config import IndexConfig
-from pipeline.sampling import sample_clip
+from pipeline.decode.sampling import sample_clip
 from pipeline.sources import VideoFile
 from pipeline.tasks import decode_row, plan_rows, video_row
 

@@ -18,7 +18,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from pipeline import storage_errors
-from pipeline.search_index import SearchIndexUnsupported, sync
+from pipeline.search.index import SearchIndexUnsupported, sync
 from pipeline.storage_errors import redact_url
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ WORKER_START_TIMEOUT_S = 120.0
 _CHILD_ALARM_GRACE_S = 30
 #: Run once by every child before it takes work: imports the decoders, so that no call pays for
 #: them inside its deadline. Returns the versions it loaded (``name -> version``).
-WARMUP = "pipeline.backends:load_decoders"
+WARMUP = "pipeline.decode.backends:load_decoders"
 
 
 def call_isolated(
@@ -84,7 +84,7 @@ def call_isolated(
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _CHILD_CODE = (
     "import sys; sys.path.insert(0, sys.argv[3]); "
-    "from pipeline.isolation import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
+    "from pipeline.decode.isolation import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
 )
 
 

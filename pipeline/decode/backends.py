@@ -2,7 +2,7 @@
 
 **Pixels** come from PyAV (`decode_pyav`): it was the faster of the two in ``bench/decode.py``
 (sampling 16 frames of a 120 s 1080p file: 0.24x the time of a full decode, decord 0.41x), it
-matches frames by PTS, and it is what clips and the report decode with (`pipeline.range_decode`).
+matches frames by PTS, and it is what clips and the report decode with (`pipeline.decode.range_decode`).
 decord is an optional extra (``pip install 'pixelrefer-pipeline[decord]'``, no wheels for
 Apple-silicon laptops), imported only when ``PIXELREFER_DECODER=decord`` is set in the workers'
 environment; ``get_batch`` then decodes the frames (it seeks to the key frame before each wanted
@@ -11,7 +11,7 @@ frames (`decord_unsafe`), cannot open the file (AV1, damaged index), fails midwa
 stream), disagrees with the demuxer's index or is not installed, PyAV decodes the same frames
 and keeps what decodes; a failure midway is said in a note, the rest is logged.
 
-Everything here runs inside a decode child (`pipeline.isolation`), which calls `load_decoders`
+Everything here runs inside a decode child (`pipeline.decode.isolation`), which calls `load_decoders`
 once at start.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.probe import FrameIndex, Probe
+from pipeline.decode.probe import FrameIndex, Probe
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def upright_rgb(frame: Any, width: int, height: int, turns: int) -> np.ndarray:
     """A decoded frame as RGB, scaled to `width` x `height` as stored, then turned upright.
 
     `turns` counts counter-clockwise quarter turns (`numpy.rot90`'s k). Every PyAV path (whole
-    videos here, clips and the report through `pipeline.range_decode`) turns frames here, so all of
+    videos here, clips and the report through `pipeline.decode.range_decode`) turns frames here, so all of
     them return the frames that masks were computed on.
     """
     array = frame.to_ndarray(format="rgb24", width=width, height=height)

@@ -1,10 +1,10 @@
 """Opening one video for PyAV so that only the bytes a task needs are read, local or remote.
 
-Clip planning (`pipeline.clips`) and range decoding (`pipeline.range_decode`) open files through
+Clip planning (`pipeline.clips`) and range decoding (`pipeline.decode.range_decode`) open files through
 `open_video`. A local file goes to PyAV by path. A remote one (``s3://`` or any fsspec URL) is
 opened with fsspec as a seekable file object and handed to PyAV, so FFmpeg's own seeks become
 HTTP range requests: a task reads the container header and index plus the stretch it decodes,
-never the whole object (no download to disk either, unlike `pipeline.sampling.sample_video`).
+never the whole object (no download to disk either, unlike `pipeline.decode.sampling.sample_video`).
 
 Caching: a clip uses fsspec's ``blockcache`` (aligned 1 MiB blocks, the last 16 kept), because
 opening an MP4 jumps from the header at the start to the index at the end and back to the first
@@ -16,7 +16,7 @@ decode. A pass over a whole file (``sequential``: shot detection) reads ahead in
 
 Timestamps: everything counts seconds from the stream's first frame, the timeline of every table.
 That origin is the stream's ``start_time`` from the container header (the first frame's PTS; the
-demux index of `pipeline.probe` finds the same value for every container but AVI with B-frames), so
+demux index of `pipeline.decode.probe` finds the same value for every container but AVI with B-frames), so
 any task can compute it from the header alone, and two tasks on the same file always agree.
 """
 
@@ -29,7 +29,7 @@ from fractions import Fraction
 from typing import Any, Iterator
 
 from pipeline.errors import DecodeError
-from pipeline.probe import MAX_SOURCE_SIDE, check_file
+from pipeline.decode.probe import MAX_SOURCE_SIDE, check_file
 from pipeline.sources import is_local, local_path
 
 #: Bytes per ranged read of a remote file when decoding a clip, and how many blocks stay cached.
@@ -63,7 +63,7 @@ class VideoSource:
 
     def seconds(self, pts: int) -> float:
         """Seconds from the first frame; (ticks * num) / den is exact in float64 for real files,
-        the same rounding as `pipeline.probe.demux_index`, so equal PTS give equal floats."""
+        the same rounding as `pipeline.decode.probe.demux_index`, so equal PTS give equal floats."""
         return (pts - self.origin) * self.time_base.numerator / self.time_base.denominator
 
     def ticks(self, seconds: float) -> int:
@@ -101,7 +101,7 @@ def open_video(uri: str, storage_options: dict | None = None, *, sequential: boo
     `sequential`: the caller will read the whole file in order (larger read-ahead requests).
 
     Failures a user can act on (missing, empty, not a video, no video stream, absurd frame size)
-    raise `DecodeError` naming `uri`. Decoder threads follow `pipeline.backends.decoder_threads`.
+    raise `DecodeError` naming `uri`. Decoder threads follow `pipeline.decode.backends.decoder_threads`.
     """
     with contextlib.ExitStack() as stack:
         counter = None
@@ -137,7 +137,7 @@ def _open_container(target: Any, uri: str) -> Any:
 
 
 def _configure(stream: Any) -> None:
-    from pipeline.backends import decoder_threads
+    from pipeline.decode.backends import decoder_threads
 
     stream.thread_type = "AUTO"
     if decoder_threads():
@@ -238,7 +238,7 @@ def quarter_turns(frame: Any) -> int:
     """Counter-clockwise quarter turns (`numpy.rot90`'s k) that show `frame` upright.
 
     PyAV reads the frame's display matrix as ffprobe does (``side_data_list[].rotation``, which
-    `pipeline.probe` uses for whole videos): both paths turn frames alike.
+    `pipeline.decode.probe` uses for whole videos): both paths turn frames alike.
     """
     angle = getattr(frame, "rotation", 0) or 0
     return int(round(angle / 90.0)) % 4

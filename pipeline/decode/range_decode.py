@@ -15,8 +15,8 @@ frame it yields is at or before the run's first time: demuxers disagree on what 
 Why PyAV rather than decord for clips: decord numbers frames from an index of the whole file that
 it builds on open (so opening costs a pass over the file's packets, and a remote file must be read
 whole into memory), and it miscounts after seeks in open-GOP and MPEG-TS streams
-(`pipeline.backends.decord_unsafe`); PyAV matches frames by PTS and reads a file object through
-range requests (`pipeline.media`).
+(`pipeline.decode.backends.decord_unsafe`); PyAV matches frames by PTS and reads a file object through
+range requests (`pipeline.decode.media`).
 
 Damage: a packet that fails to decode, or a frame the decoder flags as corrupt, within a run
 raises `DecodeError` when `strict` (a clip), because the frames after it in its GOP are wrong
@@ -31,10 +31,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.backends import upright_rgb
+from pipeline.decode.backends import upright_rgb
 from pipeline.errors import DecodeError
-from pipeline.media import VideoSource, open_video, quarter_turns
-from pipeline.probe import output_size
+from pipeline.decode.media import VideoSource, open_video, quarter_turns
+from pipeline.decode.probe import output_size
 
 #: Times further apart than this start a new run (a seek) instead of decoding through the gap: a
 #: seek costs about one GOP of decoding (1-10 s of video), decoding the gap costs all of it.

@@ -1,15 +1,15 @@
 """Sample the frames of one whole video, safely, inside a Ray Data task.
 
 `sample_video` returns only the sampled frames (RGB uint8) and their presentation timestamps. The
-metadata and the exact PTS index come from `pipeline.probe`, the pixels from `pipeline.backends`
-(PyAV; decord when chosen), and all of it runs in a decode child (`pipeline.isolation`), so a
+metadata and the exact PTS index come from `pipeline.decode.probe`, the pixels from `pipeline.decode.backends`
+(PyAV; decord when chosen), and all of it runs in a decode child (`pipeline.decode.isolation`), so a
 hang or a crash costs one video, never the job. Times are seconds from the stream's first frame,
 taken from the demuxer, never ``index / fps``.
 
 This is the whole-file path, for short videos: `sample_video` downloads a remote file whole (see
 `_download`) and indexes every packet. Long videos go through clips instead: `pipeline.clips`
 plans them, `sample_clip` decodes one clip from its own byte range, and `sample_at` fetches frames
-at given times (K frames spread over a long track); both pick frames by `pipeline.range_decode`'s
+at given times (K frames spread over a long track); both pick frames by `pipeline.decode.range_decode`'s
 rule and run in a decode child too. `sample_at` is also how `pixelrefer report` gets its frames
 back: every path returns frames upright (rotation metadata applied), the frames masks refer to.
 """
@@ -25,11 +25,11 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.backends import decode_frames
+from pipeline.decode.backends import decode_frames
 from pipeline.errors import DecodeError
-from pipeline.isolation import call_isolated
-from pipeline.probe import FrameIndex, Probe, check_file, demux_index, output_size, probe_file
-from pipeline.range_decode import pick_frames
+from pipeline.decode.isolation import call_isolated
+from pipeline.decode.probe import FrameIndex, Probe, check_file, demux_index, output_size, probe_file
+from pipeline.decode.range_decode import pick_frames
 from pipeline.sources import is_local, local_path
 
 #: Refuse a sample whose frames would take more memory than this (all frames together); the
@@ -192,7 +192,7 @@ def sample_at(
     """The upright frame nearest to each of `timestamps` (seconds from the first frame), in time order.
 
     Close times are decoded in one forward pass, distant ones each after its own seek
-    (`pipeline.range_decode.SEEK_GAP_S`). The times of a pass that meets a damaged stretch are
+    (`pipeline.decode.range_decode.SEEK_GAP_S`). The times of a pass that meets a damaged stretch are
     left out with a note instead of failing the others: these are a track's K caption frames,
     and the rest of them still serve.
     """

@@ -11,9 +11,9 @@
   first frame, as decord and ffmpeg count them, never ``index / fps`` (wrong for variable frame
   rate).
 
-Both read the whole file's packet headers: they serve `pipeline.sampling.sample_video` (short
+Both read the whole file's packet headers: they serve `pipeline.decode.sampling.sample_video` (short
 videos, decoded whole); clips of long videos are planned and decoded without them
-(`pipeline.clips`, `pipeline.range_decode`).
+(`pipeline.clips`, `pipeline.decode.range_decode`).
 """
 
 from __future__ import annotations
