@@ -190,13 +190,20 @@ class TableStore:
             )
             return self.version_of(table, commit, handle=handle) if commit else int(handle.version())
 
-    def version_of(self, table: str, commit: str, look_back: int = 200, handle: Any = None) -> int:
-        """The version of `table` that `commit` appended (searched among its latest versions)."""
+    def version_of(self, table: str, commit: str, look_back: int = 512, handle: Any = None) -> int:
+        """The version of `table` that `commit` appended, searched among its latest versions in
+        growing windows (just after an append it is the newest one, unless others committed since:
+        reading a long history costs a request per version on object storage)."""
         handle = handle if handle is not None else self.open(table)
+        window = 4
         with self.guard("reading the table's history", table):
-            for entry in handle.history(look_back):
-                if entry.get(COMMIT_PROPERTY) == commit:
-                    return int(entry["version"])
+            while True:
+                for entry in handle.history(window):
+                    if entry.get(COMMIT_PROPERTY) == commit:
+                        return int(entry["version"])
+                if window >= look_back:
+                    break
+                window *= 8
         raise TableError(f"table {table!r} of OUTPUT {self.shown!r}: commit {commit} is not among its last "
                          f"{look_back} versions")
 
