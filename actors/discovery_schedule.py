@@ -7,9 +7,9 @@ keyframe only when one of two things says that something new may be in the frame
 - the frame changed where no tracked object explains it: on a coarse grid (`grid` cells along the
   longer side, each a cell's mean colour), the cells that differ by more than `pixel_delta` levels
   from the last keyframe discovery ran on make up at least `changed_frac` of the frame, not
-  counting the cells under a tracked mask now, nor those an object left while keeping `keep_frac`
-  of its area (it moved, and uncovered background); masks are grown by one cell so that a ragged
-  edge does not count. An object entering the uncovered part of the frame changes it there, and so
+  counting the cells under a tracked mask now, nor those an object left as it moved (it gained at
+  least `moved_frac` as many cells elsewhere, and uncovered background where it was); masks are
+  grown by one cell so that a ragged edge does not count. An object entering the uncovered part of the frame changes it there, and so
   does one passing in front of a tracked object (which loses that area); tracked objects moving,
   and a static background, do not.
 - a tracked object lost area: one tracked when discovery last ran is gone, retired or down to less
@@ -49,16 +49,17 @@ class DiscoverySchedule:
     pixel_delta: float = 12.0
     #: A tracked object whose area falls below this share of its area at the last discovery counts as lost.
     lost_frac: float = 0.5
-    #: An object that kept this share of its area moved: the cells it left are background, not news.
-    keep_frac: float = 0.9
+    #: An object that gained at least this share of the cells it left moved: those cells show
+    #: background it uncovered, not news. One that left cells without gaining others is hidden there.
+    moved_frac: float = 0.5
     #: Cells along the frame's longer side for the change check.
     grid: int = 64
 
     def __post_init__(self) -> None:
         if self.policy not in DISCOVERY_POLICIES:
             raise ValueError(f"discovery policy must be one of {DISCOVERY_POLICIES}, got {self.policy!r}")
-        if not all(0.0 <= f <= 1.0 for f in (self.changed_frac, self.lost_frac, self.keep_frac)):
-            raise ValueError("changed_frac, lost_frac and keep_frac must be within [0, 1]")
+        if not all(0.0 <= f <= 1.0 for f in (self.changed_frac, self.lost_frac)) or self.moved_frac < 0:
+            raise ValueError("changed_frac and lost_frac must be within [0, 1], moved_frac >= 0")
         if self.pixel_delta < 0 or self.grid <= 0:
             raise ValueError("pixel_delta must be >= 0 and grid positive")
 
@@ -140,13 +141,15 @@ class DiscoveryGate:
         changed = (diff.max(axis=-1) if diff.ndim == 3 else diff) > self.schedule.pixel_delta
         if not changed.any():
             return False
-        now = _areas(tracked)
+        now = self._object_cells(tracked)
         explained = np.zeros_like(changed)
-        for cells in self._object_cells(tracked).values():
+        for cells in now.values():
             explained |= cells
-        for oid, cells in self.reference_cells.items():
-            if now.get(oid, 0) >= self.schedule.keep_frac * self.reference_areas[oid]:
-                explained |= cells
+        for oid, before in self.reference_cells.items():
+            if oid in now:
+                left, gained = int((before & ~now[oid]).sum()), int((now[oid] & ~before).sum())
+                if gained >= self.schedule.moved_frac * left:
+                    explained |= before
         news = changed & ~_grow(explained)
         return bool(news.any()) and float(news.mean()) >= self.schedule.changed_frac
 
