@@ -41,9 +41,10 @@ class DiscoverySchedule:
     """The policy and its thresholds (see the module docstring); plain values, so it pickles to Ray actors."""
 
     policy: str = "changed"
-    #: Share of the frame that must have changed outside the tracked masks: 0.001 is 3 cells of a
-    #: 64 x 48 grid, an object about 1/30 of the frame's width across.
-    changed_frac: float = 0.001
+    #: Share of the frame that must have changed where no tracked object explains it: 0.002 is 6
+    #: cells of a 64 x 48 grid (a lone noisy cell is not news), an object about 1/20 of the frame's
+    #: width across (or a larger one only partly in view).
+    changed_frac: float = 0.002
     #: Colour levels (0..255, any channel) a cell's mean must move by to count as changed; well above
     #: compression noise, which a cell's mean averages away, and below a small object's contrast.
     pixel_delta: float = 12.0
