@@ -389,6 +389,7 @@ def _drop_delta(store: TableStore, table: str) -> None:
             if name != LOG and not name.startswith("run_id="):
                 store.fs.rm(path, recursive=True)
         store.fs.rm(posixpath.join(folder, LOG), recursive=True)
+    store.forget(table)
 
 
 def _hidden_videos(store: TableStore) -> int:

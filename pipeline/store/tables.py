@@ -176,19 +176,30 @@ class TableStore:
 
         `commit` ("run_id/commit_index") is recorded in the commit's metadata, so a reader can find
         the version a run commit wrote (`version_of`)."""
-        handle = self._written.get(table)
-        if handle is None:
-            handle = self._written[table] = self.ensure(table)
+        handle = self._fresh_handle(table)
         deltalake = _deltalake()
         meta = {COMMIT_PROPERTY: commit} if commit else None
         with self.guard("appending to the table", table):
-            handle.update_incremental()  # a long run's handle: catch up with other writers' commits
             deltalake.write_deltalake(
                 handle, data.cast(TABLES[table]), mode="append",
                 commit_properties=deltalake.CommitProperties(custom_metadata=meta, max_commit_retries=50),
                 writer_properties=deltalake.WriterProperties(compression="ZSTD"),
             )
             return self.version_of(table, commit, handle=handle) if commit else int(handle.version())
+
+    def _fresh_handle(self, table: str) -> Any:
+        """The handle appends go through, caught up with other writers' commits."""
+        handle = self._written.get(table)
+        if handle is None:
+            handle = self._written[table] = self.ensure(table)
+        else:
+            with self.guard("reading the table's log", table):
+                handle.update_incremental()
+        return handle
+
+    def forget(self, table: str) -> None:
+        """Drop the kept handle of a table that was deleted and will be created again."""
+        self._written.pop(table, None)
 
     def version_of(self, table: str, commit: str, look_back: int = 512, handle: Any = None) -> int:
         """The version of `table` that `commit` appended, searched among its latest versions in
