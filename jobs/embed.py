@@ -25,9 +25,6 @@ from typing import Any, Callable, Mapping
 
 from models.embedders import DEFAULT_EMBEDDER, EmbedderError, load_embedder
 
-EXIT_OK = 0
-EXIT_NOT_COMMITTED = 1
-EXIT_USAGE = 2
 #: Texts embedded and buffered at a time: bounded memory for a backfill of millions, one commit still.
 EMBED_BATCH = 50_000
 
@@ -44,28 +41,13 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def embed_main(args: argparse.Namespace) -> int:
     """Exit 0 when committed (or nothing was missing), 1 when it could not commit, 2 for bad input."""
-    from pipeline.config import IndexConfig
-    from pipeline.storage_errors import redact
-    from pipeline.store import OutputError
+    from jobs.store_command import run_on_output
 
-    try:
-        storage_options = IndexConfig.parse_storage_options(args.storage_options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+    def work(storage_options: dict[str, Any]) -> None:
         backfill(args.output, args.embedder, storage_options, run_id=args.run_id)
         update_search(args.output, storage_options, rebuild=args.rebuild_search)
-    except EmbedderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputError as exc:
-        print(f"error: {redact(str(exc), storage_options)}", file=sys.stderr)
-        return EXIT_NOT_COMMITTED
-    except KeyboardInterrupt:
-        print("interrupted: nothing was committed", file=sys.stderr)
-        return 130
-    return EXIT_OK
+
+    return run_on_output(args.storage_options, work, "nothing was committed", usage_errors=(EmbedderError,))
 
 
 def update_search(output: str, storage_options: Mapping[str, Any], *, rebuild: bool = False,

@@ -12,9 +12,8 @@ import argparse
 import sys
 from typing import Any, Iterable, Mapping
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from jobs.store_command import EXIT_USAGE, run_on_output
+
 COLUMNS = ("table", "files", "rows", "leftovers", "vacuumed", "seconds", "note")
 
 
@@ -34,40 +33,30 @@ def add_maintain_arguments(parser: argparse.ArgumentParser) -> None:
 
 def maintain_main(args: argparse.Namespace) -> int:
     """Exit 0 when every table was maintained, 1 when the store or a table failed, 2 for bad input."""
-    from pipeline.config import IndexConfig
-    from pipeline.storage_errors import redact
-    from pipeline.store import OutputError, TableStore
-    from pipeline.store.maintain import maintain, summary_rows
-
     if args.retain_hours < 0:
         print(f"error: --retain-hours must be 0 or more, not {args.retain_hours}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        storage_options = IndexConfig.parse_storage_options(args.storage_options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        store = TableStore(args.output, storage_options)
-        result = maintain(store, retain_hours=args.retain_hours,
-                          progress=lambda text: print(text, file=sys.stderr, flush=True))
-    except OutputError as exc:
-        print(f"error: {redact(str(exc), storage_options)}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("interrupted: every step commits alone, so the tables hold all their rows; run it again", file=sys.stderr)
-        return 130
+    return run_on_output(args.storage_options, lambda options: _maintain(args, options),
+                         "every step commits alone, so the tables hold all their rows; run it again")
+
+
+def _maintain(args: argparse.Namespace, storage_options: dict[str, Any]) -> None:
+    from pipeline.store import TableStore
+    from pipeline.store.maintain import maintain, summary_rows
+
+    store = TableStore(args.output, storage_options)
+    result = maintain(store, retain_hours=args.retain_hours,
+                      progress=lambda text: print(text, file=sys.stderr, flush=True))
     rows = list(summary_rows(result))
     if not rows:
         print(f"OUTPUT {store.shown} holds no tables yet: nothing to maintain")
-        return EXIT_OK
+        return
     print(render(rows))
     if result.search is not None:
         search = result.search
         print(search.note or f"search index: {search.fragments_before} -> {search.fragments_after} fragments, "
                              f"{search.rows} passages ({search.seconds:.1f} s)")
     print(f"done in {result.seconds:.1f} s (retention {result.retain_hours} h)")
-    return EXIT_OK
 
 
 def render(rows: Iterable[Mapping[str, Any]]) -> str:

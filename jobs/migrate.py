@@ -12,11 +12,9 @@ by `pixelrefer embed` or the next index run). Interrupted, it is run again and r
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
 
-EXIT_OK = 0
-EXIT_NOT_MIGRATED = 1
-EXIT_USAGE = 2
+from jobs.store_command import run_on_output
 
 
 def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,27 +28,19 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def migrate_main(args: argparse.Namespace) -> int:
     """Exit 0 when migrated (or already), 1 when it could not migrate (nothing old deleted), 2 for bad input."""
-    from pipeline.config import IndexConfig
-    from pipeline.storage_errors import redact, redact_url
-    from pipeline.store import OutputError, TableStore
+    return run_on_output(args.storage_options, lambda options: _migrate(args, options),
+                         "no old file was deleted unless every table was converted; run migrate again to finish")
+
+
+def _migrate(args: argparse.Namespace, storage_options: dict[str, Any]) -> None:
+    import sys
+
+    from pipeline.storage_errors import redact_url
+    from pipeline.store import TableStore
     from pipeline.store.migrate import migrate
 
-    try:
-        storage_options = IndexConfig.parse_storage_options(args.storage_options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        store = TableStore(args.output, storage_options)
-        report = migrate(store, drop_unfinished=args.drop_unfinished,
-                         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    except OutputError as exc:
-        print(f"error: {redact(str(exc), storage_options)}", file=sys.stderr)
-        return EXIT_NOT_MIGRATED
-    except KeyboardInterrupt:
-        print("interrupted: no old file was deleted unless every table was converted; run migrate again to finish",
-              file=sys.stderr)
-        return 130
+    store = TableStore(args.output, storage_options)
+    report = migrate(store, drop_unfinished=args.drop_unfinished,
+                     progress=lambda message: print(message, file=sys.stderr, flush=True))
     for line in report.lines(redact_url(args.output)):
         print(line)
-    return EXIT_OK
