@@ -104,23 +104,36 @@ def _runs(targets: np.ndarray) -> list[np.ndarray]:
     return np.split(targets, breaks)
 
 
+class _Nearest:
+    """The decoded frame nearest each of a rising sequence of times, walking the frames once: the
+    earlier frame on a tie, the first frame for a time before the stream, and nothing for a time
+    more than `END_SLACK_S` past the last frame. The one rule of clip decodes and sequential walks."""
+
+    def __init__(self, frames: Iterator[tuple[float, Any]]) -> None:
+        self.frames = frames
+        self.previous: tuple[float, Any] | None = None
+        self.current = next(frames, None)
+
+    def pick(self, target: float) -> tuple[float, Any] | None:
+        while self.current is not None and self.current[0] <= target:
+            self.previous, self.current = self.current, next(self.frames, None)
+        previous, current = self.previous, self.current
+        if previous is None:
+            return current
+        if current is None:
+            return previous if target - previous[0] <= END_SLACK_S else None
+        return previous if target - previous[0] <= current[0] - target else current
+
+
 def _pick_run(source: VideoSource, run: np.ndarray, width: int, height: int, picked: Picked) -> None:
     """Decode from the key frame before ``run[0]`` until past ``run[-1]``; choose the nearest frames."""
     frames, stats = _start_before(source, float(run[0]))
-    previous: tuple[float, Any] | None = None
-    current = next(frames, None)
+    nearest = _Nearest(frames)
     converted: dict[float, np.ndarray] = {}
     answered_up_to = len(picked.answered)
     for target in run:
         target = float(target)
-        while current is not None and current[0] <= target:
-            previous, current = current, next(frames, None)
-        if previous is None:
-            choice = current  # before the first frame of the stream: the first frame is nearest
-        elif current is None:
-            choice = previous if target - previous[0] <= END_SLACK_S else None
-        else:
-            choice = previous if target - previous[0] <= current[0] - target else current
+        choice = nearest.pick(target)
         if choice is None:
             continue
         stamp, frame = choice
@@ -134,7 +147,7 @@ def _pick_run(source: VideoSource, run: np.ndarray, width: int, height: int, pic
         raise _Damaged(stats.first_time, float(run[-1]), stats.failed, stats.corrupt)
     missing = len(run) - (len(picked.answered) - answered_up_to)
     if missing:
-        end = f"the stream ends at {previous[0]:.2f} s" if previous is not None else "no frame decodes there"
+        end = f"the stream ends at {nearest.previous[0]:.2f} s" if nearest.previous is not None else "no frame decodes there"
         detail = f" (demuxer: {stats.stream_error})" if stats.stream_error else ""
         picked.notes.append(f"{missing} of {len(run)} requested times from {run[0]:.2f} s not sampled: {end}{detail}")
 
@@ -232,22 +245,13 @@ def walk_clips(
         context = source.stream.codec_context
         width, height = output_size(context.width, context.height, max_side)
         stats = _Stats()
-        frames = _decode_from(source, None, stats)
-        previous: tuple[float, Any] | None = None
-        current = next(frames, None)
+        nearest = _Nearest(_decode_from(source, None, stats))
         kept: dict[float, np.ndarray] = {}  # the last group's last frame: the next group's shared one
         failed = corrupt = 0
         for times in groups:
             picked = Picked()
             for target in map(float, times):
-                while current is not None and current[0] <= target:
-                    previous, current = current, next(frames, None)
-                if previous is None:
-                    choice = current
-                elif current is None:
-                    choice = previous if target - previous[0] <= END_SLACK_S else None
-                else:
-                    choice = previous if target - previous[0] <= current[0] - target else current
+                choice = nearest.pick(target)
                 if choice is None:
                     continue
                 stamp, frame = choice
@@ -264,7 +268,7 @@ def walk_clips(
                 picked = Picked()
                 failed, corrupt = stats.failed, stats.corrupt
             elif len(picked.answered) < len(times):
-                end = f"the stream ends at {previous[0]:.2f} s" if previous is not None else "no frame decodes"
+                end = f"the stream ends at {nearest.previous[0]:.2f} s" if nearest.previous is not None else "no frame decodes"
                 detail = f" (demuxer: {stats.stream_error})" if stats.stream_error else ""
                 picked.notes.append(f"{len(times) - len(picked.answered)} of {len(times)} requested times from "
                                     f"{float(times[0]):.2f} s not sampled: {end}{detail}")
