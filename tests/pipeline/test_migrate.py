@@ -9,12 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -241,42 +237,17 @@ def test_cli_migrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """moto's S3 in its own process: delta-rs holds the GIL through some calls, which would stall an
-    in-process (threaded) server until the client times out."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.skip("moto_server did not start")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-def test_migrate_on_s3(tmp_path: Path, s3_server: str) -> None:
+def test_migrate_on_s3(tmp_path: Path, s3_endpoint: str) -> None:
     """On an object store: s3fs caches listings while delta-rs writes beside them."""
     import boto3
     import fsspec
 
-    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_server,
+    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint,
                "client_kwargs": {"region_name": "us-east-1"}}
     bucket = "migrate"
     counts = build_old_index(tmp_path / "old")
     s3 = fsspec.filesystem("s3", skip_instance_cache=True, **options)
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
     s3.put(f"{tmp_path / 'old'}/", f"{bucket}/idx", recursive=True)
     store = TableStore(f"s3://{bucket}/idx", options)
