@@ -99,17 +99,18 @@ def _backfill(store: Any, spec: str, options: dict[str, Any], run_id: str | None
     from pipeline.search.embeddings import KEY_COLUMNS, check_embedder, embedding_table, key_of, text_rows
     from pipeline.run import new_run_id
     from pipeline.storage_errors import redact_url
-    from pipeline.store.commit import RunWriter, visible_rows
+    from pipeline.store.commit import RunWriter, Visible
 
     output = store.output
     embedder = load_embedder(spec)
     if embedder is None:
         raise EmbedderError("--embedder none adds no embeddings: give 'wordllama' or a model folder or hub id")
     check_embedder(output, embedder.name, options, embedder.dim)
-    captions = visible_rows(store, "captions",
-                            ["video_id", "run_id", "object_id", "clip_index", "ts_start", "ts_end", "caption"])
-    qa = visible_rows(store, "qa", ["video_id", "run_id", "object_ids", "clip_index", "ts_start", "ts_end", "answer"])
-    have = {key_of(r) for r in visible_rows(store, "embeddings", list(KEY_COLUMNS)).to_pylist()}
+    visible = Visible(store)
+    captions = visible.rows("captions", ["video_id", "run_id", "object_id", "clip_index", "ts_start", "ts_end",
+                                         "caption"])
+    qa = visible.rows("qa", ["video_id", "run_id", "object_ids", "clip_index", "ts_start", "ts_end", "answer"])
+    have = {key_of(r) for r in visible.rows("embeddings", list(KEY_COLUMNS)).to_pylist()}
     rows = [r for r in text_rows(captions.to_pylist(), qa.to_pylist()) if key_of(r) not in have]
     added = {"caption": sum(r["kind"] == "caption" for r in rows), "answer": sum(r["kind"] == "answer" for r in rows)}
     if not rows:

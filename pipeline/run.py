@@ -275,7 +275,7 @@ def removed_rows(cfg: IndexConfig, store: TableStore, listed: list[VideoFile], r
     problem than a bucket emptied on purpose."""
     if not listed:
         return []
-    prefix = _source_prefix(cfg.source, listed).rstrip("/")
+    prefix = _source_prefix(cfg.source).rstrip("/")
     present = {v.uri for v in listed}
     shown = latest_by_uri(visible_videos(store, ["video_id", "uri", "status", "model", "run_id", "indexed_at"]))
     rows = []
@@ -287,7 +287,7 @@ def removed_rows(cfg: IndexConfig, store: TableStore, listed: list[VideoFile], r
     return rows
 
 
-def _source_prefix(source: str, listed: list[VideoFile]) -> str:
+def _source_prefix(source: str) -> str:
     """SOURCE as its videos' uris spell it: a local folder's or file's absolute path, else the URL."""
     import os
 

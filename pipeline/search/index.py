@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.storage_errors import redact, redact_url
-from pipeline.store.commit import commit_key, split_commit, visible_videos
+from pipeline.store.commit import commit_key, committed_keys, split_commit, visible_videos
 from pipeline.store.location import OutputError, UnsupportedStore, filesystem, object_store_options, rust_url
 from pipeline.store.tables import TableError, TableStore
 
@@ -128,8 +128,11 @@ def lance_s3_options(options: Mapping[str, Any]) -> dict[str, str]:
 
 def committed(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """The index's commits as sorted `commit_key`s: what a sync has seen."""
-    runs = TableStore(output, storage_options).read("runs", columns=["run_id", "commit_index"])
-    return sorted({commit_key(r["run_id"], r["commit_index"] or 0) for r in runs.to_pylist()})
+    return _commit_keys(committed_keys(TableStore(output, storage_options)))
+
+
+def _commit_keys(keys: Iterable[tuple[str, int]]) -> list[str]:
+    return sorted(commit_key(run_id, commit_index) for run_id, commit_index in keys)
 
 
 def _state_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -256,7 +259,8 @@ def _sync_locked(store: TableStore, location: SearchLocation, *, rebuild: bool,
     output, options = store.output, store.storage_options
     started = time.perf_counter()
     result = SyncResult()
-    commits = committed(output, options)
+    keys = committed_keys(store)
+    commits = _commit_keys(keys)
     state = None if rebuild else read_state(output, options)
     dataset = None
     if state is not None:
@@ -267,7 +271,8 @@ def _sync_locked(store: TableStore, location: SearchLocation, *, rebuild: bool,
     if state is not None and dataset is not None and state.get("commits") == commits:
         return SyncResult(rows=int(state.get("rows", 0)), ann=bool(state.get("ann")), up_to_date=True,
                           seconds=time.perf_counter() - started)
-    videos = visible_videos(store, ["video_id", "uri", "status", "model", "run_id", "commit_index", "indexed_at"])
+    videos = visible_videos(store, ["video_id", "uri", "status", "model", "run_id", "commit_index", "indexed_at"],
+                            keys=keys)
     current = current_runs(videos)
     seen = set(state["commits"]) if state else set()
     new_commits = [c for c in commits if c not in seen]

@@ -135,11 +135,13 @@ def committed_keys(store: TableStore, runs_version: int | dt.datetime | None = N
 
 
 def visible_videos(store: TableStore, columns: list[str] | None = None, filter: Any = None,
-                   runs_version: int | dt.datetime | None = None) -> pa.Table:
-    """`videos` rows whose commit reached `runs`: what every reader counts as indexed."""
+                   runs_version: int | dt.datetime | None = None,
+                   keys: set[tuple[str, int]] | None = None) -> pa.Table:
+    """`videos` rows whose commit reached `runs`: what every reader counts as indexed. `keys`: the
+    `committed_keys` a caller has read already (the `runs` table is then not read again)."""
     wanted = list(dict.fromkeys([*(columns or TABLES["videos"].names), "run_id", "commit_index"]))
     videos = store.read("videos", columns=wanted, filter=filter)
-    keys = committed_keys(store, runs_version)
+    keys = committed_keys(store, runs_version) if keys is None else keys
     mask = [(r, int(c or 0)) in keys for r, c in zip(videos.column("run_id").to_pylist(),
                                                       videos.column("commit_index").to_pylist())]
     visible = videos.filter(pa.array(mask, pa.bool_()))
@@ -182,22 +184,36 @@ def retry_counts(store: TableStore, model: str, tracker: str) -> dict[str, int]:
     return counts
 
 
+class Visible:
+    """Which (video, run) pairs and which runs a reader sees, read once (the `runs` table and the
+    visible `videos` keys) and then applied to as many child tables as a caller reads."""
+
+    def __init__(self, store: TableStore) -> None:
+        self.store = store
+        keys = committed_keys(store)
+        self.runs = {r for r, _ in keys}
+        videos = visible_videos(store, ["video_id", "run_id"], keys=keys)
+        self.videos = set(zip(videos.column("video_id").to_pylist(), videos.column("run_id").to_pylist()))
+
+    def rows(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """Rows of a child table whose video is visible (`embeddings`: by its `text_run_id`, and
+        only once its own run committed); see the module docstring."""
+        run_column = "text_run_id" if table == "embeddings" else "run_id"
+        wanted = [*(columns or TABLES[table].names), "video_id", run_column]
+        if table == "embeddings":
+            wanted.append("run_id")
+        rows = self.store.read(table, columns=list(dict.fromkeys(wanted)))
+        keep = [(v, r) in self.videos
+                for v, r in zip(rows.column("video_id").to_pylist(), rows.column(run_column).to_pylist())]
+        if table == "embeddings":
+            keep = [k and r in self.runs for k, r in zip(keep, rows.column("run_id").to_pylist())]
+        rows = rows.filter(pa.array(keep, pa.bool_()))
+        return rows.select(columns) if columns else rows
+
+
 def visible_rows(store: TableStore, table: str, columns: list[str] | None = None) -> pa.Table:
-    """Rows of a child table whose video is visible (`embeddings`: by its `text_run_id`, and only
-    once its own run committed); see the module docstring."""
-    run_column = "text_run_id" if table == "embeddings" else "run_id"
-    wanted = list(dict.fromkeys([*(columns or TABLES[table].names), "video_id", run_column]))
-    if table == "embeddings":
-        wanted.append("run_id")
-    rows = store.read(table, columns=list(dict.fromkeys(wanted)))
-    videos = visible_videos(store, ["video_id", "run_id"])
-    shown = set(zip(videos.column("video_id").to_pylist(), videos.column("run_id").to_pylist()))
-    keep = [(v, r) in shown for v, r in zip(rows.column("video_id").to_pylist(), rows.column(run_column).to_pylist())]
-    if table == "embeddings":
-        runs = {r for r, _ in committed_keys(store)}
-        keep = [k and r in runs for k, r in zip(keep, rows.column("run_id").to_pylist())]
-    rows = rows.filter(pa.array(keep, pa.bool_()))
-    return rows.select(columns) if columns else rows
+    """One child table's visible rows (`Visible` for several tables at once)."""
+    return Visible(store).rows(table, columns)
 
 
 def read_visible(output: str, table: str, storage_options: Mapping[str, Any] | None = None,

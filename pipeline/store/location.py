@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 from typing import Any, Iterator, Mapping
 
 import fsspec
@@ -140,7 +139,3 @@ def require_location(fs: fsspec.AbstractFileSystem, root: str, output: str) -> N
             raise OutputError(storage_errors.explain(
                 exc, output, role="OUTPUT", action="opening it", problem=problem.as_missing_bucket(),
             )) from exc
-
-
-def join(root: str, *parts: str) -> str:
-    return posixpath.join(root, *parts)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import posixpath
 import re
-import time
 from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 
 from pipeline import storage_errors
 from pipeline.store.location import (
-    OutputError, filesystem, join, object_store_options, require_location, rust_url, storage_guard,
+    OutputError, filesystem, object_store_options, require_location, rust_url, storage_guard,
 )
 from schemas.tables import SCHEMA_VERSION, TABLES
 
@@ -55,10 +55,6 @@ def _deltalake() -> Any:
     return deltalake
 
 
-def _as_utc(when: dt.datetime) -> dt.datetime:
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
-
-
 class TableStore:
     """The eight tables of one OUTPUT (local folder or S3)."""
 
@@ -78,7 +74,7 @@ class TableStore:
 
     def path(self, *parts: str) -> str:
         """A path inside OUTPUT for fsspec (the search index's state, the legacy layout's folders)."""
-        return join(self.root, *parts)
+        return posixpath.join(self.root, *parts)
 
     def guard(self, action: str, table: str | None = None) -> Any:
         """Failures inside become `OutputError`: delta-rs's with the table named, the store's explained."""
@@ -96,7 +92,7 @@ class TableStore:
         with self.guard("looking at its layout"):
             for table in TABLES:
                 folder = self.path(table)
-                if not self.fs.exists(folder) or self.fs.exists(join(folder, LOG)):
+                if not self.fs.exists(folder) or self.fs.exists(posixpath.join(folder, LOG)):
                     continue
                 names = [n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(folder, detail=False)]
                 if any(n.startswith("run_id=") or n.endswith(".parquet") for n in names):
@@ -339,14 +335,3 @@ def _advice(exc: BaseException, text: str) -> str:
         return (f"{text}; its _delta_log is damaged or was written by another program: restore the log from a "
                 "backup or copy of OUTPUT (committed data files are kept), or index into a new OUTPUT")
     return text
-
-
-def wait_for(condition: Any, timeout_s: float, every_s: float = 0.5) -> bool:
-    """Poll `condition` until it is true or `timeout_s` passes (claims, search-index sync)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(every_s)
