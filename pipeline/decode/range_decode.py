@@ -124,6 +124,21 @@ class _Nearest:
             return previous if target - previous[0] <= END_SLACK_S else None
         return previous if target - previous[0] <= current[0] - target else current
 
+    def fill(self, targets: Sequence[float], picked: "Picked", converted: dict[float, np.ndarray],
+             width: int, height: int) -> None:
+        """Append each target's nearest frame to `picked`, upright and converted once per frame
+        (`converted` carries frames already converted, e.g. a clip's shared frame)."""
+        for target in map(float, targets):
+            choice = self.pick(target)
+            if choice is None:
+                continue
+            stamp, frame = choice
+            if stamp not in converted:
+                converted[stamp] = upright_rgb(frame, width, height, quarter_turns(frame))
+            picked.frames.append(converted[stamp])
+            picked.timestamps.append(stamp)
+            picked.answered.append(target)
+
 
 def _pick_run(source: VideoSource, run: np.ndarray, width: int, height: int, picked: Picked) -> None:
     """Decode from the key frame before ``run[0]`` until past ``run[-1]``; choose the nearest frames."""
@@ -131,17 +146,7 @@ def _pick_run(source: VideoSource, run: np.ndarray, width: int, height: int, pic
     nearest = _Nearest(frames)
     converted: dict[float, np.ndarray] = {}
     answered_up_to = len(picked.answered)
-    for target in run:
-        target = float(target)
-        choice = nearest.pick(target)
-        if choice is None:
-            continue
-        stamp, frame = choice
-        if stamp not in converted:
-            converted[stamp] = upright_rgb(frame, width, height, quarter_turns(frame))
-        picked.frames.append(converted[stamp])
-        picked.timestamps.append(stamp)
-        picked.answered.append(target)
+    nearest.fill(run, picked, converted, width, height)
     if stats.failed or stats.corrupt:
         del picked.frames[answered_up_to:], picked.timestamps[answered_up_to:], picked.answered[answered_up_to:]
         raise _Damaged(stats.first_time, float(run[-1]), stats.failed, stats.corrupt)
@@ -250,16 +255,7 @@ def walk_clips(
         failed = corrupt = 0
         for times in groups:
             picked = Picked()
-            for target in map(float, times):
-                choice = nearest.pick(target)
-                if choice is None:
-                    continue
-                stamp, frame = choice
-                if stamp not in kept:
-                    kept[stamp] = upright_rgb(frame, width, height, quarter_turns(frame))
-                picked.frames.append(kept[stamp])
-                picked.timestamps.append(stamp)
-                picked.answered.append(target)
+            nearest.fill(times, picked, kept, width, height)
             kept = {picked.timestamps[-1]: picked.frames[-1]} if picked.frames else {}
             error = None
             if stats.failed > failed or stats.corrupt > corrupt:
