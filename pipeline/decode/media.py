@@ -146,19 +146,34 @@ def _configure(stream: Any) -> None:
 
 def _open_remote(uri: str, storage_options: dict | None, sequential: bool) -> Any:
     """A seekable, range-reading fsspec file, with fsspec's errors turned into user messages."""
-    import fsspec
-
     if sequential:
         caching: dict[str, Any] = {"block_size": SEQUENTIAL_BLOCK_SIZE, "cache_type": "readahead"}
     else:
         caching = {"block_size": REMOTE_BLOCK_SIZE, "cache_type": "blockcache",
                    "cache_options": {"maxblocks": REMOTE_BLOCKS_KEPT}}
-    try:
+    fs, path, _ = remote_file(uri, storage_options)
+    with _read_errors(uri):
+        return fs.open(path, "rb", **caching)
+
+
+def remote_file(uri: str, storage_options: dict | None) -> tuple[Any, str, int]:
+    """(filesystem, path, size) of a remote source that exists and is not empty, or `DecodeError`
+    with a user's sentence: the one check before opening (here) or downloading (`sampling`) it."""
+    import fsspec
+
+    with _read_errors(uri):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         size = fs.size(path)
-        if size == 0:
-            raise DecodeError(f"{uri}: empty file (0 bytes)")
-        return fs.open(path, "rb", **caching)
+    if size == 0:
+        raise DecodeError(f"{uri}: empty file (0 bytes)")
+    return fs, path, size
+
+
+@contextlib.contextmanager
+def _read_errors(uri: str) -> Iterator[None]:
+    """fsspec's errors reading `uri` as one `DecodeError` sentence each."""
+    try:
+        yield
     except FileNotFoundError:
         raise DecodeError(f"{uri}: file not found (deleted or moved after it was listed?)") from None
     except PermissionError as exc:

@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.decode.backends import decode_frames
 from pipeline.errors import DecodeError
 from pipeline.decode.isolation import call_isolated
+from pipeline.decode.media import remote_file
 from pipeline.decode.probe import FrameIndex, Probe, check_file, demux_index, output_size, probe_file
 from pipeline.decode.range_decode import pick_frames
 from pipeline.sources import is_local, local_path
@@ -294,21 +295,10 @@ def _download(uri: str, storage_options: dict | None, scratch_dir: str | None) -
     folder after the call even when the child was killed. The copy is bounded by the free space
     of the temporary folder (checked first, ``TMPDIR`` chooses it) and by the call's timeout.
     """
-    import fsspec
 
     if scratch_dir is None:  # pragma: no cover - sample_video always makes one for remote files
         raise DecodeError(f"{uri}: no scratch folder for a remote file")
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise DecodeError(f"{uri}: file not found (deleted or moved after it was listed?)") from None
-    except PermissionError as exc:
-        raise DecodeError(f"{uri}: permission denied ({exc})") from None
-    except (OSError, ValueError, ImportError) as exc:
-        raise DecodeError(f"{uri}: cannot read ({type(exc).__name__}: {exc})") from None
-    if size == 0:
-        raise DecodeError(f"{uri}: empty file (0 bytes)")
+    fs, path, size = remote_file(uri, storage_options)
     free = shutil.disk_usage(scratch_dir).free
     if size is not None and size > free - (256 << 20):
         raise DecodeError(
