@@ -24,8 +24,10 @@ bench: setup
 lock:
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
-		--generate-hashes --upgrade -c requirements/constraints.in --custom-compile-command "make lock" \
+		--generate-hashes --upgrade -c requirements/constraints.in --override requirements/overrides.txt --custom-compile-command "make lock" \
 		-o requirements.lock
+	$(VENV)/bin/uv pip compile requirements/datumaro.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --upgrade --custom-compile-command "make lock" -o requirements/datumaro.lock
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -40,10 +40,26 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # shellcheck disable=SC2086
   "${pip[@]}" install -q $TORCH_SPEC
   echo "setup: installing the locked dependencies ($LOCK)"
-  "${pip[@]}" install -q --require-hashes -r "$LOCK"
+  # --no-deps: the lock is the whole closure already, less what requirements/overrides.txt drops
+  # (pip would otherwise ask for those again).
+  "${pip[@]}" install -q --require-hashes --no-deps -r "$LOCK"
   # setuptools' notice about editable installs of a flat layout is information, not a problem:
   # shown only if the step fails.
   log=$("${pip[@]}" install -q --no-deps -e . 2>&1) || { echo "$log" >&2; exit 1; }
   echo "$want" > "$stamp"
+fi
+# Datumaro reads our CVAT and MOTS exports back in the tests; its pins are older than ours
+# (requirements/datumaro.in), so it gets a venv of its own, used as a program.
+TOOLS_VENV=${TOOLS_VENV:-.venv-datumaro}
+if [ "${WITH_DATUMARO:-1}" = 1 ]; then
+  [ -x "$TOOLS_VENV/bin/python" ] || "$PYTHON" -m venv "$TOOLS_VENV"
+  tools_stamp="$TOOLS_VENV/.pixelrefer-installed"
+  tools_want="$(sha256sum < requirements/datumaro.lock | cut -c1-16)"
+  if [ "$(cat "$tools_stamp" 2>/dev/null)" != "$tools_want" ]; then
+    echo "setup: installing Datumaro for the export tests ($TOOLS_VENV)"
+    "$TOOLS_VENV/bin/python" -m pip --disable-pip-version-check install -q --require-hashes --no-deps \
+      -r requirements/datumaro.lock 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    echo "$tools_want" > "$tools_stamp"
+  fi
 fi
 echo "setup: ready ($VENV)"
