@@ -1,17 +1,14 @@
-"""Incremental indexing on a real S3 API (moto on loopback), quarantine, and crash safety."""
+"""Incremental indexing on a real S3 API (moto on loopback), and quarantine.
+
+A driver killed mid-run is tested in test_long_video.py (killed after its first commit: the next run
+resumes, nothing uncommitted shows) and a commit killed at every step in
+tests/pipeline/test_commit_crash.py."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import fsspec
-import pytest
 
 from jobs.cli import main
 from pipeline.config import IndexConfig
@@ -115,27 +112,3 @@ def test_videos_lost_to_worker_crashes_are_quarantined_after_max_attempts(tmp_pa
     assert row["status"] == "failed" and row["error"].startswith("quarantined")
     again = run_index(IndexConfig(source=cfg.source, output=out, max_attempts=2), progress=lambda line: None)
     assert again.videos_skipped == 1 and again.videos_quarantined == 0
-
-
-def _index_cmd(source: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", "index", str(source), str(output), *FAST]
-
-
-def test_a_killed_run_leaves_nothing_visible_and_the_next_run_completes(tmp_path):
-    for i in range(3):
-        make_video(tmp_path / "v" / f"{i}.mp4", shapes=DEFAULT_SHAPES[:1], duration_s=1.0, seed=i)
-    out = tmp_path / "out"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen(_index_cmd(tmp_path / "v", out), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for line in proc.stderr:  # kill it once the graph is running
-        if b"indexing 3 of 3 videos" in line:
-            break
-    time.sleep(2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert counts(str(out)) == dict.fromkeys(DATA_TABLES, 0)
-    done = subprocess.run(_index_cmd(tmp_path / "v", out), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert counts(str(out))["videos"] == 3

@@ -334,7 +334,8 @@ def test_the_lock_agrees_with_the_pins_and_holds_every_dependency():
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
         assert name in locked, f"{name} is in pyproject.toml but not in requirements.lock: run `make lock`"
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert "--require-hashes -r" in setup and "requirements/constraints.in" in setup
+    assert "--require-hashes --no-deps -r" in setup and "requirements/constraints.in" in setup
+    assert "--override requirements/overrides.txt" in (ROOT / "Makefile").read_text()
 
 
 def test_dockerfile_context_holds_exactly_what_it_copies():
