@@ -27,7 +27,7 @@ from jobs.query_like import NoEmbeddings, index_embedder, search_like
 from jobs.query_search import SEARCH_SQL, TERMS_SQL, search_params
 from jobs.query_sql import Index, open_index
 from jobs.report import overlays_at
-from jobs.report_frames import decode_frames, draw_frame, image_bytes, source_options
+from jobs.report_frames import SourceVideoError, decode_frames, draw_frame, image_bytes, source_options
 
 #: What a video id may look like before it is even looked up (the index's are 16 hex digits).
 VIDEO_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
@@ -269,4 +269,4 @@ class ServeIndex:
 
 def not_found_type() -> tuple[type[Exception], ...]:
     """The errors that mean "no such thing" (404) rather than "bad request" (400)."""
-    return (NotFound, VideoNotFound)
+    return (NotFound, VideoNotFound, SourceVideoError)

@@ -94,9 +94,12 @@ export class MaskLayer {
       if (!m.bbox || !m.size) continue;
       const sx = canvas.width / m.size[1], sy = canvas.height / m.size[0];
       const [x0, y0, x1, y1] = m.bbox;
+      // The box goes just outside the bbox (which is exclusive at x1, y1), never over the mask's pixels.
+      const width = m.object_id === this.selected ? 2 : 1, off = width / 2;
       ctx.strokeStyle = cssColor(m.object_id);
-      ctx.lineWidth = m.object_id === this.selected ? 2 : 1;
-      ctx.strokeRect(x0 * sx + 0.5, y0 * sy + 0.5, Math.max(0, (x1 - x0) * sx - 1), Math.max(0, (y1 - y0) * sy - 1));
+      ctx.lineWidth = width;
+      ctx.strokeRect(Math.round(x0 * sx) - off, Math.round(y0 * sy) - off,
+        Math.round((x1 - x0) * sx) + 2 * off, Math.round((y1 - y0) * sy) + 2 * off);
     }
     canvas.dataset.ts = ts === null ? "" : String(ts);
     canvas.dataset.objects = shown.map((m) => m.object_id).join(" ");

@@ -17,7 +17,8 @@ function fillSelect(select, items, value, text, chosen) {
 function resultCard(r) {
   const thumbTime = r.ts_start ?? 0;
   return el("a", { class: "result", href: videoUrl(r.video_id, r.ts_start, r.object_id), "data-object": r.object_id },
-    el("img", { src: frameUrl(r.video_id, thumbTime, r.object_id), alt: `object ${r.object_id}`, loading: "lazy" }),
+    el("img", { src: frameUrl(r.video_id, thumbTime, r.object_id), alt: "no frame (source unreadable)", loading: "lazy",
+      onerror: (e) => e.target.classList.add("missing") }),
     el("div", { class: "meta" },
       el("div", { class: "title" },
         el("span", { class: "swatch", "data-color": r.object_id }),

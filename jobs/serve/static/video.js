@@ -172,7 +172,7 @@ async function main() {
   let shown = null;
   const onTime = (t) => {
     $("clock").textContent = `${fmtTime(t)} / ${fmtTime(doc.video.duration_s)}`;
-    $("player").dataset.time = String(t);
+    $("player").dataset.time = String(player.time); // where the player is (t may be the shown frame's time)
     moveHead(t);
     if (shown !== t) {
       shown = t;
