@@ -23,6 +23,7 @@ from index_builders import RUN2, IndexInfo, bbox_of, index_tables, video_id_for,
 from jobs.report_frames import object_color
 from jobs.serve.api import ServeIndex
 from jobs.serve.app import CSP, build_app
+from jobs.serve.command import exposure_note
 from pipeline.samples import GroundTruth
 
 pytestmark = pytest.mark.timeout(180)
@@ -135,6 +136,8 @@ def test_api_refuses_bad_requests_with_json_errors_and_sends_security_headers(cl
     finally:
         os.rename(moved, served.uris["b"])
     assert client.get("/api/videos", headers={"host": "attacker.example"}).status_code == 400  # DNS rebinding
+    assert exposure_note("127.0.0.1", 8765) is None and exposure_note("::1", 8765) is None
+    assert "can now search this index" in exposure_note("0.0.0.0", 8765)
 
 
 def test_api_over_s3_output(s3_index: IndexInfo) -> None:
@@ -279,7 +282,8 @@ def test_video_page_draws_masks_in_step_and_the_timeline_seeks(page: Any, server
     assert box == bbox_of(truth.mask(0, drawn)) and count == int(truth.mask(0, drawn).sum())
     assert "#1 truck" in page.locator("#panel h2").text_content()
     page.check("#all")
-    page.wait_for_timeout(200)  # let the video paint its frame for the picture
+    page.wait_for_function("() => document.getElementById('video').readyState >= 2 || "
+                           "!document.getElementById('still').hidden")  # the frame is painted, for the picture
     page.screenshot(path=str(DOCS / "serve-video.png"), full_page=True)
 
 

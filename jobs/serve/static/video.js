@@ -88,8 +88,10 @@ function nearestTime(times, t) {
 function buildTimeline(doc, player, select) {
   const duration = doc.video.duration_s || Math.max(1, ...doc.objects.map((o) => o.last_ts || 0));
   const pct = (t) => `${(100 * t) / duration}%`;
-  const root = $("timeline");
-  root.replaceChildren();
+  // Rows scroll inside the timeline (a long video may have hundreds of objects); the playhead
+  // lives in the scrolled content so it spans every row.
+  const root = el("div", { class: "rows" });
+  $("timeline").replaceChildren(root);
   const clipsRow = el("div", { class: "row clips" }, el("div", { class: "name muted", text: "clips" }));
   const clipTrack = el("div", { class: "track" });
   for (const clip of doc.clips) {
