@@ -18,7 +18,7 @@ import posixpath
 import re
 import threading
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -39,6 +39,7 @@ MAX_QUERY_CHARS = 500
 THUMB_WIDTH = 320
 FRAME_WIDTH = 960
 THUMB_CACHE = 256
+DOC_CACHE = 16
 
 VIDEOS_SQL = """
 SELECT v.video_id, v.uri, v.duration_s, v.width, v.height, v.fps, v.run_id, v.indexed_at,
@@ -117,7 +118,8 @@ class ServeIndex:
         self.index: Index = open_index(output, self.storage_options)
         self._lock = threading.Lock()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
-        self._thumbs_lock = threading.Lock()
+        self._docs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()  # both caches
         with self._lock:
             try:
                 index_embedder(self.index)
@@ -203,10 +205,26 @@ class ServeIndex:
         with self._lock:
             result = self.index.video(row["video_id"], run_id=row["run_id"])
         doc = result.to_dict()
+        del doc["captions"]  # each is in its clip's entry, or the object's `track_caption`: half the bytes
         doc["video"].pop("uri", None)
         doc["video"]["name"] = video_name(row["uri"])
         doc["sampled_ts"] = [round(t, 6) for t in row.get("sampled_ts") or []]
         return doc
+
+    def video_json(self, video_id: str, render: Callable[[Any], bytes]) -> bytes:
+        """`video` rendered once per video: the index is read as of the server's start, so a
+        document never changes, and a long video's takes most of a second to build."""
+        key = self.video_row(video_id)["video_id"]
+        with self._thumbs_lock:
+            if key in self._docs:
+                self._docs.move_to_end(key)
+                return self._docs[key]
+        body = render(self.video(key))
+        with self._thumbs_lock:
+            self._docs[key] = body
+            while len(self._docs) > DOC_CACHE:
+                self._docs.popitem(last=False)
+        return body
 
     def masks(self, video_id: str, start: float, end: float) -> dict[str, Any]:
         """The stored masks of [start, end] (at most MAX_WINDOW_S long), COCO RLE as stored."""

@@ -61,8 +61,19 @@ class JSON(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(_finite(content), default=_json_default, ensure_ascii=False, allow_nan=False,
-                          separators=(",", ":")).encode("utf-8")
+        if isinstance(content, bytes):  # already rendered (a cached document)
+            return content
+        return render_json(content)
+
+
+def render_json(content: Any) -> bytes:
+    """Compact UTF-8 JSON; the walk that turns NaN into null runs only when there is one (it is slow)."""
+    try:
+        text = json.dumps(content, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        text = json.dumps(_finite(content), default=_json_default, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":"))
+    return text.encode("utf-8")
 
 
 def _finite(value: Any) -> Any:
@@ -143,7 +154,7 @@ def build_app(data: ServeIndex, *, host: str = "127.0.0.1") -> Starlette:
         return JSON({"videos": data.videos(), "labels": data.labels(), "search": "like" if data.has_embeddings else "text"})
 
     def api_video(request: Request) -> Response:
-        return JSON(data.video(request.path_params["video_id"]))
+        return JSON(data.video_json(request.path_params["video_id"], render_json))
 
     def api_masks(request: Request) -> Response:
         q = request.query_params

@@ -87,6 +87,8 @@ def test_api_answers_search_video_masks_and_ranges(client: Any, served: IndexInf
 
     doc = client.get(f"/api/videos/{vid}").json()
     assert [o["object_id"] for o in doc["objects"]] == [1, 2, 3] and "uri" not in doc["video"]
+    assert [c["caption"] for c in doc["clips"][1]["captions"] if c["object_id"] == 3] == [SCRIPT_CAPTION]
+    assert client.get(f"/api/videos/{vid}").content == client.get(f"/api/videos/{vid}").content  # cached
     window = client.get(f"/api/videos/{vid}/masks", params={"start": 1.0, "end": 1.2}).json()
     assert window["times"] == [1.0, 1.2]
     truth = served.truths["a"]
@@ -267,6 +269,8 @@ def test_video_page_draws_masks_in_step_and_the_timeline_seeks(page: Any, server
     mask = truth.mask(2, 1.2)
     assert box == bbox_of(mask) and count == int(mask.sum())
     assert abs(float(page.locator("#player").get_attribute("data-time")) - 1.2) < 1e-3
+    assert SCRIPT_CAPTION in page.locator("#panel .captions").text_content()  # the model's text, as text
+    assert page.evaluate("() => window.__pwned") is None
 
     # Click the middle of object 1's bar: the player lands at that time, the canvas on its frame.
     bar = page.locator('.seg[data-object="1"]').first

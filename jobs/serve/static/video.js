@@ -137,7 +137,7 @@ function showPanel(doc, objectId, player) {
   const panel = $("panel");
   const obj = doc.objects.find((o) => o.object_id === objectId);
   if (!obj) { panel.replaceChildren(el("p", { class: "muted", text: "No object selected." })); return; }
-  const caps = doc.captions.filter((c) => c.object_id === objectId && c.clip_index !== null);
+  const caps = doc.clips.flatMap((clip) => clip.captions.filter((c) => c.object_id === objectId));
   const answers = doc.qa.filter((q) => (q.object_ids || []).includes(objectId));
   const swatch = el("span", { class: "swatch" });
   swatch.style.background = cssColor(objectId);
