@@ -32,6 +32,11 @@ SCRIPT_CAPTION = '<script>window.__pwned = 1</script><img src=x onerror="window.
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
+def screenshot_path(tmp_path: Path, name: str) -> str:
+    """Where a page's picture goes: docs/ (the README's) with PIXELREFER_SCREENSHOTS=1, else the test's folder."""
+    return str((DOCS if os.environ.get("PIXELREFER_SCREENSHOTS") == "1" else tmp_path) / name)
+
+
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         if path := shutil.which(name):
@@ -144,7 +149,8 @@ def test_api_refuses_bad_requests_with_json_errors_and_sends_security_headers(cl
 
 def test_api_over_s3_output(s3_index: IndexInfo) -> None:
     """An OUTPUT and sources on (loopback) S3: masks, thumbnails and ranges through fsspec (search is
-    `query --text`'s SQL, tested on S3 in test_query_search; each query here costs seconds on moto)."""
+    `query --text`'s SQL, tested on S3 in test_query_search). Over 10 s: opening the index reads
+    every table's Delta log from moto, a few seconds on a loaded machine, as the query tests' S3 cases."""
     from starlette.testclient import TestClient
 
     data = ServeIndex(s3_index.output, s3_index.storage_options)
@@ -212,8 +218,8 @@ def page(browser: Any) -> Iterator[Any]:
     assert not errors, errors  # a CSP violation or a script error shows up here
 
 
-def test_search_page_finds_an_object_by_its_caption_and_keeps_markup_as_text(page: Any, server: str,
-                                                                             served: IndexInfo) -> None:
+def test_search_page_finds_an_object_by_its_caption_and_keeps_markup_as_text(page: Any, server: str, served: IndexInfo,
+                                                                             tmp_path: Path) -> None:
     page.goto(f"{server}/?q=yellow+square")
     card = page.locator(f'section[data-video="{served.video_ids["a"]}"] a.result[data-object="3"]')
     card.wait_for()
@@ -229,7 +235,7 @@ def test_search_page_finds_an_object_by_its_caption_and_keeps_markup_as_text(pag
     page.goto(f"{server}/?q=red+truck")
     page.locator("a.result").first.wait_for()
     page.wait_for_function("() => [...document.images].every((i) => i.complete && i.naturalWidth > 0)")
-    page.screenshot(path=str(DOCS / "serve-search.png"))
+    page.screenshot(path=screenshot_path(tmp_path, "serve-search.png"))
 
 
 def canvas_object_box(page: Any, object_id: int) -> tuple[list[int] | None, int]:
@@ -259,7 +265,8 @@ def wait_drawn(page: Any, ts: float) -> None:
                            "&& document.getElementById('masks').dataset.ts !== ''")
 
 
-def test_video_page_draws_masks_in_step_and_the_timeline_seeks(page: Any, server: str, served: IndexInfo) -> None:
+def test_video_page_draws_masks_in_step_and_the_timeline_seeks(page: Any, server: str, served: IndexInfo,
+                                                                tmp_path: Path) -> None:
     vid, truth = served.video_ids["a"], served.truths["a"]
     page.goto(f"{server}/video/{vid}?t=1.2&object=3")
     wait_drawn(page, 1.2)
@@ -288,7 +295,7 @@ def test_video_page_draws_masks_in_step_and_the_timeline_seeks(page: Any, server
     page.check("#all")
     page.wait_for_function("() => document.getElementById('video').readyState >= 2 || "
                            "!document.getElementById('still').hidden")  # the frame is painted, for the picture
-    page.screenshot(path=str(DOCS / "serve-video.png"), full_page=True)
+    page.screenshot(path=screenshot_path(tmp_path, "serve-video.png"), full_page=True)
 
 
 def test_video_page_falls_back_to_indexed_stills(page: Any, server: str, served: IndexInfo) -> None:
