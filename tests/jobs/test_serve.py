@@ -7,7 +7,6 @@ and a caption of object 3 that holds markup (`SCRIPT_CAPTION`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -16,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 
 from index_builders import RUN2, IndexInfo, bbox_of, index_tables, video_id_for, write_index
@@ -145,6 +143,15 @@ def test_api_refuses_bad_requests_with_json_errors_and_sends_security_headers(cl
     assert client.get("/api/videos", headers={"host": "attacker.example"}).status_code == 400  # DNS rebinding
     assert exposure_note("127.0.0.1", 8765) is None and exposure_note("::1", 8765) is None
     assert "can now search this index" in exposure_note("0.0.0.0", 8765)
+
+
+def test_serve_command_refuses_bad_arguments(served: IndexInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.cli import main as cli_main
+
+    assert cli_main(["serve", served.output, "--port", "70000"]) == 2
+    assert "--port 70000 is not a port" in capsys.readouterr().err
+    assert cli_main(["serve", str(tmp_path / "nothing-here")]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_api_over_s3_output(s3_index: IndexInfo) -> None:
