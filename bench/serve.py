@@ -12,13 +12,15 @@ is usable.
   difference is what the app adds.
 - Long video: a 2-hour video sampled at 1 fps (7,200 frames, 240 clips of 30 s) with `--objects`
   objects, each seen for 10 minutes (so ~`objects` x 600 `masks` rows, 1280x720 COCO RLE), a
-  caption per object and clip plus a whole-track one. The video page's first paint needs
-  `GET /api/videos/<id>` (objects with presence spans, the clip timeline, captions, answers) and
-  `GET /api/videos/<id>/masks` for the 30 s window around the playhead: `page_doc_s`,
-  `page_masks_s` and their sum `page_usable_s`, a first visit (the server keeps a video's rendered
-  document, `page_doc_cached_s` for a later visit; the index is read as of its start) (the static HTML/JS/CSS are a few kB from memory;
-  the video itself streams by range requests and plays as soon as its first bytes arrive). The
-  payload sizes are reported too.
+  caption per object and clip plus a whole-track one. The video page sends two requests at
+  once: the masks of the 30 s around the playhead (with the frame size and duration: enough to
+  play with masks) and `GET /api/videos/<id>` (objects with presence spans, the clip timeline,
+  captions, answers: the timeline and panel). `page_usable_s`: the masks' latency while the
+  document is being built (they run on a second DuckDB cursor); `page_doc_s`: the document on a
+  first visit (the server keeps a video's rendered document: `page_doc_cached_s` for a later one;
+  the index is read as of its start); `page_masks_s`: the masks alone. The static HTML/JS/CSS are a
+  few kB from memory; the video streams by range requests and plays as soon as its first bytes
+  arrive. The payload sizes are reported too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -181,10 +184,22 @@ def measure_long_video(root: Path, objects: int, repeats: int) -> dict[str, Any]
             assert response.status_code == 200 and response.json()["masks"], response.text
             sizes["masks_kb"] = len(response.content) // 1024
 
+        def both() -> float:
+            """The page's first two requests as it sends them, together: the masks' latency meanwhile."""
+            builder = threading.Thread(target=doc)
+            builder.start()
+            time.sleep(0.01)  # the document's request goes first: the worse order for the masks
+            started = time.perf_counter()
+            window()
+            took = time.perf_counter() - started
+            builder.join()
+            return took
+
         figures["page_doc_s"] = _median_s(doc, repeats)
         figures["page_doc_cached_s"] = _median_s(lambda: doc(cached=True), repeats)
         figures["page_masks_s"] = _median_s(window, repeats)
-        figures["page_usable_s"] = round(figures["page_doc_s"] + figures["page_masks_s"], 4)
+        both()
+        figures["page_usable_s"] = round(statistics.median(both() for _ in range(repeats)), 4)
         figures.update(sizes)
     finally:
         data.close()

@@ -117,6 +117,8 @@ class ServeIndex:
         self.storage_options = dict(storage_options or {})
         self.index: Index = open_index(output, self.storage_options)
         self._lock = threading.Lock()
+        self._fast = self.index.con.cursor()
+        self._fast_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._docs: OrderedDict[str, bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()  # both caches
@@ -128,9 +130,15 @@ class ServeIndex:
                 self.has_embeddings = False
 
     def close(self) -> None:
+        self._fast.close()
         self.index.close()
 
-    def _sql(self, query: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    def _sql(self, query: str, params: Mapping[str, Any] | None = None, fast: bool = False) -> list[dict[str, Any]]:
+        """Our fixed queries; `fast` ones (a masks window, one lookup) run on a second cursor of the
+        same locked database, so a playhead's masks never wait behind a long video's document."""
+        if fast:
+            with self._fast_lock:
+                return self._fast.sql(query, params=dict(params) if params else None).to_arrow_table().to_pylist()
         with self._lock:
             return self.index._internal(query, params).to_pylist()
 
@@ -234,7 +242,7 @@ class ServeIndex:
         if end - start > MAX_WINDOW_S:
             raise UsageError(f"a masks window is at most {MAX_WINDOW_S:g} s long (asked {end - start:g} s)")
         rows = self._sql(WINDOW_SQL, {"run": row["run_id"], "vid": row["video_id"], "start": start - 1e-6,
-                                      "end": end + 1e-6})
+                                      "end": end + 1e-6}, fast=True)
         times = sorted({round(t, 6) for t in row.get("sampled_ts") or [] if start - 1e-6 <= t <= end + 1e-6})
         masks = []
         for r in rows:
@@ -242,7 +250,8 @@ class ServeIndex:
             masks.append({"object_id": r["object_id"], "ts": r["ts"], "bbox": r["bbox"],
                           "size": rle.get("size") or [row.get("height"), row.get("width")],
                           "counts": rle.get("counts")})  # fmt: skip
-        return {"video_id": row["video_id"], "start": start, "end": end, "times": times, "masks": masks}
+        return {"video_id": row["video_id"], "start": start, "end": end, "width": row.get("width"),
+                "height": row.get("height"), "duration_s": row.get("duration_s"), "times": times, "masks": masks}
 
     def frame_jpeg(self, video_id: str, ts: float, object_id: int | None = None, *, width: int = THUMB_WIDTH) -> bytes:
         """The sampled frame nearest `ts`, drawn as the report draws it: with `object_id`'s mask and
@@ -250,7 +259,8 @@ class ServeIndex:
         row = self.video_row(video_id)
         sampled = [round(t, 6) for t in row.get("sampled_ts") or []]
         if object_id is not None:  # the object's own frame nearest ts (a clip's caption starts before it may enter)
-            seen = self._sql(NEAREST_MASK_SQL, {"run": row["run_id"], "vid": row["video_id"], "obj": object_id, "t": ts})
+            seen = self._sql(NEAREST_MASK_SQL, {"run": row["run_id"], "vid": row["video_id"], "obj": object_id, "t": ts},
+                             fast=True)
             if not seen:
                 raise NotFound(f"video {video_id} has no mask of object {object_id}")
             ts = seen[0]["ts"]

@@ -31,18 +31,21 @@ export class MaskLayer {
     const key = `${Math.floor(start)}`;
     if (this.pending.has(key)) return this.pending.get(key);
     const url = `/api/videos/${encodeURIComponent(this.videoId)}/masks?start=${start.toFixed(3)}&end=${end.toFixed(3)}`;
-    const job = getJSON(url).then((body) => {
-      const byTs = new Map(body.times.map((ts) => [ts, []]));
-      for (const m of body.masks) {
-        if (!byTs.has(m.ts)) byTs.set(m.ts, []);
-        byTs.get(m.ts).push(m);
-      }
-      const times = [...byTs.keys()].sort((a, b) => a - b);
-      this.windows.push({ start, end, times, byTs });
-      if (this.windows.length > KEEP_WINDOWS) this.windows.shift();
-    }).finally(() => this.pending.delete(key));
+    const job = getJSON(url).then((body) => this.addWindow(body)).finally(() => this.pending.delete(key));
     this.pending.set(key, job);
     return job;
+  }
+
+  // A /masks answer: its masks by sampled time.
+  addWindow(body) {
+    const byTs = new Map(body.times.map((ts) => [ts, []]));
+    for (const m of body.masks) {
+      if (!byTs.has(m.ts)) byTs.set(m.ts, []);
+      byTs.get(m.ts).push(m);
+    }
+    const times = [...byTs.keys()].sort((a, b) => a - b);
+    this.windows.push({ start: body.start, end: body.end, times, byTs });
+    if (this.windows.length > KEEP_WINDOWS) this.windows.shift();
   }
 
   // Draw the masks of the indexed frame nearest t; fetch the window first (and the next one

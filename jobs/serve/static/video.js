@@ -156,32 +156,56 @@ function showPanel(doc, objectId, player) {
     el("p", {}, el("a", { href: videoUrl(videoId, player.time, objectId), text: "link to this moment" })));
 }
 
+// Two phases, so a long video is usable before its document arrives: the masks window around t
+// (which also carries the frame size and duration) starts the player and the overlay; the
+// document (objects, spans, clips, captions: the slower request) then fills the timeline and panel.
 async function main() {
-  let doc;
+  const asked = Number(params.get("t") || 0);
+  const t = Number.isFinite(asked) && asked > 0 ? asked : 0;
+  const base = `/api/videos/${encodeURIComponent(videoId)}`;
+  const firstWindow = getJSON(`${base}/masks?start=${Math.max(0, t - 10).toFixed(3)}&end=${(t + 20).toFixed(3)}`);
+  const docRequest = getJSON(base);
+  let info;
   try {
-    doc = await getJSON(`/api/videos/${encodeURIComponent(videoId)}`);
+    info = await firstWindow;
   } catch (err) {
     $("title").textContent = `error: ${err.message}`;
     return;
   }
-  document.title = `pixelrefer: ${doc.video.name}`;
-  $("title").textContent = doc.video.name;
   $("video-filter").value = videoId;
-  const { width, height } = doc.video;
-  $("player").style.setProperty("--aspect", String(width / height));
-  const layer = new MaskLayer($("masks"), videoId, width, height);
+  $("player").style.setProperty("--aspect", String(info.width / info.height));
+  const layer = new MaskLayer($("masks"), videoId, info.width, info.height);
+  layer.addWindow(info);
+  const doc = { video: { duration_s: info.duration_s, width: info.width }, sampled_ts: info.times };
   let moveHead = () => {};
   let shown = null;
-  const onTime = (t) => {
-    $("clock").textContent = `${fmtTime(t)} / ${fmtTime(doc.video.duration_s)}`;
-    $("player").dataset.time = String(player.time); // where the player is (t may be the shown frame's time)
-    moveHead(t);
-    if (shown !== t) {
-      shown = t;
-      layer.draw(t).catch((err) => { $("status").textContent = `masks: ${err.message}`; });
+  const onTime = (time) => {
+    $("clock").textContent = `${fmtTime(time)} / ${fmtTime(doc.video.duration_s)}`;
+    $("player").dataset.time = String(player.time); // where the player is (time may be the shown frame's)
+    moveHead(time);
+    if (shown !== time) {
+      shown = time;
+      layer.draw(time).catch((err) => { $("status").textContent = `masks: ${err.message}`; });
     }
   };
   const player = new Player(doc, onTime);
+  const object = params.get("object");
+  const wanted = object !== null && object !== "" && !Number.isNaN(Number(object)) ? Number(object) : null;
+  layer.selected = wanted;
+  $("prev").addEventListener("click", () => player.step(-1));
+  $("next").addEventListener("click", () => player.step(1));
+  $("all").addEventListener("change", (e) => { layer.showAll = e.target.checked; layer.redraw(player.time); });
+  player.start(t, params.get("stills") === "1");
+
+  try {
+    Object.assign(doc, await docRequest);
+  } catch (err) {
+    $("title").textContent = `error: ${err.message}`;
+    return;
+  }
+  player.times = doc.sampled_ts;
+  document.title = `pixelrefer: ${doc.video.name}`;
+  $("title").textContent = doc.video.name;
   const select = (objectId) => {
     layer.selected = objectId;
     for (const row of document.querySelectorAll(".row[data-object]")) {
@@ -191,14 +215,9 @@ async function main() {
     layer.redraw(player.time);
   };
   moveHead = buildTimeline(doc, player, select);
-  $("prev").addEventListener("click", () => player.step(-1));
-  $("next").addEventListener("click", () => player.step(1));
-  $("all").addEventListener("change", (e) => { layer.showAll = e.target.checked; layer.redraw(player.time); });
+  moveHead(player.time);
   $("status").textContent = `${doc.objects.length} objects · ${doc.clips.length} clips · ${doc.sampled_ts.length} indexed frames`;
-  const object = params.get("object");
-  if (object !== null && object !== "" && !Number.isNaN(Number(object))) select(Number(object));
-  const t = Number(params.get("t") || 0);
-  player.start(Number.isFinite(t) ? t : 0, params.get("stills") === "1");
+  if (wanted !== null) select(wanted);
 }
 
 main();
