@@ -154,6 +154,27 @@ def test_serve_command_refuses_bad_arguments(served: IndexInfo, tmp_path: Path, 
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_search_by_meaning_when_the_index_has_embeddings(served: IndexInfo, tmp_path: Path) -> None:
+    """After `pixelrefer embed`, the box runs `query --like` (hybrid, through the search index)."""
+    from starlette.testclient import TestClient
+
+    from jobs.cli import main as cli_main
+
+    output = tmp_path / "index"
+    shutil.copytree(served.output, output)
+    assert cli_main(["embed", str(output)]) == 0
+    data = ServeIndex(str(output))
+    try:
+        client = TestClient(build_app(data), base_url="http://127.0.0.1")
+        found = client.get("/api/search", params={"q": "a yellow square falling"}).json()
+        assert found["mode"] == "like" and found["notes"] == []
+        assert (found["results"][0]["video_id"], found["results"][0]["object_id"]) == (served.video_ids["a"], 3)
+        words = client.get("/api/search", params={"q": "a yellow square falling", "mode": "text"}).json()
+        assert words["mode"] == "text" and words["results"][0]["object_id"] == 3
+    finally:
+        data.close()
+
+
 def test_api_over_s3_output(s3_index: IndexInfo) -> None:
     """An OUTPUT and sources on (loopback) S3: masks, thumbnails and ranges through fsspec (search is
     `query --text`'s SQL, tested on S3 in test_query_search). Over 10 s: opening the index reads
