@@ -32,9 +32,11 @@ class Player {
       return;
     }
     const v = this.video;
+    let ready = false;
     v.addEventListener("error", () => this.useStills(
       "This browser cannot play this video (its codec or container); showing the indexed frames as stills instead.",
-      this.time), { once: true });
+      ready ? this.time : t), { once: true });
+    v.addEventListener("loadedmetadata", () => { ready = true; }, { once: true });
     v.addEventListener("loadedmetadata", () => { if (t) v.currentTime = t; else this.onTime(0); }, { once: true });
     v.addEventListener("seeked", () => this.onTime(v.currentTime));
     v.addEventListener("timeupdate", () => this.onTime(v.currentTime));
