@@ -1,9 +1,9 @@
 """The Starlette app of `pixelrefer serve`: pages, the JSON API under /api/, the media route.
 
-Read-only (GET and HEAD only). Every answer carries a Content-Security-Policy that allows only
-this origin (images also from `blob:`, which the page does not need today but a browser's own
-image decoding of canvas exports does), so even a caption that slipped past the page's escaping
-could not run a script or reach another site. Every error is a JSON body with a 4xx status (5xx
+Read-only (GET and HEAD only). Every answer carries a Content-Security-Policy that allows
+scripts, styles, images and media from this origin only (no inline script or style, no `data:` or
+`blob:`: the canvas draws from decoded RLE, thumbnails are plain URLs), so even a caption that
+slipped past the page's escaping could not run a script or reach another site. Every error is a JSON body with a 4xx status (5xx
 only for a failure of the server itself), never a traceback page. The Host header is checked
 when the server is bound to a loopback address, so a web page elsewhere cannot reach it by DNS
 rebinding.
@@ -34,8 +34,7 @@ from jobs.serve.media import RangeNotSatisfiable, Source, SourceMissing, parse_r
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-CSP = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self'; script-src 'self'; style-src 'self'; "
-       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CSP = "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 SECURITY_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
