@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from jobs.query_errors import QueryError, UsageError, VideoNotFound
-from jobs.query_like import NoEmbeddings, index_embedder, search_like
+from jobs.query_like import index_embedder, search_like
 from jobs.query_search import SEARCH_SQL, TERMS_SQL, search_params
 from jobs.query_sql import Index, open_index
 from jobs.report import overlays_at
@@ -121,12 +121,12 @@ class ServeIndex:
         self._fast_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._docs: OrderedDict[str, bytes] = OrderedDict()
-        self._thumbs_lock = threading.Lock()  # both caches
+        self._cache_lock = threading.Lock()  # guards both caches
         with self._lock:
             try:
                 index_embedder(self.index)
                 self.has_embeddings = True
-            except (NoEmbeddings, QueryError):
+            except QueryError:  # none (NoEmbeddings), or several embedders' vectors: search by words
                 self.has_embeddings = False
 
     def close(self) -> None:
@@ -223,12 +223,12 @@ class ServeIndex:
         """`video` rendered once per video: the index is read as of the server's start, so a
         document never changes, and a long video's takes most of a second to build."""
         key = self.video_row(video_id)["video_id"]
-        with self._thumbs_lock:
+        with self._cache_lock:
             if key in self._docs:
                 self._docs.move_to_end(key)
                 return self._docs[key]
         body = render(self.video(key))
-        with self._thumbs_lock:
+        with self._cache_lock:
             self._docs[key] = body
             while len(self._docs) > DOC_CACHE:
                 self._docs.popitem(last=False)
@@ -267,7 +267,7 @@ class ServeIndex:
         elif sampled:
             ts = min(sampled, key=lambda t: abs(t - ts))
         key = (row["video_id"], ts, object_id, width)
-        with self._thumbs_lock:
+        with self._cache_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
@@ -282,7 +282,7 @@ class ServeIndex:
             raise NotFound(f"no frame near {ts:g} s could be decoded from video {video_id}")
         image = draw_frame(decoded[ts][1], overlays, width)
         data, _ = image_bytes(image, "jpeg")
-        with self._thumbs_lock:
+        with self._cache_lock:
             self._thumbs[key] = data
             while len(self._thumbs) > THUMB_CACHE:
                 self._thumbs.popitem(last=False)
