@@ -64,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=models_main)
 
     from jobs.maintain import add_maintain_arguments, maintain_main
+    from jobs.serve.command import add_serve_arguments, serve_main
 
     maintain = sub.add_parser("maintain", help="compact OUTPUT's tables, remove killed runs' leftovers and old files")
     add_maintain_arguments(maintain)
     maintain.set_defaults(func=maintain_main)
+
+    serve = sub.add_parser("serve", help="local web app over OUTPUT: search, play videos with their masks, inspect objects")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=serve_main)
     return parser
 
 

@@ -36,6 +36,7 @@ Two ways to the same ranking, `bench.search` times both:
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any, Callable, TYPE_CHECKING
 
 import pyarrow as pa
@@ -110,7 +111,7 @@ def query_vector(index: "Index", text: str, spec: str | None) -> tuple[list[floa
                              "model's folder or hub id")
         spec = name
     try:
-        embedder = load_embedder(spec)
+        embedder = _embedder(spec)
     except EmbedderError as exc:
         raise UsageError(str(exc)) from exc
     if embedder is None:
@@ -119,6 +120,12 @@ def query_vector(index: "Index", text: str, spec: str | None) -> tuple[list[floa
         raise UsageError(f"--embedder {spec} makes {embedder.dim}-d vectors named {embedder.name}, but the index's "
                          f"are {name} ({dim}-d): query with the embedder that made them")
     return [float(v) for v in embedder.embed([text])[0]], name, dim
+
+
+@functools.lru_cache(maxsize=4)
+def _embedder(spec: str) -> Any:
+    """Loaded once per process: `pixelrefer serve` answers many searches, and loading is most of one."""
+    return load_embedder(spec)
 
 
 def _pick(column: str) -> str:

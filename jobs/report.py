@@ -138,13 +138,14 @@ def _note(result: VideoResult, shown: int, total: int, what: str) -> str:
     )
 
 
-def overlays_at(index: Index, result: VideoResult, times: Sequence[float]) -> dict[float, list[Overlay]]:
-    """The stored masks of the picked frames only: a few hundred rows, never a whole video's."""
+def overlays_at(index: Index, video: Mapping[str, Any], times: Sequence[float]) -> dict[float, list[Overlay]]:
+    """The stored masks of the picked frames only (`video`: its `videos` row, for the run): a few
+    hundred rows, never a whole video's. `pixelrefer serve` draws its thumbnails from these too."""
     found: dict[float, list[Overlay]] = {t: [] for t in times}
     if not times:
         return found
-    params = {"run": result.run_id, "vid": result.video_id, "ts": list(times)}
-    fallback = (int(result.video.get("height") or 0), int(result.video.get("width") or 0))
+    params = {"run": video["run_id"], "vid": video["video_id"], "ts": list(times)}
+    fallback = (int(video.get("height") or 0), int(video.get("width") or 0))
     for row in index.sql(MASKS_AT_SQL, params).to_pylist():
         rle = row["rle"]
         mask = decode_rle(rle) if rle and rle.get("counts") is not None else None
@@ -175,7 +176,7 @@ def build_report(
         result = index.video(video, run_id=run_id)
         plan = plan_frames(index, result, max_frames)
         times = [p["ts"] for p in plan.picks]
-        overlays = overlays_at(index, result, times)
+        overlays = overlays_at(index, result.video, times)
         notes = index.notes
     uri = result.video["uri"]
     # Decoded at most twice the page width on the longer side: enough for portrait frames shown

@@ -179,13 +179,18 @@ def _draw_box(draw: ImageDraw.ImageDraw, font: Any, ov: Overlay, sx: float, sy: 
     draw.text((box[0] + 3 - left, ly + 2 - top), label, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
 
 
-def encode_image(rgb: np.ndarray, image_format: str) -> str:
-    """A data: URL, so the page needs no other file."""
+def image_bytes(rgb: np.ndarray, image_format: str) -> tuple[bytes, str]:
+    """The image file (JPEG at quality 90, or PNG) and its MIME type: inlined by the report, served
+    by `pixelrefer serve`."""
     buffer = io.BytesIO()
     if image_format == "png":
         Image.fromarray(rgb).save(buffer, format="PNG", optimize=True)
-        mime = "image/png"
-    else:
-        Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-        mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+        return buffer.getvalue(), "image/png"
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue(), "image/jpeg"
+
+
+def encode_image(rgb: np.ndarray, image_format: str) -> str:
+    """A data: URL, so the page needs no other file."""
+    data, mime = image_bytes(rgb, image_format)
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
