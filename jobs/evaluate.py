@@ -1,6 +1,6 @@
 """`pixelrefer eval`: the committed index's tracks scored against a ground-truth file (YTVIS JSON
-or MOTS text) with TrackEval: HOTA (with DetA, AssA), IDF1, ID switches and MOTA per video and
-overall. How videos and frames are matched is in `pipeline.evaluate.scores`.
+or MOTS text: masks; CVAT for video XML: boxes) with TrackEval: HOTA (with DetA, AssA), IDF1, ID
+switches and MOTA per video and overall. How videos and frames are matched is in `pipeline.evaluate.scores`.
 
 Exit codes: 0 scored; 1 OUTPUT unreadable; 2 bad input (unknown format, malformed ground truth,
 ground truth of another video set, empty selection, bad options).
@@ -23,7 +23,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("output", metavar="OUTPUT", help="index folder or fsspec URL (s3://bucket/index)")
     parser.add_argument("--gt", required=True, metavar="FILE",
-                        help="ground truth: a YTVIS JSON file, or a MOTS file <video>.txt or a folder of them")
+                        help="ground truth: a YTVIS JSON file; a MOTS <video>.txt or a folder of them; a CVAT for video 1.1 .xml or a "
+                             "folder of them (boxes: compared with the index's boxes)")
     parser.add_argument("--format", required=True, choices=GT_FORMATS,
                         help="the ground truth's format (as `export --format` names it)")
     parser.add_argument("--video", metavar="ID|URI", action="append", default=None,

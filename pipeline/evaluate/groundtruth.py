@@ -12,6 +12,11 @@ How a ground-truth frame is placed in time (`GtFrame.ref`):
   frames are a sampled list with no times, so the index's own grid is the only reading);
 - MOTS: ("source", n - 1): line frame n is the 1-based source frame n (MOTS Challenge numbering),
   at (n - 1) / fps seconds. MOTS class 10 (ignore regions) is left out.
+- CVAT for video 1.1 (a file or a folder of `.xml`, e.g. a corrected `export --format cvat`):
+  ("source", n), CVAT's 0-based source frames; each track's boxes where not `outside` (CVAT's own
+  export lists every frame of a track, interpolated ones too). Boxes, not masks: `scores` then
+  compares the index's boxes. The video is named by the task's `<name>` (the export writes the
+  `video_id` there), else by the file name.
 
 Any problem raises `ExportError` naming the file and the first problem found.
 """
@@ -21,13 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
-import re
 from typing import Any, Iterator
 
 from pipeline.export.selection import ExportError
 from pipeline.export.target import Target
 
-GT_FORMATS = ("ytvis", "mots")
+GT_FORMATS = ("ytvis", "mots", "cvat")
 MOTS_IGNORE_CLASS = 10
 
 
@@ -42,6 +46,7 @@ class GtVideo:
     key: str
     where: str  # how messages name it: "gt.json videos[2]" or "gt/seq.txt"
     frames: list[GtFrame]
+    boxes: bool = False  # objects are COCO boxes [x, y, w, h] (CVAT tracks), not RLE masks
 
 
 def read_ground_truth(path: str, fmt: str, storage_options: dict[str, Any] | None = None) -> list[GtVideo]:
@@ -51,7 +56,11 @@ def read_ground_truth(path: str, fmt: str, storage_options: dict[str, Any] | Non
     with source.guard("reading the ground truth"):
         if not source.fs.exists(source.root):
             raise ExportError(f"ground truth {path!r}: no such file or folder")
-        videos = _read_ytvis(source, path) if fmt == "ytvis" else list(_read_mots(source, path))
+        if fmt == "ytvis":
+            videos = _read_ytvis(source, path)
+        else:
+            videos = [_read_mots_file(source, p, posixpath.basename(p)) if fmt == "mots" else _read_cvat_file(source, p)
+                      for p in _files(source, path, ".txt" if fmt == "mots" else ".xml")]
     if not videos:
         raise ExportError(f"ground truth {path!r}: holds no video")
     return videos
@@ -122,18 +131,14 @@ def _rle(segmentation: Any, where: str) -> dict[str, Any]:
 
 # -- MOTS ---------------------------------------------------------------------------------------
 
-_MOTS_NAME = re.compile(r"^[^/]+\.txt$")
-
-
-def _read_mots(source: Target, shown: str) -> Iterator[GtVideo]:
-    if source.fs.isdir(source.root):
-        files = sorted(p for p in source.fs.ls(source.root, detail=False) if _MOTS_NAME.match(posixpath.basename(p)))
-        if not files:
-            raise ExportError(f"ground truth {shown!r} is a folder without MOTS files (<video>.txt)")
-    else:
-        files = [source.root]
-    for path in files:
-        yield _read_mots_file(source, path, posixpath.basename(path))
+def _files(source: Target, shown: str, suffix: str) -> list[str]:
+    """The file itself, or a folder's `<video>{suffix}` files."""
+    if not source.fs.isdir(source.root):
+        return [source.root]
+    files = sorted(p for p in source.fs.ls(source.root, detail=False) if p.endswith(suffix))
+    if not files:
+        raise ExportError(f"ground truth {shown!r} is a folder without ground-truth files (<video>{suffix})")
+    return files
 
 
 def _read_mots_file(source: Target, path: str, name: str) -> GtVideo:
@@ -158,3 +163,39 @@ def _read_mots_file(source: Target, path: str, name: str) -> GtVideo:
             frames.setdefault(frame - 1, {})[gt_id] = {"size": [h, w], "counts": fields[5]}
     key = name[:-4] if name.endswith(".txt") else name
     return GtVideo(key, name, [GtFrame(("source", n), objects) for n, objects in sorted(frames.items())])
+
+
+# -- CVAT for video 1.1 ---------------------------------------------------------------------------
+
+
+def _read_cvat_file(source: Target, path: str) -> GtVideo:
+    from xml.etree import ElementTree
+
+    name = posixpath.basename(path)
+    frames: dict[int, dict[int, list[float]]] = {}
+    task_name = None
+    try:
+        with source.fs.open(path, "rb") as f:
+            for _, element in ElementTree.iterparse(f, events=("end",)):
+                if element.tag == "name" and task_name is None and element.text:
+                    task_name = element.text.strip()
+                elif element.tag == "track":
+                    _cvat_track(element, frames, name)
+                    element.clear()
+    except ElementTree.ParseError as exc:
+        raise ExportError(f"ground truth {name}: not CVAT XML ({exc})") from None
+    key = task_name or (name[:-4] if name.endswith(".xml") else name)
+    return GtVideo(key, name, [GtFrame(("source", n), objects) for n, objects in sorted(frames.items())], boxes=True)
+
+
+def _cvat_track(track: Any, frames: dict[int, dict[int, list[float]]], name: str) -> None:
+    try:
+        track_id = int(track.attrib["id"])
+        for box in track.iter("box"):
+            if box.attrib.get("outside") == "1":
+                continue
+            x0, y0, x1, y1 = (float(box.attrib[k]) for k in ("xtl", "ytl", "xbr", "ybr"))
+            frames.setdefault(int(box.attrib["frame"]), {})[track_id] = [x0, y0, x1 - x0, y1 - y0]
+    except (KeyError, ValueError) as exc:
+        raise ExportError(f"ground truth {name}: track {track.attrib.get('id')!r} has a box without a whole-number "
+                          f"frame or numeric xtl/ytl/xbr/ybr ({exc})") from None

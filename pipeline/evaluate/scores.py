@@ -13,7 +13,8 @@ matched to the sampled frame within half a source frame of it (0.5 / fps seconds
 scored are exactly those matches: ground-truth frames between the index's samples are not scored
 (the index saw nothing there), nor are sampled frames without ground truth. A sampled frame with no
 mask row is scored as "no objects". `frames` (scored) and `gt_frames` in the result show the
-difference.
+difference. A box ground truth (CVAT tracks) is compared with the index's boxes (`masks.bbox`),
+by box IoU.
 
 Memory: the ground truth (read whole), and per video its IoU matrices; the index's masks are
 streamed by frame (`export.masks`), each frame's compared as it passes.
@@ -95,9 +96,12 @@ def score_video(store: TableStore, gt: GtVideo, video: VideoInfo) -> tuple[dict[
     tracked: dict[int, tuple[list[int], np.ndarray]] = {}  # sampled frame -> (object ids, IoU [gt, tracker])
     for k, rows in masks.grouped(store, video, "frame_index"):
         if k in at:
-            rles = rows.column("rle").to_pylist()
-            _check_size(gt, video, at[k], rles)
-            tracked[k] = (rows.column("object_id").to_pylist(), _iou(list(at[k].values()), rles))
+            if gt.boxes:
+                shapes = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in rows.column("bbox").to_pylist()]
+            else:
+                shapes = rows.column("rle").to_pylist()
+                _check_size(gt, video, at[k], shapes)
+            tracked[k] = (rows.column("object_id").to_pylist(), _iou(list(at[k].values()), shapes, gt.boxes))
     gt_names: dict[int, int] = {}
     tracker_names: dict[int, int] = {}
     for k in scored:
@@ -126,13 +130,16 @@ def _check_size(gt: GtVideo, video: VideoInfo, truth: dict[int, dict], rles: lis
                           f"of video {video.video_id} are {tuple(rles[0]['size'])}")
 
 
-def _iou(truth: list[dict[str, Any]], tracked: list[dict[str, Any]]) -> np.ndarray:
-    """IoU matrix [ground truth, tracker] (pycocotools' is [detections, ground truth])."""
+def _iou(truth: list[Any], tracked: list[Any], boxes: bool = False) -> np.ndarray:
+    """IoU matrix [ground truth, tracker] (pycocotools' is [detections, ground truth]) of RLE masks,
+    or of [x, y, w, h] boxes."""
     if not truth or not tracked:
         return np.zeros((len(truth), len(tracked)))
-    coco = lambda rles: [{"size": [int(v) for v in r["size"]], "counts": r["counts"]} for r in rles]  # noqa: E731
-    return np.asarray(mask_utils.iou(coco(tracked), coco(truth), [0] * len(truth)), float).reshape(
-        len(tracked), len(truth)).T
+    if boxes:
+        dt, gt = np.asarray(tracked, float), np.asarray(truth, float)
+    else:
+        dt, gt = ([{"size": [int(v) for v in r["size"]], "counts": r["counts"]} for r in rles] for rles in (tracked, truth))
+    return np.asarray(mask_utils.iou(dt, gt, [0] * len(truth)), float).reshape(len(tracked), len(truth)).T
 
 
 def summary(raw: dict[str, dict]) -> dict[str, float | int]:

@@ -100,6 +100,6 @@ def _write_png(target: Target, video: VideoInfo, frame: int, ids: list[int], rle
         mask = mask_utils.decode({"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"]})
         image[mask.astype(bool)] = label_of[ids[k]] * INSTANCES + ids[k]
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # speed over size: labels compress well anyway
     with target.open(f"{video.video_id}", "instances", f"frame_{frame:06d}.png", mode="wb") as f:
         f.write(buffer.getvalue())

@@ -26,7 +26,7 @@ def run_eval(index: Any, gt: Path | str, fmt: str, capsys: pytest.CaptureFixture
     return code, json.loads(out) if code == 0 else None, err
 
 
-@pytest.mark.parametrize("fmt, out", [("ytvis", "gt.json"), ("mots", "gt")])
+@pytest.mark.parametrize("fmt, out", [("ytvis", "gt.json"), ("mots", "gt"), ("cvat", "gt")])
 def test_an_export_scores_perfectly_against_itself(local_index: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    fmt: str, out: str) -> None:
     assert cli(["export", *local_index.cli(), "--format", fmt, "--out", str(tmp_path / out)]) == 0
@@ -93,6 +93,8 @@ def test_table_output(local_index: Any, tmp_path: Path, capsys: pytest.CaptureFi
     ("other.txt", "1 2001 2 120 160 abc\n", "mots", "video 'other' (other.txt) is not in the index"),
     ("b.txt", "1 2001 2 120 160 abc\n3 2001 2 120\n", "mots", "b.txt line 2: a MOTS line has 6 fields"),
     ("gt.json", '{"videos": [', "ytvis", "is not a JSON file"),
+    ("b.xml", '<annotations><track id="1"><box frame="x"/></track></annotations>', "cvat", "track '1' has a box"),
+    ("b.xml", "<annotations><track", "cvat", "not CVAT XML"),
     ("gt.json", '{"videos": []}', "ytvis", "needs top-level 'videos' and 'annotations'"),
     ("gt.json", json.dumps({"videos": [{"id": 1, "file_names": ["b/0.jpg"], "length": 1}],
                             "annotations": [{"video_id": 1, "segmentations": [None, None]}]}),
