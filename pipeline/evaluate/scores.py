@@ -84,11 +84,19 @@ def score_video(store: TableStore, gt: GtVideo, video: VideoInfo) -> tuple[dict[
     """(this video's row, TrackEval's raw results per metric for combining)."""
     from trackeval.metrics import CLEAR, HOTA, Identity
 
-    at: dict[int, dict[int, dict[str, Any]]] = {}
+    at: dict[int, dict[int, Any]] = {}
     for frame in gt.frames:
+        if frame.ref[0] == "sampled" and frame.ref[1] >= len(video.sampled_ts):
+            raise ExportError(f"ground truth {gt.where}: has frames without times beyond the index's "
+                              f"{len(video.sampled_ts)} sampled frames of video {video.video_id}; give its frames' "
+                              "times (pixelrefer.timestamps) or a ground truth of the sampled frames")
         k = _sampled_index(video, frame.ref)
         if k is not None and k not in at:
             at[k] = frame.objects
+    if gt.frames and not at:
+        raise ExportError(f"ground truth {gt.where}: none of its {len(gt.frames)} frames falls on one of the index's "
+                          f"sampled frames of video {video.video_id} (within half a source frame at "
+                          f"{video.fps or video.sampled_fps or 0:g} fps); is it the ground truth of another video?")
     gt_ids: list[np.ndarray] = []
     tracker_ids: list[np.ndarray] = []
     similarity: list[np.ndarray] = []

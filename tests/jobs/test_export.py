@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from jobs.cli import main as cli
@@ -70,7 +71,7 @@ def test_ytvis_masks_decode_to_the_masks_table(local_index: Any, tmp_path: Path)
 def datumaro_counts(fmt: str, path: Path) -> tuple[int, int]:
     """(tracks, frames) as Datumaro imports them: distinct track ids and items with a visible shape."""
     if not DATUMARO.exists():
-        pytest.skip(f"Datumaro's venv is missing ({DATUMARO}); `make datumaro` or see requirements/ to create it")
+        pytest.skip(f"Datumaro's venv is missing ({DATUMARO}): scripts/setup.sh makes it from requirements/datumaro.lock")
     script = textwrap.dedent("""
         import sys, datumaro
         ds = datumaro.Dataset.import_from(sys.argv[2], sys.argv[1])
@@ -113,7 +114,18 @@ def test_mots_and_mot_number_source_frames_from_one(local_index: Any, tmp_path: 
     frames = [int(line.split()[0]) for line in lines]
     assert frames == sorted(frames) and set(frames) == set(range(1, 20, 2))
     assert {int(line.split()[1]) % 1000 for line in lines} == {1, 2}
-    assert len(list((tmp_path / "mots" / b / "instances").glob("frame_*.png"))) == 10
+    pngs = sorted((tmp_path / "mots" / b / "instances").glob("frame_*.png"))
+    assert len(pngs) == 10
+    classes = (tmp_path / "mots" / b / "instances" / "labels.txt").read_text().split()
+    expected = default_view_masks(local_index)
+    for k, png in enumerate(pngs):  # the shapes of "b" never overlap: each PNG holds every mask whole
+        image = np.asarray(Image.open(png))
+        assert png.name == f"frame_{2 * k:06d}.png"
+        for object_id, label in ((1, "truck"), (2, "ball")):
+            rle = expected.get((b, object_id, k))
+            value = (classes.index(label) + 1) * 1000 + object_id
+            truth = mask_utils.decode({**rle, "counts": rle["counts"].encode()}) if rle else 0
+            assert np.array_equal(image == value, np.asarray(truth, bool) | np.zeros(image.shape, bool))
     boxes = (tmp_path / "mot" / f"{b}.txt").read_text().splitlines()
     assert len(boxes) == 9 and {line.split(",")[1] for line in boxes} == {"2"}  # the ball, missed once
     assert "frameRate=10" in (tmp_path / "mot" / b / "seqinfo.ini").read_text()
