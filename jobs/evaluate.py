@@ -23,8 +23,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("output", metavar="OUTPUT", help="index folder or fsspec URL (s3://bucket/index)")
     parser.add_argument("--gt", required=True, metavar="FILE",
-                        help="ground truth: a YTVIS JSON file; a MOTS <video>.txt or a folder of them; a CVAT for video 1.1 .xml or a "
-                             "folder of them (boxes: compared with the index's boxes)")
+                        help="ground truth: a YTVIS JSON file; a MOTS <video>.txt or a folder of them; a CVAT for "
+                             "video 1.1 .xml or a folder of them (boxes: compared with the index's boxes)")
     parser.add_argument("--format", required=True, choices=GT_FORMATS,
                         help="the ground truth's format (as `export --format` names it)")
     parser.add_argument("--video", metavar="ID|URI", action="append", default=None,

@@ -146,7 +146,8 @@ def _iou(truth: list[Any], tracked: list[Any], boxes: bool = False) -> np.ndarra
     if boxes:
         dt, gt = np.asarray(tracked, float), np.asarray(truth, float)
     else:
-        dt, gt = ([{"size": [int(v) for v in r["size"]], "counts": r["counts"]} for r in rles] for rles in (tracked, truth))
+        dt, gt = ([{"size": [int(v) for v in r["size"]], "counts": r["counts"]} for r in rles]
+                  for rles in (tracked, truth))
     return np.asarray(mask_utils.iou(dt, gt, [0] * len(truth)), float).reshape(len(tracked), len(truth)).T
 
 

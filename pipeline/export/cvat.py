@@ -7,7 +7,8 @@ size is the source frame count. Each object is one `<track id="object_id">` in i
 a `<box>` keyframe at every sampled frame where it has a mask (the `masks` table's `bbox`, xyxy
 pixels), and an `outside="1"` keyframe at the first sampled frame after each stretch of presence,
 so CVAT interpolates boxes between samples only while the object is there. Labels are the
-objects' labels (`object` for none), the same list in every file of an export. The header comment states the numbering and the source.
+objects' labels (`object` for none), the same list in every file of an export. The header comment
+states the numbering and the source.
 
 Boxes, not masks: a track of `<mask>` shapes is what CVAT's own track export writes, but CVAT does
 not interpolate masks, and Datumaro (1.13) cannot read masks inside tracks; boxes are what a
@@ -24,9 +25,11 @@ from xml.sax.saxutils import escape, quoteattr
 from pipeline.export import masks
 from pipeline.export.selection import VideoInfo
 from pipeline.export.target import Target
+from pipeline.store import TableStore
 
 
-def write(store, videos: Sequence[VideoInfo], target: Target, note: Callable[[str], None]) -> dict[str, int]:
+def write(store: TableStore, videos: Sequence[VideoInfo], target: Target,
+          note: Callable[[str], None]) -> dict[str, int]:
     totals = {"videos": 0, "tracks": 0, "frames": 0, "boxes": 0}
     names = sorted({o.label or "object" for v in videos for o in v.objects})
     for video in videos:

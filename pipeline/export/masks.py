@@ -35,7 +35,8 @@ def _video_filter(video: VideoInfo) -> Any:
 def _key_counts(store: TableStore, video: VideoInfo, key: str, object_ids: list[int] | None) -> dict[int, int]:
     counts: dict[int, int] = {}
     wanted = _objects_filter(object_ids)
-    for batch in store.batches("masks", columns=list(dict.fromkeys([key, "object_id"])), filter=_video_filter(video) & wanted):
+    columns = list(dict.fromkeys([key, "object_id"]))
+    for batch in store.batches("masks", columns=columns, filter=_video_filter(video) & wanted):
         values, sizes = np.unique(batch.column(key).to_numpy(zero_copy_only=False), return_counts=True)
         for value, size in zip(values.tolist(), sizes.tolist()):
             counts[value] = counts.get(value, 0) + size

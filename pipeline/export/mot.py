@@ -18,9 +18,11 @@ from pipeline.export import masks
 from pipeline.export.mots import seqinfo
 from pipeline.export.selection import VideoInfo
 from pipeline.export.target import Target
+from pipeline.store import TableStore
 
 
-def write(store, videos: Sequence[VideoInfo], target: Target, note: Callable[[str], None]) -> dict[str, int]:
+def write(store: TableStore, videos: Sequence[VideoInfo], target: Target,
+          note: Callable[[str], None]) -> dict[str, int]:
     totals = {"videos": 0, "tracks": 0, "frames": 0, "boxes": 0}
     for video in videos:
         ids = [o.object_id for o in video.objects]

@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from pipeline.export import masks
 from pipeline.export.selection import ExportError, VideoInfo
 from pipeline.export.target import Target
+from pipeline.store import TableStore
 
 #: MOTS packs class and instance into one id: class_id * 1000 + instance.
 INSTANCES = 1000
@@ -60,7 +61,8 @@ def seqinfo(video: VideoInfo, format_note: str) -> str:
     )
 
 
-def write(store, videos: Sequence[VideoInfo], target: Target, note: Callable[[str], None]) -> dict[str, int]:
+def write(store: TableStore, videos: Sequence[VideoInfo], target: Target,
+          note: Callable[[str], None]) -> dict[str, int]:
     classes = class_ids(videos)
     totals = {"videos": 0, "tracks": 0, "frames": 0, "masks": 0}
     for video in videos:

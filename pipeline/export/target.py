@@ -34,4 +34,5 @@ class Target:
 
     def guard(self, action: str) -> Any:
         """Storage failures become `OutputError` naming `--out`."""
-        return storage_guard(self.out, self.storage_options, action, self.fs, self.root, subject=f"--out {self.shown!r}")
+        return storage_guard(self.out, self.storage_options, action, self.fs, self.root,
+                             subject=f"--out {self.shown!r}")

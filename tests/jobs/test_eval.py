@@ -19,7 +19,8 @@ from index_builders import rle_of
 from jobs.cli import main as cli
 
 
-def run_eval(index: Any, gt: Path | str, fmt: str, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, Any, str]:
+def run_eval(index: Any, gt: Path | str, fmt: str, capsys: pytest.CaptureFixture[str],
+             *extra: str) -> tuple[int, Any, str]:
     capsys.readouterr()
     code = cli(["eval", *index.cli(), "--gt", str(gt), "--format", fmt, "--scores-format", "json", *extra])
     out, err = capsys.readouterr()

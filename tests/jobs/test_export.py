@@ -71,7 +71,8 @@ def test_ytvis_masks_decode_to_the_masks_table(local_index: Any, tmp_path: Path)
 def datumaro_counts(fmt: str, path: Path) -> tuple[int, int]:
     """(tracks, frames) as Datumaro imports them: distinct track ids and items with a visible shape."""
     if not DATUMARO.exists():
-        pytest.skip(f"Datumaro's venv is missing ({DATUMARO}): scripts/setup.sh makes it from requirements/datumaro.lock")
+        pytest.skip(f"Datumaro's venv is missing ({DATUMARO}): scripts/setup.sh makes it from "
+                    "requirements/datumaro.lock")
     script = textwrap.dedent("""
         import sys, datumaro
         ds = datumaro.Dataset.import_from(sys.argv[2], sys.argv[1])
