@@ -6,7 +6,9 @@ passes: one cheap pass over the (`object_id`, `frame_index`) columns counts the 
 keys are cut into consecutive ranges of at most `budget_rows` rows, and each range is one filtered
 read (`TableStore.batches` with the video, its run and the key range pushed down), sorted and
 handed out group by group. Held at once: one range's rows (at most `budget_rows`, or one object's
-or one frame's rows when that alone is larger), never the whole video.
+or one frame's rows when that alone is larger) and the Parquet row group being decoded (the
+store writes masks in row groups of `tables.ROW_GROUP_ROWS`, and these reads take no readahead),
+never the whole video.
 
 The (`video_id`, `run_id`) filter is the commit rule's: the pair comes from a visible `videos`
 row (`selection.select_videos`).
@@ -36,7 +38,7 @@ def _key_counts(store: TableStore, video: VideoInfo, key: str, object_ids: list[
     counts: dict[int, int] = {}
     wanted = _objects_filter(object_ids)
     columns = list(dict.fromkeys([key, "object_id"]))
-    for batch in store.batches("masks", columns=columns, filter=_video_filter(video) & wanted):
+    for batch in store.batches("masks", columns=columns, filter=_video_filter(video) & wanted, readahead=False):
         values, sizes = np.unique(batch.column(key).to_numpy(zero_copy_only=False), return_counts=True)
         for value, size in zip(values.tolist(), sizes.tolist()):
             counts[value] = counts.get(value, 0) + size
@@ -73,7 +75,7 @@ def grouped(store: TableStore, video: VideoInfo, by: str, object_ids: list[int] 
     other = "frame_index" if by == "object_id" else "object_id"
     for lo, hi in _ranges(_key_counts(store, video, by, object_ids), budget_rows or BUDGET_ROWS):
         where = _video_filter(video) & _objects_filter(object_ids) & (pc.field(by) >= lo) & (pc.field(by) <= hi)
-        batches = list(store.batches("masks", columns=COLUMNS, filter=where))
+        batches = list(store.batches("masks", columns=COLUMNS, filter=where, readahead=False))
         if not batches:
             continue
         rows = pa.Table.from_batches(batches).sort_by([(by, "ascending"), (other, "ascending")])
