@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="local web app over OUTPUT: search, play videos with their masks, inspect objects")
     add_serve_arguments(serve)
     serve.set_defaults(func=serve_main)
+
+    from jobs.evaluate import add_eval_arguments, eval_main
+    from jobs.export import add_export_arguments, export_main
+
+    export = sub.add_parser("export", help="write the index's tracks as YouTube-VIS, MOTS, MOT or CVAT for video files")
+    add_export_arguments(export)
+    export.set_defaults(func=export_main)
+
+    evaluate = sub.add_parser("eval", help="score the index's tracks against ground truth (TrackEval: HOTA, IDF1, "
+                              "ID switches, MOTA)")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=eval_main)
     return parser
 
 

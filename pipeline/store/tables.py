@@ -38,6 +38,10 @@ COMMIT_PROPERTY = "pixelrefer.commit"
 #: Tables whose appends a reader follows version by version (the search index reads each new
 #: commit's vectors from the Delta change feed, not by re-reading a long run's files).
 CHANGE_FEED_TABLES = frozenset({"embeddings"})
+#: Rows per Parquet row group where delta-rs's default (a million) is too coarse: a reader of one
+#: video's masks (`pipeline.export`) decodes a whole row group's RLE column at a time, and one
+#: commit of a 2-hour video is 144,000 mask rows; 16k rows is a few MB of RLE strings.
+ROW_GROUP_ROWS = {"masks": 16_384}
 LOG = "_delta_log"
 
 
@@ -179,7 +183,8 @@ class TableStore:
             deltalake.write_deltalake(
                 handle, data.cast(TABLES[table]), mode="append",
                 commit_properties=deltalake.CommitProperties(custom_metadata=meta, max_commit_retries=50),
-                writer_properties=deltalake.WriterProperties(compression="ZSTD"),
+                writer_properties=deltalake.WriterProperties(compression="ZSTD",
+                                                             max_row_group_size=ROW_GROUP_ROWS.get(table)),
             )
             return self.version_of(table, commit, handle=handle) if commit else int(handle.version())
 
@@ -236,14 +241,17 @@ class TableStore:
             return dataset.to_table(columns=wanted.names, filter=filter).cast(wanted)
 
     def batches(self, table: str, columns: list[str] | None = None, filter: Any = None,
-                batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+                batch_rows: int = 65_536, readahead: bool = True) -> Iterator[pa.RecordBatch]:
+        """The rows in batches; `readahead=False` decodes one row group at a time instead of
+        pyarrow's 16 batches of 4 files ahead (for readers that bound their memory)."""
         schema = TABLES[table]
         wanted = pa.schema([schema.field(c) for c in columns]) if columns else schema
         dataset = self.dataset(table)
         if dataset is None:
             return
+        ahead = {} if readahead else {"batch_readahead": 1, "fragment_readahead": 1}
         with self.guard("reading the table", table):
-            for batch in dataset.to_batches(columns=wanted.names, filter=filter, batch_size=batch_rows):
+            for batch in dataset.to_batches(columns=wanted.names, filter=filter, batch_size=batch_rows, **ahead):
                 yield batch.cast(wanted)
 
     def changes(self, table: str, version: int) -> pa.Table:
