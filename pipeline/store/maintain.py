@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 from pipeline.store.claims import CLAIMS, SyncLock
 from pipeline.store.commit import PUBLISH_ORDER, committed_keys, split_commit
 from pipeline.store.location import OutputError
-from pipeline.store.tables import COMMIT_PROPERTY, TableError, TableStore, _deltalake
+from pipeline.store.tables import COMMIT_PROPERTY, TableError, TableStore, _deltalake, writer_properties
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _maintain_table(store: TableStore, table: str, keys: set[tuple[str, int]], c
 def _tidy(store: TableStore, table: str, opener: Callable[[str], Any], retain_hours: int,
           result: TableResult) -> None:
     """Compact, checkpoint, clean up the log and vacuum: the steps every table takes alike."""
-    _retry(store, table, "compacting", lambda h: h.optimize.compact(), opener)
+    _retry(store, table, "compacting", lambda h: h.optimize.compact(writer_properties=writer_properties(table)), opener)
     with store.guard("writing a checkpoint", table):
         handle = opener(table)
         handle.create_checkpoint()

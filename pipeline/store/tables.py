@@ -45,6 +45,14 @@ ROW_GROUP_ROWS = {"masks": 16_384}
 LOG = "_delta_log"
 
 
+def writer_properties(table: str) -> Any:
+    """How `table`'s Parquet files are written, by appends and by `maintain`'s compaction alike (a
+    compacted file keeps the row groups a reader relies on)."""
+    import deltalake
+
+    return deltalake.WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS.get(table))
+
+
 class TableError(OutputError):
     """One table cannot be used as it is (damaged, foreign, newer); the message says which and why."""
 
@@ -183,8 +191,7 @@ class TableStore:
             deltalake.write_deltalake(
                 handle, data.cast(TABLES[table]), mode="append",
                 commit_properties=deltalake.CommitProperties(custom_metadata=meta, max_commit_retries=50),
-                writer_properties=deltalake.WriterProperties(compression="ZSTD",
-                                                             max_row_group_size=ROW_GROUP_ROWS.get(table)),
+                writer_properties=writer_properties(table),
             )
             return self.version_of(table, commit, handle=handle) if commit else int(handle.version())
 
