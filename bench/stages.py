@@ -164,15 +164,17 @@ def track(rows: list[dict[str, Any]], policy: str, clock: CpuClock) -> tuple[lis
 
     cfg = IndexConfig(source="-", output="-", discovery=policy)
     stage = TrackerStage(**tracker_kwargs(cfg))
-    spent, out_rows, phases, counts = Spent(), [], {}, {}
+    spent, out_rows = Spent(), []
+    phases: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for row in rows:
         out = timed(clock, spent, stage, rows_to_batch([row]))
         out_rows.append({k: v[0] for k, v in out.items()})
         for key, value in out_rows[-1].items():
-            if key.startswith(PHASE_PREFIX + "tracker_"):
-                phases[key[len(PHASE_PREFIX + "tracker_"):]] = phases.get(key[len(PHASE_PREFIX + "tracker_"):], 0) + float(value)
-            elif key.startswith(COUNT_PREFIX + "tracker_"):
-                counts[key[len(COUNT_PREFIX + "tracker_"):]] = counts.get(key[len(COUNT_PREFIX + "tracker_"):], 0) + int(value)
+            for prefix, sums, kind in ((PHASE_PREFIX, phases, float), (COUNT_PREFIX, counts, int)):
+                if key.startswith(prefix + "tracker_"):
+                    name = key[len(prefix + "tracker_"):]
+                    sums[name] = sums.get(name, 0) + kind(value)
     rest = max(0.0, spent.wall_s - sum(phases.values()))
     split = _split(spent.cpu_s, {"discovery": phases.get("discovery", 0.0),
                                  "propagation": spent.wall_s - phases.get("discovery", 0.0) - rest, "other": rest})
