@@ -27,6 +27,9 @@ END_PREFIX = "batch_end_"
 #: Column prefix: ``phase_s_<stage>_<phase>`` holds a row's share of the seconds its batch spent in
 #: that phase (the stage declares its phases up front: every block has the same columns).
 PHASE_PREFIX = "phase_s_"
+#: Column prefix: ``count_<stage>_<name>`` holds how many times something happened on a row (the
+#: tracker's discovery calls and skipped keyframes), summed by the driver like the phases.
+COUNT_PREFIX = "count_"
 
 
 class BusyClock:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.busy import BusyClock
+from actors.busy import COUNT_PREFIX, BusyClock
 from actors.columns import times_column
 from actors.discovery import Discoverer, Sam2Discoverer, select_candidates, uncovered
 from actors.discovery_schedule import DiscoveryGate, DiscoverySchedule
@@ -64,11 +64,14 @@ from models.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRACKER_PHASES", "Tracker", "TrackerInputError", "TrackerStage"]
+__all__ = ["TRACKER_COUNTS", "TRACKER_PHASES", "Tracker", "TrackerInputError", "TrackerStage"]
 
 #: Where a tracker batch's time goes (`phase_s_tracker_<phase>` columns): resizing frames for SAM 2,
 #: automatic mask generation on keyframes, propagating every object onto each frame, masks to RLE.
 TRACKER_PHASES = ("preprocess", "discovery", "propagation", "mask_encoding")
+#: Per row (`count_tracker_<name>` columns): keyframes where SAM 2's mask generation ran, and those
+#: the discovery schedule skipped (nothing new there).
+TRACKER_COUNTS = ("discovery_calls", "keyframes_skipped")
 
 
 @dataclass
@@ -136,8 +139,10 @@ class Tracker:
         self.offload_state = offload_state
         #: When later keyframes run discovery: "every", "changed" (only where something may have
         #: entered: `actors.discovery_schedule`), or a `DiscoverySchedule` with its thresholds.
-        #: "every" by default: "changed" judges by the tracked masks, which only a trained checkpoint
-        #: makes meaningful (`tiny`'s random weights cover half the frame with every mask).
+        #: "every" by default here (the index job's default is "changed": `IndexConfig.discovery`):
+        #: "changed" judges by the tracked masks, which only a trained checkpoint makes meaningful
+        #: (`tiny`'s random weights cover half the frame with every mask), and this class's unit
+        #: tests count the keyframes searched with tiny's own masks.
         self.discovery_schedule = DiscoverySchedule.of(discovery_schedule)
         folder = self.bundle.tracker_defaults
         self.discover: Discoverer = discover or Sam2Discoverer(
@@ -406,6 +411,7 @@ class TrackerStage:
         tracks_json = []
         tracked: dict[int, list[dict]] = {}  # clip rows tracked here, for the frames they ship
         kinds = list(batch["kind"]) if "kind" in batch else [""] * n
+        counts = {name: np.zeros(n, dtype=np.int64) for name in TRACKER_COUNTS}
         with self.clock.batch():
             for i in range(n):
                 if kinds[i] == "track":  # a finished video's whole-track request: its masks are given
@@ -414,7 +420,10 @@ class TrackerStage:
                 if _failed(errors[i]):
                     tracks_json.append("[]")
                     continue
+                self.tracker.last_stats = {}
                 tracks, errors[i] = self._one(batch, i)
+                for name in TRACKER_COUNTS:
+                    counts[name][i] = int(self.tracker.last_stats.get(name, 0))
                 if kinds[i] == "clip" and not _failed(errors[i]):
                     tracked[i] = tracks
                 tracks_json.append(json.dumps(tracks, separators=(",", ":")))
@@ -425,6 +434,7 @@ class TrackerStage:
         out["tracker"] = np.array([self.tracker.name] * n, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out.update(self.clock.columns(n))
+        out.update({f"{COUNT_PREFIX}tracker_{name}": values for name, values in counts.items()})
         return out
 
     def _shipped(self, batch: Mapping[str, np.ndarray], tracked: Mapping[int, list[dict]]

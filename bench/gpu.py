@@ -21,6 +21,9 @@ What it measures (bf16 on CUDA, flash-attention 2 when `flash_attn` imports, els
   10-minute video at 1 fps, SAM 2.1-tiny + Lite-2B: `video_hours_per_gpu_hour` and the share of
   the loop's wall time spent decoding, tracking and captioning (`busy_share_{decode,tracker,referrer}`),
   with each stage's phases (`loop_phase_s_*`).
+* ``discovery`` (`bench.gpu_discovery`): SAM 2.1 tiny and large automatic mask generation, seconds
+  per keyframe at 32 x 32 and 16 x 16 point grids (`discovery_{tiny,large}_s_per_keyframe[_coarse]`),
+  GPU-seconds per video-hour when every keyframe is searched, and the "changed" schedule's check.
 
 Random weights cost what the released ones cost (same shapes); `bench.gpu_models` says what is
 pinned so that random values do not change the work. Each section is guarded: one that fails
@@ -50,6 +53,7 @@ from typing import Any, Callable
 
 import torch
 
+from bench.gpu_discovery import section_discovery
 from bench.gpu_loop import section_loop, start_video
 from bench.gpu_models import release, transformers_compat
 from bench.gpu_sections import referrer_section, section_sam2
@@ -61,12 +65,13 @@ SECTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "lite2b": referrer_section("lite", "2B"),
     "full2b": referrer_section("full", "2B"),
     "loop": section_loop,
+    "discovery": section_discovery,
     "lite7b": referrer_section("lite", "7B"),
 }
 
 #: Seconds a section needs at the least (guesses for an H100: model build, warm-up, the first
 #: measurement); one that would start with less of the budget left is skipped rather than abandoned.
-MIN_REMAINING_S = {"sam2": 30.0, "lite2b": 30.0, "full2b": 30.0, "lite7b": 60.0, "loop": 45.0}
+MIN_REMAINING_S = {"sam2": 30.0, "lite2b": 30.0, "full2b": 30.0, "lite7b": 60.0, "loop": 45.0, "discovery": 30.0}
 
 #: Modules that the GPU machine lacks: none of them may be imported along the bench's path.
 ABSENT_ON_DEVICE = ("ray", "av", "decord", "duckdb", "ffmpeg")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark (bench/gpu.py) in one command on a machine with one GPU, in under 8 minutes:
 # SAM 2.1 tiny/large frames/s, PixelRefer-Lite-2B/-7B and full-2B caption latency, batching and
-# memory, and video-hours per GPU-hour of the stages' own loop; random weights at the released
+# memory, video-hours per GPU-hour of the stages' own loop, SAM 2.1 discovery per keyframe; random weights at the released
 # sizes, bf16, flash-attention 2 when importable (else SDPA). JSON to --json FILE, else
 # $OUT/gpu-bench.json (or ./gpu-bench.json). Other options go to bench/gpu.py (--budget-s, --only).
 #

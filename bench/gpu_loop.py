@@ -232,8 +232,10 @@ def section_loop(ctx: Any) -> dict[str, Any]:
     # follows fewer objects and searches fewer keyframes (or the CPU would take minutes), in 10-s
     # clips so that its 20 s still make two clips that share a frame and a referrer call.
     smoke = {"max_objects": 2, "keyframe_interval_s": 10.0, "clip_seconds": 10.0} if ctx.smoke else {}
+    # Discovery on every keyframe: the "changed" schedule would decide on random weights' masks (noise);
+    # its saving is `bench.stages`' calls per video-hour times `bench.gpu_discovery`'s cost per keyframe.
     cfg = IndexConfig(source=str(path), output=str(ctx.root / "loop-out"),
-                      tracker=str(sam2_folder("tiny", ctx.root, ctx.smoke)), cuts="none", **smoke)
+                      tracker=str(sam2_folder("tiny", ctx.root, ctx.smoke)), cuts="none", discovery="every", **smoke)
     plans = plan_clips(duration, fps, cfg)
     tkw = {**tracker_kwargs(cfg), "device": ctx.device, "dtype": ctx.dtype}
     tracker = TrackerStage(**tkw)
@@ -323,6 +325,7 @@ def section_loop(ctx: Any) -> dict[str, Any]:
         "loop_clip_errors": counts["errors"], "loop_keyframes_searched": keyed.calls,
         "loop_object_frames": cfg.object_frames or 0, "loop_clips_per_referrer_call": cfg.clips_per_call,
         "loop_max_objects": cfg.max_objects, "loop_keyframe_interval_s": cfg.keyframe_interval_s,
+        "loop_discovery_every": int(cfg.discovery == "every"),
         "loop_clip_seconds": cfg.clip_seconds,
         **{f"loop_phase_s_{k}": v for k, v in sorted(phases.items())},
     }

@@ -2,7 +2,7 @@
 stages and data, the peak memory of a run over 10 vs 100 videos, and a long-video point (the same
 content as a 1-minute and a 10-minute video).
 
-    python -m bench.pipeline [--videos 10] [--memory-videos 10 100] [--long-video-seconds 60 600]
+    python -m bench.pipeline [--videos 10] [--memory-videos 10 100] [--long-video-seconds 600 7200]
                              [--only {compare,memory,long-video}] [--json FILE]
 
 Equal work: the plain loop runs in a fresh interpreter and its time counts from that process's
@@ -22,10 +22,15 @@ memory) count in every process that touched them, so the sum overstates what the
 it does so alike at both sizes of a point.
 
 Long-video point: `pipeline.samples.make_long_video` repeats one rendered 60-s segment (stream copy)
-into a 1-minute and a 10-minute video of the same content; each is indexed by `run_index` (tiny
-models, 1 frame/s, 30-s clips) in its own fresh process, Ray started there before the clock starts.
-Targets: wall time ratio <= 11x (linear or better: fixed costs such as loading the models are paid
-once) and peak RSS ratio <= 1.3x (memory bounded by the clips in flight, not the video's length).
+into a 10-minute and a 2-hour video of the same content; each is indexed by `run_index` (tiny
+models, `--long-video-fps` frames/s, 30-s clips) in its own fresh process, Ray started there before
+the clock starts. Both lengths fill a referrer call (`--clips-per-call`, 16 clips: 20 and 240
+clips), so the memory compared is the same steady state; a 1-minute video (2 clips) never holds 16
+clips' frames in a call, so against it the 10-minute one measured 1.37x its peak, which was the
+call growing, not the video. Targets: wall time ratio <= 1.1x the length ratio (linear or better:
+fixed costs such as loading the models are paid once) and peak RSS ratio <= 1.3x (memory bounded
+by the clips in flight, not the video's length). The 2-hour run takes tens of minutes on 2 cores
+(at 1 frame/s: 7,200 frames through both tiny models); `--long-video-fps 0.25` makes it a quarter.
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ from typing import Any
 
 import psutil
 
-#: Targets of the long-video point (the issue's acceptance criteria).
-LONG_VIDEO_MAX_TIME_RATIO = 11.0
+#: Targets of the long-video point (the issue's acceptance criteria): wall time at most this many
+#: times the length ratio (11x for 10x the video), peak RSS at most this ratio.
+LONG_VIDEO_MAX_TIME_FACTOR = 1.1
 LONG_VIDEO_MAX_RSS_RATIO = 1.3
 POINTS = ("compare", "memory", "long-video", "cross-clip")
 
@@ -223,13 +229,13 @@ def peak_rss_of(cmd: list[str], interval_s: float = 0.1) -> dict[str, Any]:
 # -- the long-video point -----------------------------------------------------------------------
 
 
-def long_video_run(source: str, output: str, cuts: str = "none") -> dict[str, Any]:
+def long_video_run(source: str, output: str, cuts: str = "none", fps: float = 1.0) -> dict[str, Any]:
     """Body of one long-video subprocess: start Ray, then time `run_index` over `source`."""
     from pipeline.config import IndexConfig
     from pipeline.graph import ensure_ray
     from pipeline.run import run_index
 
-    cfg = IndexConfig(source=source, output=output, cuts=cuts)  # tiny models, 1 frame/s, 30-s clips
+    cfg = IndexConfig(source=source, output=output, cuts=cuts, fps=fps)  # tiny models, 30-s clips
     start = time.perf_counter()
     ensure_ray(cfg.address)
     ray_start_s = time.perf_counter() - start
@@ -241,11 +247,13 @@ def long_video_run(source: str, output: str, cuts: str = "none") -> dict[str, An
         "video_seconds": summary.video_seconds, "clips": summary.clips, "clips_failed": summary.clips_failed,
         "frames": summary.frames, "videos_ok": summary.videos_ok, "videos_failed": summary.videos_failed,
         "objects": summary.objects, "captions": summary.captions, "busy_s": dict(summary.busy_seconds),
+        "clips_per_call": cfg.clips_per_call,
         "failures": summary.failures, "phase_s": dict(summary.phase_seconds), "driver_cpu_s": summary.driver_cpu_s,
     }
 
 
-def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "none") -> dict[str, Any]:
+def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "none",
+                     fps: float = 1.0) -> dict[str, Any]:
     """The same content as a short and a long video, each indexed in a fresh process."""
     from pipeline.samples import make_long_video
 
@@ -259,7 +267,7 @@ def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "no
         output = _fresh(work / f"out_long_{duration:g}s_{cuts}")
         code = (
             "import json; from bench.pipeline import long_video_run; "
-            f"print(json.dumps(long_video_run({str(folder)!r}, {str(output)!r}, {cuts!r})))"
+            f"print(json.dumps(long_video_run({str(folder)!r}, {str(output)!r}, {cuts!r}, {fps!r})))"
         )
         measured = peak_rss_of([sys.executable, "-c", code])
         if measured["code"]:
@@ -269,7 +277,9 @@ def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "no
     short, long = (runs[d] for d in durations)
     tag = {d: f"{d / 60:g}min" for d in durations}
     figures: dict[str, Any] = {
-        "long_video_cuts": cuts,
+        "long_video_cuts": cuts, "long_video_fps": fps,
+        # Like with like: both videos fill a referrer call, or the longer one's peak includes a fuller call.
+        "long_video_both_fill_a_call": all(runs[d]["clips"] >= runs[d]["clips_per_call"] for d in durations),
         "long_video_time_ratio": long["seconds"] / short["seconds"],
         "long_video_rss_ratio": long["peak_mib"] / short["peak_mib"],
         "long_video_process_time_ratio": long["process_s"] / short["process_s"],
@@ -292,7 +302,8 @@ def long_video_point(work: Path, durations: tuple[float, float], cuts: str = "no
             **{f"long_video_phase_s_{name}_{t}": sec for name, sec in sorted(r["phase_s"].items())},
             f"long_video_driver_cpu_share_{t}": r["driver_cpu_s"] / r["seconds"] if r["seconds"] else None,
         })
-    figures["long_video_time_ok"] = figures["long_video_time_ratio"] <= LONG_VIDEO_MAX_TIME_RATIO
+    figures["long_video_max_time_ratio"] = LONG_VIDEO_MAX_TIME_FACTOR * durations[1] / durations[0]
+    figures["long_video_time_ok"] = figures["long_video_time_ratio"] <= figures["long_video_max_time_ratio"]
     figures["long_video_rss_ok"] = figures["long_video_rss_ratio"] <= LONG_VIDEO_MAX_RSS_RATIO
     for d in durations:
         print(f"long video {tag[d]}: RSS at peak by process (MiB): {json.dumps(runs[d]['at_peak_mib'])}", file=sys.stderr)
@@ -367,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=10, help="videos for the Ray vs plain-loop comparison")
     parser.add_argument("--memory-videos", type=int, nargs=2, default=(10, 100), metavar=("SMALL", "LARGE"))
-    parser.add_argument("--long-video-seconds", type=float, nargs=2, default=(60.0, 600.0), metavar=("SHORT", "LONG"),
-                        help="lengths of the long-video point's two videos (same content)")
+    parser.add_argument("--long-video-seconds", type=float, nargs=2, default=(600.0, 7200.0), metavar=("SHORT", "LONG"),
+                        help="lengths of the long-video point's two videos (same content; both should fill a "
+                             "referrer call: at least 16 clips of 30 s)")
+    parser.add_argument("--long-video-fps", type=float, default=1.0, help="frames sampled per second on that point")
     parser.add_argument("--long-video-cuts", choices=("none", "shot"), default="none",
                         help="clip boundaries on the long-video point (shot: TransNetV2, ~30 ms a frame on a CPU)")
     parser.add_argument("--cross-clip-videos", type=int, default=50,
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
         figures.update(cross_clip_point(work, args.cross_clip_videos))
     if "long-video" in points:
-        figures.update(long_video_point(work, tuple(args.long_video_seconds), args.long_video_cuts))
+        figures.update(long_video_point(work, tuple(args.long_video_seconds), args.long_video_cuts, args.long_video_fps))
     figures["bench_seconds_total"] = time.perf_counter() - bench_start
 
     width = max(32, max(len(k) for k in figures) + 1)
@@ -410,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if "long-video" in points:
         notes += [
             "long_video_time_ratio: run_index wall time, long / short video (Ray started before the clock; "
-            f"target <= {LONG_VIDEO_MAX_TIME_RATIO:g});",
+            f"target <= {LONG_VIDEO_MAX_TIME_FACTOR:g}x the length ratio);",
             "long_video_rss_ratio: peak RSS of the whole process tree, long / short video "
             f"(target <= {LONG_VIDEO_MAX_RSS_RATIO:g}); video_hours_per_hour_*: video seconds / run_index seconds",
         ]

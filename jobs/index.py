@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS, IndexConfig
+from pipeline.config import DEFAULT_CLIP_SECONDS, DISCOVERY_POLICIES, MAX_CLIP_SECONDS, IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concepts to find and track in every video, e.g. 'person, car, dog' (needs a SAM 3 "
                              "tracker: --tracker tiny-sam3, facebook/sam3 or a folder); objects get the concept as label")
     parser.add_argument("--max-objects", type=int, default=8, help="objects kept per video in automatic discovery")
+    parser.add_argument("--discovery", choices=DISCOVERY_POLICIES, default="changed",
+                        help="when later keyframes of a clip run SAM 2's object discovery: changed (default: only "
+                             "where something may have entered) or every (each keyframe)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per caption or answer")
     parser.add_argument("--object-frames", type=int, default=8, metavar="K",
                         help="masked frames of an object shown to PixelRefer per caption, evenly spread over its "
@@ -88,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         clip_seconds=args.clip_seconds, cuts=args.cuts, commit_every_min=args.commit_every,
         max_gpus=getattr(args, "max_gpus", None), clips_per_call=getattr(args, "clips_per_call", 16),
         embedder=getattr(args, "embedder", "wordllama"), find=find,
+        discovery=getattr(args, "discovery", "changed"),
     )
 
 

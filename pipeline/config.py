@@ -10,10 +10,11 @@ import dataclasses
 import json
 from typing import Any
 
+from actors.discovery_schedule import DISCOVERY_POLICIES
 from pipeline.clips import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS
 from pipeline.sizing import REFERRER_ROWS_PER_BATCH, Cluster, StageResources, check_placement, size_stages
 
-__all__ = ["DEFAULT_CLIP_SECONDS", "MAX_CLIP_SECONDS", "IndexConfig"]
+__all__ = ["DEFAULT_CLIP_SECONDS", "DISCOVERY_POLICIES", "MAX_CLIP_SECONDS", "IndexConfig"]
 
 
 @dataclasses.dataclass
@@ -47,6 +48,10 @@ class IndexConfig:
     #: labelled with its concept. Empty: objects come from prompts or SAM 2's discovery.
     find: tuple[str, ...] = ()
     keyframe_interval_s: float = 2.0
+    #: When a clip's later keyframes run SAM 2's mask generation (`actors.discovery_schedule`):
+    #: "changed", only where something may have entered (an untracked part of the frame changed, or
+    #: a tracked object lost area); "every", on each keyframe.
+    discovery: str = "changed"
     max_new_tokens: int = 64
     #: K: masked frames of an object shown to PixelRefer per caption, spread over its span (per
     #: clip, and over the whole track). 8: `bench.referrer` at 2B widths on a 20-frame track
@@ -88,6 +93,8 @@ class IndexConfig:
             raise ValueError(f"--clip-seconds must be in (0, {MAX_CLIP_SECONDS:g}], got {self.clip_seconds:g}")
         if self.cuts not in ("shot", "none"):
             raise ValueError(f"--cuts must be 'shot' or 'none', got {self.cuts!r}")
+        if self.discovery not in DISCOVERY_POLICIES:
+            raise ValueError(f"--discovery must be one of {', '.join(DISCOVERY_POLICIES)}, got {self.discovery!r}")
         if self.clips_per_call < 1:
             raise ValueError(f"--clips-per-call must be at least 1, got {self.clips_per_call}")
         if self.max_gpus is not None and not self.max_gpus >= 0:

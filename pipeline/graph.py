@@ -22,6 +22,7 @@ def tracker_kwargs(cfg: IndexConfig) -> dict[str, Any]:
     """`TrackerStage`'s arguments for this run (the graph and `bench.pipeline`'s plain loop share them)."""
     return {
         "model": cfg.tracker, "max_objects": cfg.max_objects, "keyframe_interval_s": cfg.keyframe_interval_s,
+        "discovery_schedule": cfg.discovery,
         # Lite sees only each object's K frames: the others stop at the tracker.
         "ship_frames": "shown" if cfg.mode == "lite" else "all", "object_frames": cfg.object_frames,
     }

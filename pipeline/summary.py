@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from actors.busy import ACTOR_PREFIX, BUSY_PREFIX, END_PREFIX, PHASE_PREFIX, START_PREFIX
+from actors.busy import ACTOR_PREFIX, BUSY_PREFIX, COUNT_PREFIX, END_PREFIX, PHASE_PREFIX, START_PREFIX
 
 
 @dataclasses.dataclass
@@ -47,6 +47,8 @@ class RunSummary:
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     #: CPU seconds of the driver process over the run (its share of a node that also runs workers).
     driver_cpu_s: float = 0.0
+    #: Events per `<stage>_<name>` summed over rows (`tracker_discovery_calls`, `tracker_keyframes_skipped`).
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add_phase(self, name: str, seconds: float) -> None:
         self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
@@ -93,6 +95,10 @@ class RunSummary:
             f"  objects {self.objects}, captions {self.captions}, answers {self.answers}, "
             f"frames {self.frames} ({rate:.1f} frames/s)",
         ]
+        calls, skipped = self.counts.get("tracker_discovery_calls", 0), self.counts.get("tracker_keyframes_skipped", 0)
+        if calls or skipped:
+            out.append(f"  discovery: SAM 2 mask generation on {calls} keyframes, {skipped} keyframes skipped "
+                       "with nothing new (--discovery)")
         if self.thinned:
             shown = ", ".join(f"{uri} ({fps:.3g} frames/s)" for uri, fps in self.thinned[:5])
             more = f" and {len(self.thinned) - 5} more" if len(self.thinned) > 5 else ""
@@ -116,6 +122,9 @@ def count_busy(row: Mapping[str, Any], summary: RunSummary, actors: dict[str, se
             seconds = float(value) if value is not None else 0.0
             if np.isfinite(seconds):
                 summary.add_phase(key[len(PHASE_PREFIX):], seconds)
+        elif key.startswith(COUNT_PREFIX):
+            name = key[len(COUNT_PREFIX):]
+            summary.counts[name] = summary.counts.get(name, 0) + int(value or 0)
         elif key.startswith(BUSY_PREFIX):
             stage = key[len(BUSY_PREFIX):]
             seconds = float(value) if value is not None else 0.0

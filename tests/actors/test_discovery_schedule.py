@@ -8,6 +8,7 @@ weights give every object the same half-frame mask, which would make "what is co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -229,3 +230,50 @@ def test_every_is_the_default_and_keeps_todays_calls(nothing_new_video):
     assert tracker.discovery_schedule.policy == "every"
     assert counting.frames == keyframe_indices(v.timestamps, INTERVAL_S) == [0, 5, 10, 15, 20]
     assert tracker.last_stats["discovery_calls"] == 5
+
+
+def test_the_index_job_s_knob_reaches_the_tracker_stage_and_its_counts_reach_the_summary(entrant_video, oracle):
+    """`--discovery` (IndexConfig.discovery, "changed" by default) -> tracker_kwargs -> TrackerStage; the
+    stage's per-row counts are what the run summary adds up."""
+    from actors.tracker import TrackerStage
+    from pipeline.config import IndexConfig
+    from pipeline.graph import tracker_kwargs
+    from pipeline.summary import RunSummary, count_busy
+
+    v = entrant_video
+    oracle(v)
+    frames = np.empty(2, dtype=object)
+    frames[:] = [v.frames, v.frames]
+    times = np.empty(2, dtype=object)
+    times[:] = [v.timestamps, v.timestamps]
+    batch = {"video_id": np.array(["a", "b"]), "frames": frames, "timestamps": times,
+             "error": np.array([None, None], dtype=object)}
+    summaries = {}
+    for policy in ("changed", "every"):
+        cfg = IndexConfig(source="s", output="o", keyframe_interval_s=INTERVAL_S,
+                          **({} if policy == "changed" else {"discovery": policy}))
+        counting = Counting(v)
+        out = TrackerStage(**{**tracker_kwargs(cfg), "ship_frames": "all"}, discover=counting)(dict(batch))
+        assert starts(json.loads(out["tracks_json"][0])) == [0, 0, 12]  # found at 15, followed back to 12
+        summaries[policy] = RunSummary(run_id=policy)
+        for i in range(2):
+            count_busy({k: col[i] for k, col in out.items()}, summaries[policy], {})
+    assert summaries["changed"].counts == {"tracker_discovery_calls": 4, "tracker_keyframes_skipped": 6}
+    assert summaries["every"].counts == {"tracker_discovery_calls": 10, "tracker_keyframes_skipped": 0}
+    assert "SAM 2 mask generation on 4 keyframes, 6 keyframes skipped" in "\n".join(summaries["changed"].lines())
+
+
+def test_the_cli_takes_the_policy_and_refuses_others():
+    from jobs.cli import build_parser
+    from jobs.index import config_from_args
+    from pipeline.config import IndexConfig
+
+    for command in ("index", "nightly"):
+        assert config_from_args(build_parser().parse_args([command, "in", "out"])).discovery == "changed"
+        args = build_parser().parse_args([command, "in", "out", "--discovery", "every"])
+        assert config_from_args(args).discovery == "every"
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([command, "in", "out", "--discovery", "sometimes"])
+        assert exit_.value.code == 2
+    with pytest.raises(ValueError, match="--discovery"):
+        IndexConfig(source="s", output="o", discovery="sometimes")

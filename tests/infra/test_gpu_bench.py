@@ -25,6 +25,9 @@ FIGURES = [
     "full_over_lite_caption_time",
     "video_hours_per_gpu_hour", "busy_share_decode", "busy_share_tracker", "busy_share_referrer",
     "loop_video_s", "loop_clips", "loop_captions",
+    *(f"discovery_{size}_{key}" for size in ("tiny", "large")
+      for key in ("s_per_keyframe", "s_per_keyframe_coarse", "s_per_video_hour_every")),
+    "discovery_check_s_per_keyframe",
 ]
 #: Figures that are 0 on CPU (nothing to measure) but must still be numbers.
 MAY_BE_ZERO = re.compile(r".*(peak_gpu_mib|params_b|busy_share_decode)$")
