@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.export.selection import ExportError
 from pipeline.export.target import Target
