@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from pipeline.clips import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS
+from pipeline.reid import DEFAULT_THRESHOLD
 from pipeline.sizing import REFERRER_ROWS_PER_BATCH, Cluster, StageResources, check_placement, size_stages
 
 __all__ = ["DEFAULT_CLIP_SECONDS", "MAX_CLIP_SECONDS", "IndexConfig"]
@@ -68,6 +69,13 @@ class IndexConfig:
     #: Sentence embedder of the captions and answers (`models.embedders`): "wordllama", a
     #: transformers model folder or hub id, or "none" (no `embeddings` rows; `pixelrefer embed` adds them later).
     embedder: str = "wordllama"
+    #: Join the tracks of one object across shot cuts and re-entries by appearance (`pipeline.reid`)
+    #: and keep each clip's vector (`tracklets`); False: objects are the IoU-linked tracks, as before.
+    reid: bool = True
+    #: The cosine that merges two tracks (`pipeline.reid.DEFAULT_THRESHOLD`, where its reason is).
+    #: Not on the command line: it belongs to the weights; tests with random tiny weights raise it
+    #: to tell identical pixels from different ones.
+    reid_threshold: float = DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.mode not in ("lite", "full"):
@@ -98,6 +106,8 @@ class IndexConfig:
                 "names): add --tracker tiny-sam3, facebook/sam3 or a SAM 3 checkpoint folder")
         if not self.embedder.strip():
             raise ValueError("--embedder is empty: give 'wordllama', a model folder or hub id, or 'none'")
+        if not (-1.0 <= self.reid_threshold <= 1.0):
+            raise ValueError(f"reid_threshold is a cosine, in [-1, 1]; got {self.reid_threshold}")
         if not (0 < self.commit_every_min <= 24 * 60):
             raise ValueError(f"--commit-every must be in (0, 1440] minutes, got {self.commit_every_min:g}")
 
