@@ -70,14 +70,14 @@ def mean_vector(vectors: Sequence[np.ndarray], weights: Sequence[float] | None =
     return unit((stacked * w[:, None]).sum(axis=0))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Object:
     track_ids: list[int]
     frames: set[int]
-    vectors: list[np.ndarray]
-    weights: list[float]
     label: str | None
     prompt_id: int | None
+    total: np.ndarray | None = None  # the frame-weighted sum of its tracks' vectors
+    row: int | None = None  # its row of `_Gallery.means` once it has a vector
 
     def accepts(self, track: Track) -> bool:
         if self.frames & track.frames:
@@ -87,39 +87,68 @@ class _Object:
         return not (self.prompt_id is not None and track.prompt_id is not None and self.prompt_id != track.prompt_id)
 
 
+class _Gallery:
+    """The objects so far and their mean vectors as rows of one matrix, so a track is scored against
+    all of them in one product (a 2-hour video with a cut every few seconds has thousands of tracks)."""
+
+    def __init__(self) -> None:
+        self.objects: list[_Object] = []
+        self.means = np.zeros((0, 0), dtype=np.float32)
+        self.scored: list[_Object] = []  # row -> its object
+
+    def ranked(self, vector: np.ndarray) -> list[tuple[float, _Object]]:
+        if not self.scored:
+            return []
+        scores = self.means[: len(self.scored)] @ vector
+        order = np.argsort(-scores, kind="stable")  # ties: the earlier object
+        return [(float(scores[r]), self.scored[r]) for r in order]
+
+    def add(self, obj: _Object, track: Track) -> None:
+        if not obj.track_ids:
+            self.objects.append(obj)
+        obj.track_ids.append(track.track_id)
+        obj.frames |= track.frames
+        obj.label = obj.label or track.label
+        obj.prompt_id = obj.prompt_id if obj.prompt_id is not None else track.prompt_id
+        if track.vector is None:
+            return
+        weighted = track.vector * float(max(len(track.frames), 1))
+        first = obj.total is None
+        obj.total = weighted if first else obj.total + weighted
+        mean = unit(obj.total)
+        if first:
+            if len(self.scored) == self.means.shape[0]:
+                grown = np.zeros((max(16, 2 * len(self.scored)), track.vector.shape[0]), dtype=np.float32)
+                if self.scored:
+                    grown[: len(self.scored)] = self.means[: len(self.scored)]
+                self.means = grown
+            obj.row = len(self.scored)
+            self.scored.append(obj)
+        self.means[obj.row] = mean if mean is not None else 0.0
+
+
 def reidentify(tracks: Sequence[Track], threshold: float = DEFAULT_THRESHOLD) -> dict[int, Merge]:
     """track_id -> its object's id and merge score, for every track (see the module docstring).
 
     Deterministic: tracks are taken by first frame, then id; ties between objects go to the earlier.
     """
     order = sorted(tracks, key=lambda t: (min(t.frames, default=-1), t.track_id))
-    objects: list[_Object] = []
+    gallery = _Gallery()
     out: dict[int, Merge] = {}
     for track in order:
         best, best_score = None, None
         if track.vector is not None:
-            for obj in objects:
-                if not obj.vectors or not obj.accepts(track):
-                    continue
-                mean = mean_vector(obj.vectors, obj.weights)
-                if mean is None:
-                    continue
-                score = float(np.dot(mean, track.vector))
-                if score >= threshold and (best_score is None or score > best_score):
+            for score, obj in gallery.ranked(track.vector):
+                if score < threshold:
+                    break
+                if obj.accepts(track):
                     best, best_score = obj, score
+                    break
         if best is None:
-            best = _Object([], set(), [], [], track.label, track.prompt_id)
-            objects.append(best)
-            best_score = None
-        best.track_ids.append(track.track_id)
-        best.frames |= track.frames
-        if track.vector is not None:
-            best.vectors.append(track.vector)
-            best.weights.append(float(max(len(track.frames), 1)))
-        best.label = best.label or track.label
-        best.prompt_id = best.prompt_id if best.prompt_id is not None else track.prompt_id
+            best = _Object([], set(), track.label, track.prompt_id)
+        gallery.add(best, track)
         out[track.track_id] = Merge(best.track_ids[0], best_score)
-    for obj in objects:  # a prompted object keeps the user's id wherever in it the prompt came
+    for obj in gallery.objects:  # a prompted object keeps the user's id wherever in it the prompt came
         if obj.prompt_id is not None:
             for tid in obj.track_ids:
                 out[tid] = Merge(obj.prompt_id, out[tid].score)

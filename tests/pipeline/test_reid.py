@@ -69,6 +69,14 @@ def test_the_best_earlier_object_wins_and_the_result_is_deterministic():
     assert reidentify(list(reversed(tracks))) == merges
 
 
+def test_many_tracks_of_a_few_objects_come_back_as_those_objects():
+    """A cut every few frames (the gallery grows past its first allocation): 3 looks, 60 tracks."""
+    looks = [PERSON, OTHER, unit(np.random.default_rng(11).normal(size=DIM))]
+    tracks = [t(i, range(3 * i, 3 * i + 3), near(looks[i % 3], 0.05, seed=i)) for i in range(60)]
+    merges = reidentify(tracks)
+    assert {i: merges[i].object_id for i in range(60)} == {i: i % 3 for i in range(60)}
+
+
 # -- through assemble: a person leaves the frame and comes back, scripted masks ---------------------
 
 def frame(shape: int, frame_index: int, t: float) -> dict:
