@@ -246,6 +246,20 @@ def _kmeans_loop(
     return centroids
 
 
+def masked_mean(feat: torch.Tensor, mask_grid: np.ndarray) -> torch.Tensor:
+    """Mean (C,) float32 of features (gh, gw, C) over the cells where the mask grid is > 0, the
+    features resized bilinearly to the grid first when smart_resize changed the crop (as
+    `RegionEncoder.masked_tokens`). A weighted sum rather than gathering the cells: gathering from
+    the permuted features cost ~45 ms a mask at width 1152 on CPU, this ~1.7 ms (same values)."""
+    x = feat.float()
+    grid = torch.from_numpy(np.ascontiguousarray(mask_grid)).to(device=x.device)
+    if tuple(x.shape[:2]) != tuple(grid.shape):
+        x = F.interpolate(x.permute(2, 0, 1).unsqueeze(0), size=tuple(grid.shape), mode="bilinear",
+                          align_corners=False)[0].permute(1, 2, 0)
+    inside = (grid > 0).to(x.dtype)
+    return torch.einsum("hwc,hw->c", x, inside) / inside.sum().clamp(min=1.0)
+
+
 class RegionEncoder(nn.Module):
     """Upstream's ``MaskExtractor``: SAOT pooling (+ Lite's OCI) and ``feat_linear``.
 
@@ -567,7 +581,6 @@ class PixelReferModel(nn.Module):
         is what the region tokens are pooled from, so re-identification costs no extra tower call.
         A crop shared by several sequences is averaged once.
         """
-        enc = self.region_encoder
         done: dict[Hashable, torch.Tensor] = {}
         out = []
         for seq, feats, keys in zip(sequences, crop_feats, region_keys):
@@ -575,10 +588,7 @@ class PixelReferModel(nn.Module):
             for region, feat, key in zip(seq.regions, feats, keys):
                 vec = done.get(key[0])
                 if vec is None:
-                    grid = torch.from_numpy(np.ascontiguousarray(region.crop.mask_grid)).float()
-                    tokens = enc.masked_tokens(feat.float(), grid).float()
-                    vec = tokens.mean(dim=0) if tokens.shape[0] else torch.zeros(feat.shape[-1], device=feat.device)
-                    done[key[0]] = vec
+                    vec = done[key[0]] = masked_mean(feat, region.crop.mask_grid)
                 rows.append(vec)
             width = feats[0].shape[-1] if len(feats) else self.config.vision.hidden_size
             out.append(torch.stack(rows).cpu() if rows else torch.zeros(0, width))
