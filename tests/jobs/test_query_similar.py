@@ -104,3 +104,22 @@ def test_video_and_report_show_a_merged_object_as_one_with_its_tracks(similar_in
     page = tmp_path / "b.html"
     assert report.main([similar_index["output"], "--video", ids["b"], "--out", str(page)]) == 0
     assert "tracks 2 (clip 0) + 5 (clip 1, cosine 0.930)" in page.read_text()
+
+
+def test_the_threshold_bench_reports_same_and_different_identity_cosines(similar_index, tmp_path):
+    """`bench.reid pairs`, the script that re-checks the threshold on real weights, on made-up vectors."""
+    from bench.reid import pairs
+
+    ids = similar_index["ids"]
+    labels = tmp_path / "labels.csv"
+    lines = ["video_id,clip_index,track_id,identity"]
+    for (name, obj), look in WHO.items():
+        for clip in (0, 1):
+            track = 5 if (name, obj, clip) == ("b", 2, 1) else obj
+            lines.append(f"{ids[name]},{clip},{track},{look}")
+    labels.write_text("\n".join(lines) + "\n")
+    result = pairs(similar_index["output"], str(labels))
+    assert result["tracklets"] == 10 and result["identities"] == 4
+    assert result["same_cosine"]["p1"] > 0.99 > result["different_cosine"]["p99"]
+    by_threshold = {row["threshold"]: row for row in result["thresholds"]}
+    assert by_threshold[0.95] == {"threshold": 0.95, "same_merged": 1.0, "different_merged": 0.0}
