@@ -86,7 +86,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="RUN_ID", default=None, help="--video: show this run, not the latest")
     parser.add_argument("--label", metavar="L", default=None,
                         help="objects labelled L (a --find concept or PixelRefer's category), with their videos and "
-                             "spans; with --like, only objects labelled L")
+                             "spans; with --like or --similar-to, only objects labelled L")
     add_like_arguments(parser)
     add_similar_arguments(parser)
 
