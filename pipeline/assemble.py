@@ -96,8 +96,9 @@ def appearance(column: Any) -> dict[int, np.ndarray]:
             vector = decode_vector(entry["vector"])
         except (KeyError, TypeError, ValueError):
             continue
-        if vector.shape[0] == int(entry.get("dim", -1)) and unit(vector) is not None:
-            out[int(entry["object_id"])] = unit(vector)
+        vector = unit(vector) if vector.shape[0] == int(entry.get("dim", -1)) else None
+        if vector is not None:
+            out[int(entry["object_id"])] = vector
     return out
 
 

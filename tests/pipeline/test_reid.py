@@ -163,3 +163,16 @@ def test_concept_labels_follow_the_merged_object(labels, merged):
             _clip(1, [2.0, 3.0], {0: (0, [0, 1])}, {0: PERSON}, "end", 2, labels)]
     done = _assemble(rows)
     assert len(done.tables["objects"]) == (1 if merged else 2)
+
+
+def test_a_bad_appearance_entry_leaves_its_object_unmerged_and_the_video_ok():
+    rows = _reentry_rows()
+    rows[0]["appearance_json"] = json.dumps([
+        {"object_id": 1, "dim": DIM, "vector": encode_vector(PERSON)},
+        {"object_id": 3, "dim": DIM + 1, "vector": encode_vector(PERSON)},  # width disagrees with dim
+        {"object_id": 2, "dim": DIM, "vector": "not base64!"},
+    ])
+    done = _assemble(rows)
+    assert done.ok and sorted(o["object_id"] for o in done.tables["objects"]) == [0, 1, 2]
+    assert [r["vector"] is None for r in sorted(done.tables["tracklets"], key=lambda r: r["track_id"])] == [False, True, True]
+    to_table("tracklets", done.tables["tracklets"])
