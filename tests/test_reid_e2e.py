@@ -2,8 +2,8 @@
 real tiny models on local Ray, and `query --similar-to` over it and a second video of shot A alone.
 
 What random tiny weights can show: the tower is random, so every region looks alike to it (cosines
-of 0.95 between different shapes), and the shipped threshold (`pipeline.reid.DEFAULT_THRESHOLD`,
-set for real weights) would merge anything. The run therefore asks for a threshold near 1, and
+of 0.95 between different shapes), and the threshold for real weights (`pipeline.reid.DEFAULT_THRESHOLD`)
+would merge anything. Tiny runs therefore merge at `TINY_THRESHOLD` (near 1: the same pixels), and
 shots 1 and 3 are encoded losslessly from the same frames: the third shot's objects then have the
 first's pixels, masks and vectors, while B's have other pixels. So this checks the plumbing (vectors
 pooled by the referrer, carried to the driver, merged across two cuts, B left alone, stored, ranked)
@@ -21,6 +21,7 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import IndexConfig
+from pipeline.reid import TINY_THRESHOLD
 from pipeline.run import run_index
 from pipeline.samples import DEFAULT_SHAPES, Shape, make_video
 from pipeline.store.commit import read_visible
@@ -50,7 +51,8 @@ def aba(tmp_path_factory, ray_local) -> dict:
     _lossless([a.path], root / "videos" / "a.mp4")
     output = root / "index"
     cfg = IndexConfig(source=str(root / "videos"), output=str(output), fps=2.0, max_objects=2, max_new_tokens=2,
-                      object_frames=2, embedder="none", reid_threshold=0.999)
+                      object_frames=2, embedder="none")
+    assert cfg.reid_threshold == TINY_THRESHOLD
     with contextlib.redirect_stderr(io.StringIO()):
         summary = run_index(cfg)
     def rows(table: str) -> list[dict]:
@@ -77,7 +79,7 @@ def test_the_third_shot_gets_the_first_shots_ids_and_b_its_own(aba):
     for row in aba["tracklets"]:
         assert row["dim"] == len(row["vector"]) > 0
         if _shot(row) == 2:  # merged into shot 1's object: its own track id, the score that merged it
-            assert row["track_id"] != row["object_id"] and row["reid_score"] >= 0.999
+            assert row["track_id"] != row["object_id"] and row["reid_score"] >= TINY_THRESHOLD
         else:
             assert row["track_id"] == row["object_id"] and row["reid_score"] is None
     assert {o["object_id"] for o in aba["objects"]} == by_shot[0] | by_shot[1]
