@@ -102,7 +102,8 @@ def _synthetic_video(dim: int, hours: float = 1.0, objects: int = 8, clip_s: int
                    for k in range(objects)]
         video.add({
             "clip_index": c, "num_owned": clip_s, "timestamps": times_to_column(times), "error": "", "note": "",
-            "clip_json": json.dumps({"ts_start": times[0], "ts_end": times[-1] + 1, "boundary": "shot", "shared": False}),
+            "clip_json": json.dumps({"ts_start": times[0], "ts_end": times[-1] + 1, "boundary": "shot",
+                                     "shared": False}),
             "tracks_json": json.dumps(tracks), "qa_json": "[]", "appearance_json": json.dumps(vectors),
             "captions_json": json.dumps([{"object_id": k, "caption": "x", "ts_start": times[0], "ts_end": times[-1],
                                           "num_tokens": 1} for k in range(objects)]),
@@ -150,7 +151,8 @@ def storage_cost(dim: int, tracklets_per_object: float = 1.0, sample_objects: in
         "video_id": pa.array([f"v{i // 8}" for i in range(n)]), "clip_index": pa.array(np.zeros(n, np.int32)),
         "track_id": pa.array(np.arange(n, dtype=np.int32) % 8), "object_id": pa.array(np.arange(n, dtype=np.int32) % 8),
         "reid_score": pa.nulls(n, pa.float32()), "first_ts": pa.array(np.zeros(n)), "last_ts": pa.array(np.ones(n)),
-        "num_frames": pa.array(np.full(n, 15, np.int32)), "model": pa.array(["m"] * n), "dim": pa.array(np.full(n, dim, np.int32)),
+        "num_frames": pa.array(np.full(n, 15, np.int32)), "model": pa.array(["m"] * n),
+        "dim": pa.array(np.full(n, dim, np.int32)),
         "vector": pa.array(list(vectors), type=pa.list_(pa.float32())), "run_id": pa.array(["r"] * n),
     }))
     with tempfile.TemporaryDirectory() as folder:
@@ -161,7 +163,8 @@ def storage_cost(dim: int, tracklets_per_object: float = 1.0, sample_objects: in
         query = vectors[0].tolist()
         started = time.perf_counter()
         con.execute(f"SELECT video_id, object_id, max(array_cosine_similarity(CAST(vector AS FLOAT[{dim}]), "
-                    f"CAST($q AS FLOAT[{dim}]))) AS s FROM read_parquet('{path}') GROUP BY ALL ORDER BY s DESC LIMIT 10",
+                    f"CAST($q AS FLOAT[{dim}]))) AS s FROM read_parquet('{path}') GROUP BY ALL "
+                    "ORDER BY s DESC LIMIT 10",
                     {"q": query}).fetchall()
         ranked_s = time.perf_counter() - started
     per_million = 1_000_000 / sample_objects
@@ -200,7 +203,8 @@ def pairs(output: str, labels_csv: str, storage_options: dict[str, Any] | None =
 
     table = [{"threshold": t, "same_merged": float(np.mean(np.array(same) >= t)) if same else None,
               "different_merged": float(np.mean(np.array(diff) >= t)) if diff else None} for t in CANDIDATE_THRESHOLDS]
-    return {"tracklets": len(picked), "identities": len(set(ids)), "same_pairs": len(same), "different_pairs": len(diff),
+    return {"tracklets": len(picked), "identities": len(set(ids)), "same_pairs": len(same),
+            "different_pairs": len(diff),
             "same_cosine": spread(same), "different_cosine": spread(diff), "thresholds": table}
 
 
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         result = pairs(args.output, args.labels)
     else:
         result = {"referrer": referrer_cost(args.model, args.clips, args.objects, args.frames),
-                  "driver": driver_cost(args.dim), "storage": storage_cost(args.dim, sample_objects=args.similar_objects)}
+                  "driver": driver_cost(args.dim),
+                  "storage": storage_cost(args.dim, sample_objects=args.similar_objects)}
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

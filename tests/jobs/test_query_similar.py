@@ -9,8 +9,6 @@ look alike, and object 2 of "b" is re-identified from two tracks. Real vectors c
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -41,7 +39,8 @@ def similar_index(tmp_path_factory, sample_videos) -> dict:
             vector = (LOOKS[look] + noise).astype(np.float32)
             merged = (name, obj, clip) == ("b", 2, 1)  # b's object 2 came back in clip 1 as track 5
             rows.append({"video_id": video_id_for(uris[name]), "clip_index": clip, "track_id": 5 if merged else obj,
-                         "object_id": obj, "reid_score": 0.93 if merged else None, "first_ts": float(clip), "last_ts": clip + 0.8, "num_frames": 5,
+                         "object_id": obj, "reid_score": 0.93 if merged else None, "first_ts": float(clip),
+                         "last_ts": clip + 0.8, "num_frames": 5,
                          "model": "tiny-lite", "dim": DIM, "vector": (vector / np.linalg.norm(vector)).tolist(),
                          "run_id": run})
     store = TableStore(output)

@@ -59,7 +59,8 @@ def test_concept_labels_and_prompts_are_never_crossed():
 def test_below_the_threshold_or_without_a_vector_a_track_starts_its_own_object():
     merges = reidentify([t(0, range(0, 3), PERSON), t(1, range(5, 8), OTHER), t(2, range(9, 12), None)])
     assert [merges[i].object_id for i in range(3)] == [0, 1, 2]
-    assert reidentify([t(0, range(0, 3), PERSON), t(1, range(5, 8), near(PERSON, 0.3))], threshold=0.999)[1].object_id == 1
+    far = [t(0, range(0, 3), PERSON), t(1, range(5, 8), near(PERSON, 0.3))]
+    assert reidentify(far, threshold=0.999)[1].object_id == 1
 
 
 def test_the_best_earlier_object_wins_and_the_result_is_deterministic():
@@ -104,7 +105,8 @@ def _clip(index: int, times: list[float], tracks: dict[int, tuple[int, list[int]
         "tracks_json": json.dumps(records), "qa_json": "[]",
         "captions_json": json.dumps([{"object_id": local, "caption": f"c{index}.{local}", "ts_start": times[0],
                                       "ts_end": times[-1], "num_tokens": 2, "category": "person"} for local in tracks]),
-        "appearance_json": json.dumps([{"object_id": k, "dim": DIM, "vector": encode_vector(v)} for k, v in looks.items()]),
+        "appearance_json": json.dumps([{"object_id": k, "dim": DIM, "vector": encode_vector(v)}
+                                       for k, v in looks.items()]),
     }
 
 
@@ -174,5 +176,6 @@ def test_a_bad_appearance_entry_leaves_its_object_unmerged_and_the_video_ok():
     ])
     done = _assemble(rows)
     assert done.ok and sorted(o["object_id"] for o in done.tables["objects"]) == [0, 1, 2]
-    assert [r["vector"] is None for r in sorted(done.tables["tracklets"], key=lambda r: r["track_id"])] == [False, True, True]
+    tracklets = sorted(done.tables["tracklets"], key=lambda r: r["track_id"])
+    assert [r["vector"] is None for r in tracklets] == [False, True, True]
     to_table("tracklets", done.tables["tracklets"])
