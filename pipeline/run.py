@@ -104,6 +104,7 @@ class _Run:
                                           model=self.cfg.model_label)
                 pending.assembled.tables["captions"] += captions
                 self._ready(pending.assembled)
+                self._report(force=True)  # one line per finished video, also when it waited for these
             return
         video = self.assemblies.get(video_id)
         if video is None:
