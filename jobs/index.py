@@ -72,6 +72,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedder", default="wordllama", metavar="E|none",
                         help="sentence embedder of captions and answers for `query --like`: wordllama (default, "
                              "ships in its wheel), a transformers model folder or hub id, or none")
+    parser.add_argument("--reid", choices=("on", "off"), default="on",
+                        help="on (default): one object keeps one id across shot cuts and re-entries, merged by "
+                             "appearance (tracklets table; `query --similar-to`); off: ids only as IoU linking gives them")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
 
 
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         max_attempts=args.max_attempts, command=getattr(args, "command_name", "index"),
         clip_seconds=args.clip_seconds, cuts=args.cuts, commit_every_min=args.commit_every,
         max_gpus=getattr(args, "max_gpus", None), clips_per_call=getattr(args, "clips_per_call", 16),
-        embedder=getattr(args, "embedder", "wordllama"), find=find,
+        embedder=getattr(args, "embedder", "wordllama"), find=find, reid=getattr(args, "reid", "on") == "on",
         discovery=getattr(args, "discovery", "changed"),
     )
 

@@ -4,7 +4,7 @@ The work lives in modules this command imports (they never import it):
 `jobs.query_sql` (the read-only DuckDB sandbox, `open_index` for notebooks), `jobs.query_views`
 (the views over the Delta tables, with the commit rule),
 `jobs.query_search` (BM25 text search in SQL), `jobs.query_like` (`--like`: embeddings fused with
-BM25), `jobs.query_video` (`--video`'s result),
+BM25), `jobs.query_similar` (`--similar-to`: objects by appearance), `jobs.query_video` (`--video`'s result),
 `jobs.query_formats` (table, json, jsonl, csv) and `jobs.query_errors` (exit codes).
 
 Exit codes: 0 success; 1 data problems (no committed run, unknown video, unreadable OUTPUT or
@@ -26,6 +26,7 @@ from jobs.query_errors import EXIT_ERROR, EXIT_OK, QueryError, UsageError, trans
 from jobs.query_formats import FORMATS, WRITERS, write_video
 from jobs.query_like import add_like_arguments, check_like_arguments, search_like
 from jobs.query_search import DEFAULT_SEARCH_LIMIT
+from jobs.query_similar import add_similar_arguments, search_similar
 from jobs.query_sql import open_index, parse_storage_options
 
 
@@ -65,7 +66,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--sql",
         metavar="SQL",
-        help="read-only SQL over videos, clips, objects, masks, captions, qa, runs, embeddings "
+        help="read-only SQL over videos, clips, objects, masks, captions, qa, runs, embeddings, tracklets "
         "(and latest_videos: latest ok run per video)",
     )
     mode.add_argument(
@@ -85,8 +86,9 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="RUN_ID", default=None, help="--video: show this run, not the latest")
     parser.add_argument("--label", metavar="L", default=None,
                         help="objects labelled L (a --find concept or PixelRefer's category), with their videos and "
-                             "spans; with --like, only objects labelled L")
+                             "spans; with --like or --similar-to, only objects labelled L")
     add_like_arguments(parser)
+    add_similar_arguments(parser)
 
 
 def query_main(args: argparse.Namespace) -> int:
@@ -97,7 +99,12 @@ def query_main(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> None:
     storage_options = parse_storage_options(args.storage_options)
     check_like_arguments(args)
-    if args.label is not None and args.like is None and any(v is not None for v in (args.sql, args.video, args.text)):
+    similar = getattr(args, "similar_to", None)
+    if similar is not None and any(v is not None for v in (args.like, args.sql, args.video, args.text)):
+        raise UsageError("--similar-to is a search of its own: it does not combine with --like, --sql, --video or "
+                         "--text (--top and --label narrow it)")
+    if (args.label is not None and args.like is None and similar is None
+            and any(v is not None for v in (args.sql, args.video, args.text))):
         raise UsageError("--label lists objects on its own, or narrows --like; it does not combine with "
                          "--sql, --video or --text")
     out = sys.stdout
@@ -105,7 +112,9 @@ def _query(args: argparse.Namespace) -> None:
         for note in index.notes:
             print(note, file=sys.stderr)
         writer = WRITERS[args.format]
-        if args.like is not None:
+        if similar is not None:
+            writer(search_similar(index, similar, args.top, label=args.label), out)
+        elif args.like is not None:
             writer(search_like(index, args.like, args.top, video=args.video, label=args.label,
                                embedder=args.embedder, exact=args.exact,
                                note=lambda line: print(line, file=sys.stderr)), out)

@@ -17,7 +17,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 # What a user query may read; named in the messages of refused and unknown-table errors.
-USER_VIEWS = ("videos", "clips", "objects", "masks", "captions", "qa", "runs", "embeddings", "latest_videos")
+USER_VIEWS = ("videos", "clips", "objects", "masks", "captions", "qa", "runs", "embeddings", "tracklets",
+              "latest_videos")
 
 
 class QueryError(Exception):

@@ -74,7 +74,7 @@ def add_like_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--like", metavar="WORDS",
                         help="objects whose captions or answers mean WORDS, best first (embeddings fused with BM25); "
                              "--video narrows it to one video")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K", help=f"--like: results (default {DEFAULT_TOP})")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K", help=f"--like, --similar-to: results (default {DEFAULT_TOP})")
     parser.add_argument("--exact", action="store_true",
                         help="--like: rank every stored vector instead of using the search index (slow at scale)")
     parser.add_argument("--embedder", metavar="E", default=None,

@@ -19,7 +19,8 @@ SELECT clip_index, ts_start, ts_end, boundary, num_sampled, status, error
 FROM clips WHERE run_id = $run AND video_id = $vid ORDER BY clip_index
 """
 
-# Presence spans, as gaps and islands: number the union of the video's sampled times and the
+# `tracklets`: the object's per-clip tracks as re-identification merged them (null: an index without
+# the table, or --reid off). Presence spans, as gaps and islands: number the union of the video's sampled times and the
 # object's mask times; an object's consecutive numbers form one span, so a sampled frame where it
 # has no mask ends the span. Times are compared at microsecond precision (they are the same
 # decoder timestamps in both tables, but written by different stages).
@@ -47,10 +48,17 @@ spans AS (
 in_clips AS (
     SELECT object_id, list_sort(list(DISTINCT clip_index)) AS clips FROM m
     WHERE clip_index IS NOT NULL GROUP BY object_id
+),
+tracks AS (
+    SELECT object_id, list({'clip_index': clip_index, 'track_id': track_id, 'reid_score': reid_score,
+                            'first_ts': first_ts, 'last_ts': last_ts} ORDER BY clip_index, track_id) AS tracklets
+    FROM tracklets WHERE run_id = $run AND video_id = $vid GROUP BY object_id
 )
 SELECT o.object_id, o.source, o.label, o.first_ts, o.last_ts, o.num_frames,
-       coalesce(c.clips, CAST([] AS INTEGER[])) AS clips, coalesce(s.spans, CAST([] AS DOUBLE[][])) AS spans
+       coalesce(c.clips, CAST([] AS INTEGER[])) AS clips, coalesce(s.spans, CAST([] AS DOUBLE[][])) AS spans,
+       t.tracklets
 FROM objects o LEFT JOIN spans s USING (object_id) LEFT JOIN in_clips c USING (object_id)
+LEFT JOIN tracks t USING (object_id)
 WHERE o.run_id = $run AND o.video_id = $vid
 ORDER BY o.object_id
 """
@@ -94,6 +102,24 @@ TIMELINE_SCHEMA = pa.schema(
 )
 
 
+def merged_from(tracklets: list[dict[str, Any]] | None) -> str | None:
+    """How re-identification made an object of several tracks, for people: "tracks 0 (clips 0-1) +
+    4 (clip 3, cosine 0.912)"; None when it is one track (nothing was merged)."""
+    tracks: dict[int, dict[str, Any]] = {}
+    for t in tracklets or []:
+        entry = tracks.setdefault(int(t["track_id"]), {"clips": [], "score": t["reid_score"]})
+        entry["clips"].append(int(t["clip_index"]))
+    if len(tracks) < 2:
+        return None
+    parts = []
+    for tid, entry in sorted(tracks.items(), key=lambda kv: (min(kv[1]["clips"]), kv[0])):
+        clips = entry["clips"]
+        where = f"clip {clips[0]}" if len(clips) == 1 else f"clips {min(clips)}-{max(clips)}"
+        score = f", cosine {entry['score']:.3f}" if entry["score"] is not None else ""
+        parts.append(f"{tid} ({where}{score})")
+    return "tracks " + " + ".join(parts)
+
+
 @dataclasses.dataclass
 class VideoResult:
     """Everything about one video in one run (masks stay in the index: the report fetches a few)."""
@@ -116,7 +142,8 @@ class VideoResult:
     def object_summaries(self) -> list[dict[str, Any]]:
         """Objects with their whole-track caption (if seen in several clips), as plain dicts."""
         track = {c["object_id"]: c["caption"] for c in self.captions.to_pylist() if c["clip_index"] is None}
-        return [{**obj, "track_caption": track.get(obj["object_id"])} for obj in self.objects.to_pylist()]
+        return [{**obj, "track_caption": track.get(obj["object_id"]), "merged_from": merged_from(obj.get("tracklets"))}
+                for obj in self.objects.to_pylist()]
 
     def clip_timeline(self) -> list[dict[str, Any]]:
         """Each clip with the objects seen in it, their captions and the answers asked about it.
@@ -175,6 +202,9 @@ class VideoResult:
             spans = "; ".join(f"{a:g}-{b:g}" for a, b in obj["spans"])
             label = f"{obj['label']} " if obj["label"] else ""
             text = f"{label}{obj['source'] or ''} object, {obj['num_frames']} frames, present {spans}".strip()
+            merged = merged_from(obj.get("tracklets"))
+            if merged:
+                text += f"; re-identified from {merged}"
             rows.append({**base, "section": "object", "clip_index": None, "object_ids": str(obj["object_id"]),
                          "ts_start": obj["first_ts"], "ts_end": obj["last_ts"], "text": text})  # fmt: skip
         for cap in self.captions.to_pylist():

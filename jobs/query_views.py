@@ -82,7 +82,7 @@ def table_views(source: ViewSource, model: str | None = None) -> list[str]:
         "WHERE EXISTS (SELECT 1 FROM runs c WHERE c.run_id = v.run_id "
         f"AND c.commit_index = coalesce(v.commit_index, 0)){by_model}"
     )
-    for name in ("clips", "objects", "masks", "captions", "qa"):
+    for name in ("clips", "objects", "masks", "captions", "qa", "tracklets"):
         views.append(
             f'CREATE VIEW {name} AS SELECT {columns(name, "t")} FROM {_scan(name, source.files[name])} t '
             "SEMI JOIN videos v ON t.video_id = v.video_id AND t.run_id = v.run_id"

@@ -177,7 +177,8 @@ def timeline_svg(result: VideoResult, shown_ts: Sequence[float]) -> str:
 
 
 def _objects_block(result: VideoResult) -> str:
-    """Per object: where it is, and its whole-track caption (per-clip captions are in the clip row)."""
+    """Per object: where it is, its whole-track caption (per-clip captions are in the clip row), and
+    the tracks re-identification merged into it, with the cosine of each merge (to check or undo)."""
     blocks = []
     for obj in result.object_summaries():
         oid = obj["object_id"]
@@ -186,6 +187,8 @@ def _objects_block(result: VideoResult) -> str:
         clips = obj["clips"] or []
         label = f"{_e(obj['label'])}, " if obj["label"] else ""
         track = f"<p>Whole track: {_e(obj['track_caption'])}</p>" if obj["track_caption"] else ""
+        if obj.get("merged_from"):
+            track += f'<p class="reid">One object across cuts or re-entries: {_e(obj["merged_from"])}</p>'
         blocks.append(
             f'<div class="obj" data-object-id="{oid}" style="border-color:{color}">'
             f'<span class="sw" style="background:{color}"></span><b>object {oid}</b> '

@@ -111,6 +111,8 @@ class Prepared:
     slots: list[int] = field(default_factory=list)
     #: Each slot's request cap on new tokens (`Request.max_new_tokens`).
     limits: list[int | None] = field(default_factory=list)
+    #: Per object index with a non-empty mask in some request: its appearance vector (`appearance_of`).
+    appearance: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -295,6 +297,7 @@ class Referrer:
             at = 0
             for s in group:
                 s.prepared.embeds = embeds[at : at + len(s.sequences)]
+                s.prepared.appearance = appearance_of(s.sequences, s.prepared.embeds)
                 at += len(s.sequences)
         return [s.prepared if isinstance(s, _Staged) else s for s in staged]
 
@@ -446,6 +449,32 @@ class Referrer:
             n = len(ids) - (1 if ids and ids[-1] in stops else 0)
             gens.append(Generation(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), n, None, ids))
         return gens
+
+
+def appearance_of(sequences: Sequence[SequenceInput], embeds: Sequence) -> dict[int, np.ndarray]:
+    """Object index -> the L2-normalised mean of its masks' appearance (float32), over the frames shown.
+
+    Regions are keyed (object index, frame) by `_stage`, so a mask seen by several requests counts
+    once. Each frame weighs the same, whatever the object's size there, so that a frame where it is
+    large does not outvote the others.
+    """
+    per_frame: dict[tuple[int, int], torch.Tensor] = {}
+    for seq, emb in zip(sequences, embeds):
+        looks = getattr(emb, "appearance", None)
+        if looks is None:
+            continue
+        for region, vec in zip(seq.regions, looks):
+            per_frame.setdefault(region.crop_key, vec)  # type: ignore[arg-type]
+    by_object: dict[int, list[torch.Tensor]] = {}
+    for (k, _), vec in sorted(per_frame.items(), key=lambda kv: kv[0]):
+        by_object.setdefault(int(k), []).append(vec)
+    out = {}
+    for k, vecs in by_object.items():
+        mean = torch.stack(vecs).float().mean(dim=0)
+        norm = float(mean.norm())
+        if norm > 0:
+            out[k] = (mean / norm).numpy().astype(np.float32)
+    return out
 
 
 def _is_hub_id(name: str) -> bool:

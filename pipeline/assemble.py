@@ -2,7 +2,8 @@
 
 Runs on the driver over small records (ids, timestamps, COCO RLEs, captions): the pixels stayed in
 the workers. The pieces a video is made of arrive in any order; `VideoAssembly` holds them until the
-last clip is in, then links tracks across clips (`pipeline.linking`) and numbers frames video-wide.
+last clip is in, then links tracks across clips (`pipeline.linking`), joins the tracks of one
+object across shot cuts and re-entries by appearance (`pipeline.reid`) and numbers frames video-wide.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import json
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 from actors.columns import times_column
 from actors.labels import vote
+from actors.referrer import decode_vector
 from actors.requests import spread_frames
 from pipeline.linking import ClipTracks, LinkBreak, link_objects
+from pipeline.reid import DEFAULT_THRESHOLD, Merge, Track, reidentify, track_vectors, unit
 
 MAX_BREAK_NOTES = 5  # a note is read by a person; the rest are counted
 
@@ -78,7 +83,23 @@ class VideoAssembly:
             "tracks": [] if error else loads(row.get("tracks_json"), []),
             "captions": [] if error else loads(row.get("captions_json"), []),
             "qa": [] if error else loads(row.get("qa_json"), []),
+            "appearance": {} if error else appearance(row.get("appearance_json")),
         }
+
+
+def appearance(column: Any) -> dict[int, np.ndarray]:
+    """A clip's `appearance_json`: local object id -> its vector (a bad entry is left out, not fatal:
+    that object is then only never re-identified)."""
+    out = {}
+    for entry in loads(column, []):
+        try:
+            vector = decode_vector(entry["vector"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        vector = unit(vector) if vector.shape[0] == int(entry.get("dim", -1)) else None
+        if vector is not None:
+            out[int(entry["object_id"])] = vector
+    return out
 
 
 @dataclasses.dataclass
@@ -94,8 +115,11 @@ class Assembled:
 
 
 def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, indexed_at: dt.datetime,
-             track_frames: int | None) -> Assembled:
-    """Link, number and explode one complete video into table rows."""
+             track_frames: int | None, reid: bool = True, reid_threshold: float = DEFAULT_THRESHOLD) -> Assembled:
+    """Link, re-identify, number and explode one complete video into table rows.
+
+    With `reid` off, objects are the linked tracks (no `tracklets` rows): the behaviour before
+    re-identification."""
     base = {"video_id": video.video_id, "run_id": video.run_id}
     meta = video.meta
     order = sorted(video.clips)
@@ -115,6 +139,11 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
         prompted=bool(meta.get("prompted")),
     )
     ids = links.ids
+    tracklets: list[dict[str, Any]] = []
+    if reid and error is None:
+        merges = _reidentify(video, order, offsets, ids, reid_threshold)
+        tracklets = _tracklet_rows(video, order, ids, merges, base, model)
+        ids = {key: merges[tid].object_id for key, tid in ids.items()}
     clips_rows, masks, captions, qa = [], [], [], []
     objects: dict[int, dict[str, Any]] = {}
     owned_frames: dict[int, list[tuple[int, dict]]] = {}
@@ -179,9 +208,79 @@ def assemble(video: VideoAssembly, *, mode: str, model: str, tracker: str, index
     request = None if error else _track_request(video, objects, owned_frames, clip_sets, track_frames, labels)
     return Assembled(
         tables={"videos": [video_row], "clips": clips_rows, "objects": object_rows, "masks": masks,
-                "captions": captions, "qa": qa},
+                "captions": captions, "qa": qa, "tracklets": tracklets},
         track_request=request, ok=error is None, error=error, frames=len(sampled), clips=len(order),
     )
+
+
+def _owned(video: VideoAssembly, order: list[int], offsets: Mapping[int, int], ids: Mapping[tuple[int, int], int]
+           ) -> dict[tuple[int, int], list[tuple[int, float]]]:
+    """(clip, track id) -> the (video-wide frame index, ts) of the clip's own frames where it has a mask."""
+    out: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for i in order:
+        clip = video.clips[i]
+        for t in clip["tracks"]:
+            tid = ids.get((i, int(t["object_id"])))
+            if tid is None:
+                continue
+            seen = out.setdefault((i, tid), [])
+            seen += [(offsets[i] + int(f["frame_index"]), float(f["ts"])) for f in t["frames"]
+                     if f["frame_index"] < clip["num_owned"]]
+    return out
+
+
+def _reidentify(video: VideoAssembly, order: list[int], offsets: Mapping[int, int],
+                ids: Mapping[tuple[int, int], int], threshold: float) -> dict[int, Merge]:
+    """Linked track id -> its object after re-identification (`pipeline.reid`)."""
+    owned = _owned(video, order, offsets, ids)
+    per_clip: dict[int, dict[int, np.ndarray]] = {}
+    labels: dict[int, str] = {}
+    prompts: dict[int, int] = {}
+    for i in order:
+        for t in video.clips[i]["tracks"]:
+            local = int(t["object_id"])
+            tid = ids.get((i, local))
+            if tid is None:
+                continue
+            vector = video.clips[i].get("appearance", {}).get(local)
+            if vector is not None and owned.get((i, tid)):
+                per_clip.setdefault(i, {})[tid] = vector
+            if t.get("label"):
+                labels.setdefault(tid, str(t["label"]))
+            if t.get("source") == "prompt":
+                prompts[tid] = tid  # linking gave a prompted track the user's id
+    vectors = track_vectors(per_clip, {key: len(frames) for key, frames in owned.items()})
+    frames: dict[int, set[int]] = {}
+    for (_, tid), seen in owned.items():
+        frames.setdefault(tid, set()).update(f for f, _ in seen)
+    tracks = [Track(tid, frozenset(frames.get(tid, ())), vectors.get(tid), labels.get(tid), prompts.get(tid))
+              for tid in sorted(set(ids.values()))]
+    return reidentify(tracks, threshold)
+
+
+def _tracklet_rows(video: VideoAssembly, order: list[int], ids: Mapping[tuple[int, int], int],
+                   merges: Mapping[int, Merge], base: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
+    """One `tracklets` row per (clip, linked track) with a mask in the clip's own frames."""
+    rows = []
+    owned = _owned(video, order, {i: 0 for i in order}, ids)
+    for i in order:
+        clip = video.clips[i]
+        for t in clip["tracks"]:
+            local = int(t["object_id"])
+            tid = ids.get((i, local))
+            seen = owned.get((i, tid)) if tid is not None else None
+            if not seen:
+                continue
+            vector = clip.get("appearance", {}).get(local)
+            ts = [s for _, s in seen]
+            merge = merges[tid]
+            rows.append({
+                **base, "clip_index": i, "track_id": tid, "object_id": merge.object_id, "reid_score": merge.score,
+                "first_ts": min(ts), "last_ts": max(ts), "num_frames": len(seen),
+                "model": model, "dim": None if vector is None else int(vector.shape[0]),
+                "vector": None if vector is None else vector.tolist(),
+            })
+    return rows
 
 
 def _note(video: VideoAssembly, order: list[int], breaks: list[LinkBreak]) -> str | None:

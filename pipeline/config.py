@@ -12,6 +12,7 @@ from typing import Any
 
 from actors.discovery_schedule import DISCOVERY_POLICIES
 from pipeline.clips import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS
+from pipeline.reid import DEFAULT_THRESHOLD, TINY_THRESHOLD
 from pipeline.sizing import REFERRER_ROWS_PER_BATCH, Cluster, StageResources, check_placement, size_stages
 
 __all__ = ["DEFAULT_CLIP_SECONDS", "DISCOVERY_POLICIES", "MAX_CLIP_SECONDS", "IndexConfig"]
@@ -73,6 +74,13 @@ class IndexConfig:
     #: Sentence embedder of the captions and answers (`models.embedders`): "wordllama", a
     #: transformers model folder or hub id, or "none" (no `embeddings` rows; `pixelrefer embed` adds them later).
     embedder: str = "wordllama"
+    #: Join the tracks of one object across shot cuts and re-entries by appearance (`pipeline.reid`)
+    #: and keep each clip's vector (`tracklets`); False: objects are the IoU-linked tracks, as before.
+    reid: bool = True
+    #: The cosine that merges two tracks; None: the referrer's (`pipeline.reid.DEFAULT_THRESHOLD`,
+    #: or `TINY_THRESHOLD` for the random tiny weights, where their reasons are). Not on the command
+    #: line: it belongs to the weights (`bench/reid.py pairs` measures it for new ones).
+    reid_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("lite", "full"):
@@ -105,6 +113,11 @@ class IndexConfig:
                 "names): add --tracker tiny-sam3, facebook/sam3 or a SAM 3 checkpoint folder")
         if not self.embedder.strip():
             raise ValueError("--embedder is empty: give 'wordllama', a model folder or hub id, or 'none'")
+        if self.reid_threshold is None:
+            tiny = self.model in ("tiny", "tiny-lite", "tiny-full")
+            self.reid_threshold = TINY_THRESHOLD if tiny else DEFAULT_THRESHOLD
+        if not (-1.0 <= self.reid_threshold <= 1.0):
+            raise ValueError(f"reid_threshold is a cosine, in [-1, 1]; got {self.reid_threshold}")
         if not (0 < self.commit_every_min <= 24 * 60):
             raise ValueError(f"--commit-every must be in (0, 1440] minutes, got {self.commit_every_min:g}")
 

@@ -104,6 +104,7 @@ class _Run:
                                           model=self.cfg.model_label)
                 pending.assembled.tables["captions"] += captions
                 self._ready(pending.assembled)
+                self._report(force=True)  # one line per finished video, also when it waited for these
             return
         video = self.assemblies.get(video_id)
         if video is None:
@@ -134,7 +135,8 @@ class _Run:
         self.finished.add(video.video_id)
         started = time.perf_counter()
         done = assemble(video, mode=self.cfg.mode, model=self.cfg.model_label, tracker=self.cfg.tracker_label,
-                        indexed_at=self.indexed_at, track_frames=self.cfg.object_frames)
+                        indexed_at=self.indexed_at, track_frames=self.cfg.object_frames, reid=self.cfg.reid,
+                        reid_threshold=self.cfg.reid_threshold)
         self.summary.add_phase("driver_assemble", time.perf_counter() - started)
         if video.meta.get("thinned"):
             self.summary.thinned.append((video.uri, float(video.meta.get("sampled_fps") or 0.0)))
@@ -210,7 +212,7 @@ class _Run:
                 for row in self.quarantine_rows:
                     writer.add("videos", [row])
             for done in self.ready:
-                for name in ("clips", "objects", "masks", "captions", "qa", "videos"):
+                for name in ("clips", "objects", "masks", "captions", "qa", "tracklets", "videos"):
                     writer.add(name, done.tables[name])
                 counts.videos_ok += int(done.ok)
                 counts.videos_failed += int(not done.ok)

@@ -173,9 +173,33 @@ EMBEDDINGS = pa.schema(
     ]
 )
 
+# One row per tracklet: an object's track inside one clip, before re-identification joined it to
+# others (`pipeline.reid`). `track_id` is the id linking gave it (mask IoU across window boundaries),
+# `object_id` the object it belongs to after re-identification (the `objects` id), `reid_score` the
+# cosine that merged its track into that object (null: its track starts the object). `vector` is its
+# appearance in this clip (the mean tower feature inside its masks, L2-normalised; null when the
+# referrer gave none), `dim` its width, `model` the referrer that made it. A new table rather than
+# new columns of `objects`, so an index of the schema before stays readable as it is.
+TRACKLETS = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("clip_index", pa.int32(), nullable=False),
+        pa.field("track_id", pa.int32(), nullable=False),
+        pa.field("object_id", pa.int32(), nullable=False),
+        ("reid_score", pa.float32()),
+        ("first_ts", pa.float64()),
+        ("last_ts", pa.float64()),
+        ("num_frames", pa.int32()),
+        ("model", pa.string()),
+        ("dim", pa.int32()),
+        ("vector", pa.list_(pa.float32())),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "videos": VIDEOS, "clips": CLIPS, "objects": OBJECTS, "masks": MASKS, "captions": CAPTIONS, "qa": QA, "runs": RUNS,
-    "embeddings": EMBEDDINGS,
+    "embeddings": EMBEDDINGS, "tracklets": TRACKLETS,
 }
 
 #: Version of these schemas as the Delta tables record it (`pipeline.store.tables`): 2 is the Delta
@@ -242,6 +266,7 @@ def validate(name: str, table: pa.Table) -> None:
         "clips": ("status", CLIP_STATUSES),
         "masks": None,
         "embeddings": ("kind", EMBEDDING_KINDS),
+        "tracklets": None,
     }
     checked = [checks[name]] if checks[name] else []
     if name == "clips":
@@ -250,7 +275,9 @@ def validate(name: str, table: pa.Table) -> None:
         bad = set(table.column(column).to_pylist()) - set(allowed) - {None}
         if bad:
             raise SchemaError(f"table {name!r}: column {column!r} has values {sorted(bad)}, allowed {allowed}")
-    if name == "embeddings" and table.num_rows:
+    if name in ("embeddings", "tracklets") and table.num_rows:
         lengths = pc.list_value_length(table.column("vector"))
-        if not pc.all(pc.equal(lengths, table.column("dim"))).as_py():
-            raise SchemaError(f"table {name!r}: a vector's length differs from its row's dim")
+        same = pc.equal(lengths, table.column("dim"))
+        if pc.any(pc.invert(same)).as_py() or (name == "tracklets" and not pc.all(
+                pc.equal(pc.is_null(table.column("vector")), pc.is_null(table.column("dim")))).as_py()):
+            raise SchemaError(f"table {name!r}: a vector's length differs from its row's dim (or only one is null)")

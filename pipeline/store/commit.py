@@ -43,7 +43,7 @@ from schemas.tables import TABLES, to_table
 log = logging.getLogger(__name__)
 
 #: Children first, then `videos`, then `runs` (the commit point); see the module docstring.
-PUBLISH_ORDER = ("clips", "objects", "masks", "captions", "qa", "embeddings", "videos", "runs")
+PUBLISH_ORDER = ("clips", "objects", "masks", "captions", "qa", "embeddings", "tracklets", "videos", "runs")
 if sorted(PUBLISH_ORDER) != sorted(TABLES) or PUBLISH_ORDER[-2:] != ("videos", "runs"):
     raise RuntimeError(f"PUBLISH_ORDER {PUBLISH_ORDER} must name every table of schemas.tables.TABLES "
                        f"({sorted(TABLES)}) once, with videos and runs last")

@@ -52,6 +52,9 @@ COMMIT_MARKER = "_COMMIT"
 SEARCH = "_search"
 #: Columns schema version 2 added; the old files do not have them.
 NEW_COLUMNS: dict[str, tuple[str, ...]] = {"videos": ("commit_index",), "runs": ("embeddings_version",)}
+#: The tables the pre-Delta layout had; those added since (`tracklets`) are created by the first run
+#: that writes them, so an old index converts without them and reads them as empty.
+LEGACY_TABLES: tuple[str, ...] = tuple(t for t in PUBLISH_ORDER if t != "tracklets")
 _PART = re.compile(r"^part-(?:c(\d+)-)?\d+\.parquet$")
 _FOOTER_THREADS = 16
 

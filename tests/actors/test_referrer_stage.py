@@ -133,7 +133,8 @@ def test_clips_of_a_batch_share_llm_batches_and_keep_their_own_answers(monkeypat
         assert together["qa_json"][i] == single["qa_json"][0]
     phases = [k for k in together if k.startswith("phase_s_referrer_")]
     assert sorted(phases) == sorted(f"phase_s_referrer_{p}" for p in
-                                    ("masks", "crops", "vision_tower", "region_tokens", "llm_prefill", "llm_decode"))
+                                    ("masks", "crops", "vision_tower", "region_tokens", "appearance", "llm_prefill",
+                                     "llm_decode"))
     assert together["phase_s_referrer_llm_decode"].sum() > 0
 
 
@@ -155,3 +156,27 @@ def test_a_bad_clip_fails_alone():
     out = stage(_rows([_batch(), bad]))
     assert out["error"][0] == "" and json.loads(out["captions_json"][0])
     assert "timestamps" in out["error"][1] and out["captions_json"][1] == "[]"
+
+
+def _appearance(out: dict[str, np.ndarray], row: int = 0) -> dict[int, np.ndarray]:
+    from actors.referrer import decode_vector
+
+    return {e["object_id"]: decode_vector(e["vector"]) for e in json.loads(out["appearance_json"][row])}
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-full"])
+def test_each_object_gets_an_appearance_vector_that_identical_pixels_repeat(stage, monkeypatch, model):
+    """What random tiny weights can show about re-identification's input: one unit vector per object
+    of the tower's width, computed beside the captions, equal for equal pixels whatever else shares
+    the batch, different for different pixels (how *much* different says nothing: random weights)."""
+    if model == "tiny-full":
+        stage = ReferrerStage(model, mode="full", max_new_tokens=2)
+    monkeypatch.setattr(stage, "object_frames", 3)
+    alone = _appearance(stage(_batch()))
+    assert list(alone) == [7]
+    width = stage.referrer.config.vision.hidden_size
+    assert alone[7].dtype == np.float32 and alone[7].shape == (width,)
+    assert abs(float(np.linalg.norm(alone[7])) - 1.0) < 1e-5
+    together = stage(_rows([_other_clip(), _batch()]))
+    assert np.allclose(_appearance(together, 1)[7], alone[7], atol=1e-5)
+    assert not np.allclose(_appearance(together, 0)[7], alone[7], atol=1e-3)

@@ -237,7 +237,8 @@ def run_rows(run_id: str, commits: int, when: dt.datetime, tables: dict[str, lis
 
 
 def empty_run() -> dict[str, list[dict[str, Any]]]:
-    return {name: [] for name in ("videos", "clips", "objects", "masks", "captions", "qa", "runs", "embeddings")}
+    """Every table, empty (`tracklets` stays so: the shared index reads like one made before them)."""
+    return {name: [] for name in PUBLISH_ORDER}
 
 
 def index_tables(uris: dict[str, str], truths: dict[str, GroundTruth]) -> dict[str, dict[str, list[dict[str, Any]]]]:

@@ -132,3 +132,16 @@ def test_frame_difference_compression(tiny_full):
     assert keep[2].tolist() == [False, False, False, False, True, False]
     image = prepare_frames([base], [0.0], tiny_full.config.image_processor, 2, video=False)
     assert image.images[0].merge == 1 and tiny_full.model.frame_keep_mask(image).all()
+
+
+@pytest.mark.parametrize("lite, feat_hw", [(True, (6, 8)), (False, (6, 8)), (True, (4, 5))])
+def test_masked_mean_is_the_mean_of_the_masked_tokens(lite, feat_hw):
+    """Re-identification's appearance (`masked_mean`) averages exactly the cells the region tokens are
+    pooled from, also when the features must be resized to the mask grid first."""
+    from models.modeling_pixelrefer import masked_mean
+
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn(*feat_hw, 16, generator=gen)
+    grid = (torch.rand(6, 8, generator=gen) > 0.4).numpy().astype(np.float32 if lite else np.uint8)
+    tokens = RegionEncoder(16, 8, lite=lite).masked_tokens(feat, torch.from_numpy(grid))
+    assert torch.allclose(masked_mean(feat, grid), tokens.float().mean(dim=0), atol=1e-5)

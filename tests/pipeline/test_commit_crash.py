@@ -15,7 +15,7 @@ from pipeline.store import TableStore
 from pipeline.store.commit import PUBLISH_ORDER, indexed_video_ids, read_visible
 
 #: The writer dies before appending this table (None: after the whole commit).
-KILL_POINTS = ["clips", "masks", "embeddings", "videos", "runs", None]
+KILL_POINTS = ["clips", "masks", "embeddings", "tracklets", "videos", "runs", None]
 
 WRITER = textwrap.dedent('''
     import datetime as dt, json, os, signal, sys
@@ -46,6 +46,9 @@ WRITER = textwrap.dedent('''
         writer.add("embeddings", [{"video_id": vid, "kind": "caption", "object_id": 1, "object_ids": None,
                                    "clip_index": 0, "ts_start": 0.0, "ts_end": 1.0, "text": "a cat", "embedder": "e",
                                    "dim": 2, "vector": [1.0, 0.0], "text_run_id": run_id, "run_id": run_id}])
+        writer.add("tracklets", [{"video_id": vid, "clip_index": 0, "track_id": 1, "object_id": 1, "reid_score": None,
+                                  "first_ts": 0.0, "last_ts": 1.0, "num_frames": 2, "model": "m", "dim": 2,
+                                  "vector": [0.0, 1.0], "run_id": run_id}])
         writer.add("videos", [{"video_id": vid, "uri": f"/v/{v}.mp4", "size_bytes": 1, "etag": None,
                                "duration_s": 1.0, "fps": 2.0, "width": 2, "height": 2, "num_frames": 2,
                                "sampled_ts": [0.0, 0.5], "sampled_fps": 2.0, "clips": 1, "status": "ok",
@@ -74,7 +77,8 @@ def _seen(output: Path) -> dict[str, int]:
 def test_a_commit_killed_anywhere_is_invisible_and_the_rerun_shows_each_video_once(tmp_path: Path, kill_at) -> None:
     out = tmp_path / "out"
     code = _commit(out, "killed", kill_at)
-    clean = {"clips": 2, "objects": 2, "masks": 2, "captions": 2, "qa": 0, "embeddings": 2, "videos": 2, "runs": 1}
+    clean = {"clips": 2, "objects": 2, "masks": 2, "captions": 2, "qa": 0, "embeddings": 2, "tracklets": 2, "videos": 2,
+             "runs": 1}
     if kill_at is None:
         assert code == 0 and _seen(out) == clean
         assert indexed_video_ids(TableStore(str(out)), "m", "t") == {"vid-a", "vid-b"}  # a rerun would skip them

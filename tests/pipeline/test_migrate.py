@@ -19,7 +19,7 @@ import pytest
 from pipeline.store import OutputError, TableStore
 from pipeline.store import migrate as migrate_module
 from pipeline.store.commit import visible_videos
-from pipeline.store.migrate import DONE_MARKER, BatchLimits, migrate, old_schema
+from pipeline.store.migrate import DONE_MARKER, LEGACY_TABLES, BatchLimits, migrate, old_schema
 from schemas.tables import TABLES
 
 WHEN = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
@@ -65,9 +65,9 @@ def _write(root: Path, table: str, run_id: str, name: str, rows: list[dict[str, 
 
 def build_old_index(root: Path) -> dict[str, int]:
     """The pre-Delta layout with every table, a staged uncommitted run and a search index; rows per table."""
-    counts = {t: 0 for t in TABLES}
+    counts = {t: 0 for t in LEGACY_TABLES}
     for run_id, commit_index, name, videos in COMMITS:
-        for table in TABLES:
+        for table in LEGACY_TABLES:
             rows = _rows(table, run_id, commit_index, videos)
             _write(root, table, run_id, name, rows)
             counts[table] += len(rows)
@@ -83,7 +83,7 @@ def _leftovers(root: Path) -> list[str]:
 
 
 def _delta_counts(store: TableStore) -> dict[str, int]:
-    return {t: store.read(t).num_rows for t in TABLES}
+    return {t: store.read(t).num_rows for t in LEGACY_TABLES}
 
 
 def test_migrate_converts_every_table_and_cleans_up(tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ def test_rerun_after_a_crash_mid_table_converts_it_again(tmp_path: Path, monkeyp
     monkeypatch.setattr(TableStore, "append", real_append)
     assert store.exists("clips") and store.exists("objects") and not store.exists("videos")
     assert 0 < store.read("objects").num_rows < counts["objects"]
-    assert len(_leftovers(tmp_path)) == len(TABLES) * 3  # nothing old deleted
+    assert len(_leftovers(tmp_path)) == len(LEGACY_TABLES) * 3  # nothing old deleted
 
     messages: list[str] = []
     report = migrate(store, progress=messages.append)
@@ -214,7 +214,7 @@ def test_a_delta_table_with_real_runs_next_to_old_folders_is_refused(tmp_path: P
                  commit="new-run/0")
     with pytest.raises(OutputError, match="mixes layouts: table 'clips'"):
         migrate(store)
-    assert len(_leftovers(tmp_path)) == len(TABLES) * 3
+    assert len(_leftovers(tmp_path)) == len(LEGACY_TABLES) * 3
 
 
 def test_an_empty_output_has_nothing_to_migrate(tmp_path: Path) -> None:
