@@ -8,7 +8,12 @@ repeated 25 times, windows of 100 every 50 frames, the middle 50 scores kept, th
 repeated to fill the end) with at most 150 small frames in memory, so a 2-hour video costs the
 same memory as a 2-minute one: what grows is a score and a time per frame (about 6 MB for 2 hours
 at 25 fps). `TransNetV2.predictions_to_scenes` turns scores above the threshold into scenes; a cut is
-the decoder PTS of the first frame of each scene after the first.
+the decoder PTS of the first frame of each scene after the first (`cut_times`).
+
+`score_span` scores one time span of a video exactly as the whole pass would (its range plus the
+25 frames before it and up to 74 after that its windows need): a long video's pass runs as such
+spans in parallel tasks (`pipeline.segments`). On a GPU (a segment task given a GPU slice by
+`pipeline.sizing`) the model runs there, 16 windows a call, while the decode stays on the task's CPU.
 
 Cost per video-hour, measured on this project's 2-core AMD EPYC (AVX2) build machine, CPU only,
 while other jobs kept its load near 2, on a test-made 3-minute 640x360 25 fps H.264 video::

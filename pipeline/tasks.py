@@ -14,6 +14,7 @@ damaged stretch of one) never takes the job down.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -65,11 +66,10 @@ def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> Iterator[dict[str, An
         yield row
         return
     started = time.perf_counter()
-    header, segments = None, []
     try:
         header, segments = _segmenting(row, cfg)
-    except Exception as exc:  # noqa: BLE001 - the header again, by `plan_video`, which says what failed
-        header = None
+    except Exception:  # noqa: BLE001 - one pass reads the header again and says what failed
+        header, segments = None, []
     if segments:
         yield from streamed_rows(row, cfg, header, segments, segment_scores(row["uri"], segments, cfg), started)
         return
@@ -116,7 +116,7 @@ def segment_scores(uri: str, segments: list, cfg: IndexConfig) -> Iterator[Any]:
     args = {"num_cpus": cfg.shots.num_cpus, "num_gpus": cfg.shots.num_gpus, "max_retries": cfg.task_retries}
     if cfg.shots.memory:
         args["memory"] = cfg.shots.memory
-    task = ray.remote(score_segment).options(**args)
+    task = _remote(score_segment).options(**args)
     refs = [task.remote(uri, s.start_s, s.end_s, cfg.storage_options, t) for s, t in zip(segments, timeouts)]
     try:
         for ref in refs:
@@ -127,6 +127,14 @@ def segment_scores(uri: str, segments: list, cfg: IndexConfig) -> Iterator[Any]:
                 ray.cancel(ref)
             except Exception:  # noqa: BLE001 - finished already
                 pass
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(fn: Any) -> Any:
+    """`fn` as a Ray remote function, made once per worker (each `ray.remote` call exports it again)."""
+    import ray
+
+    return ray.remote(fn)
 
 
 def streamed_rows(row: dict[str, Any], cfg: IndexConfig, header: Any, segments: list, scores: Iterator[Any],

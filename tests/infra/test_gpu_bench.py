@@ -25,6 +25,8 @@ FIGURES = [
     "full_over_lite_caption_time",
     "video_hours_per_gpu_hour", "busy_share_decode", "busy_share_tracker", "busy_share_referrer",
     "loop_video_s", "loop_clips", "loop_captions",
+    "shots_model_frames_per_s_b1", "shots_model_frames_per_s_batched", "shots_gpu_s_per_video_hour",
+    "shots_b1_peak_gpu_mib", "shots_batched_peak_gpu_mib",
 ]
 #: Figures that are 0 on CPU (nothing to measure) but must still be numbers.
 MAY_BE_ZERO = re.compile(r".*(peak_gpu_mib|params_b|busy_share_decode)$")
