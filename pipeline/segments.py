@@ -16,9 +16,9 @@ each next one twice the one before, up to `SEGMENT_MAX_FRAMES` (4,000); a remain
 first segment joins the last. At the measured 31 ms a frame on a CPU, the first segment is about
 16 s of model time plus 3-10 s to start PyTorch and load the weights in its decode child: the first
 clips of a video of any length leave planning within about half a minute when a CPU is free for
-it (20 s of 25-fps footage, 8 s at 60 fps), and the doubling keeps that start-up below 5% of a
-segment's work further on (a 2-hour 25-fps video: 47 segments, most of 2 minutes each on one CPU,
-all running at once on a cluster with the CPUs). Videos under two first segments (40 s at 25 fps)
+it (20 s of 25-fps footage, 8 s at 60 fps), and the doubling keeps that start-up at 3-8% of a
+segment's work further on (a 2-hour 25-fps video: 48 segments, most of them about 2 minutes on one
+CPU, all running at once on a cluster with the CPUs). Videos under two first segments (40 s at 25 fps)
 keep the single pass; so do files that cannot seek (`VideoPlan.seekable`), videos whose header
 gives no frame rate, and prompted videos (their prompts are placed on the whole clip list).
 

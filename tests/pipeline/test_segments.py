@@ -199,6 +199,27 @@ def test_streamed_rows_say_their_clip_count_once_known_and_the_driver_waits_for_
         assert video.complete and video.meta["num_clips"] == total and video.meta["num_frames"] == n
 
 
+def test_the_driver_finishes_a_streamed_video_once_its_last_clip_is_in(tmp_path, monkeypatch):
+    """`pipeline.run`'s driver: rows without a clip count do not finish a video, the count is added to
+    the progress total once, and the video is assembled exactly once, after its last clip."""
+    from pipeline import run as run_module
+    from pipeline.summary import RunSummary
+
+    fps, n = 10.0, 2000
+    segments = plan_segments(n, fps, first=50, most=400)
+    rows = _rows(iter(_spans(np.full(n, 0.05, dtype=np.float32), segments, fps)), segments)
+    finished: list = []
+    monkeypatch.setattr(run_module._Run, "_finish", lambda self, video: finished.append(video))
+    cfg = IndexConfig(source=str(tmp_path), output=str(tmp_path / "out"), embedder="none")
+    driver = run_module._Run(cfg, None, "r", RunSummary(run_id="r"), 1, lambda line: None)
+    order = rows[1:] + rows[:1]  # the final rows first, the first clip last
+    for k, row in enumerate(order):
+        driver.take({**row, "timestamps": "[]", "num_owned": 0, "tracks_json": "[]"})
+        assert len(finished) == (1 if k == len(order) - 1 else 0)
+    assert driver.clips_total == len(rows) and driver.clips_done == len(rows)
+    assert len(finished[0].clips) == len(rows) and finished[0].meta["num_frames"] == n
+
+
 def test_a_segment_that_fails_after_clips_left_fails_the_rest_as_one_clip():
     fps, n = 10.0, 2000
     segments = plan_segments(n, fps, first=50, most=400)
