@@ -11,14 +11,17 @@ instead, which moves scores slightly, never loses or doubles a frame: frames bel
 time). Cuts come from the concatenated scores by the package's rule (`pipeline.shots.cut_times`),
 which only looks back one frame, so the cuts of a finished prefix are final.
 
-The segment length rule (`plan_segments`): the first segment is `SEGMENT_FIRST_FRAMES` (500) frames,
-each next one twice the one before, up to `SEGMENT_MAX_FRAMES` (4,000); a remainder shorter than the
-first segment joins the last. At the measured 31 ms a frame on a CPU, the first segment is about
-16 s of model time plus 3-10 s to start PyTorch and load the weights in its decode child: the first
-clips of a video of any length leave planning within about half a minute when a CPU is free for
-it (20 s of 25-fps footage, 8 s at 60 fps), and the doubling keeps that start-up at 3-8% of a
-segment's work further on (a 2-hour 25-fps video: 48 segments, most of them about 2 minutes on one
-CPU, all running at once on a cluster with the CPUs). Videos under two first segments (40 s at 25 fps)
+The segment length rule (`plan_segments`): two segments of `SEGMENT_FIRST_FRAMES` (500) frames,
+then each twice the one before, up to `SEGMENT_MAX_FRAMES` (4,000); a remainder shorter than the
+first segment joins the last. The first clip of a video leaves planning when its first two
+segments are done (the last clip of a segment waits for the next one's first score, and a 500-frame
+segment is one clip at the default 30 s), and the two run side by side: at the measured 31 ms a
+frame on a CPU that is about 16 s of model time plus 3-10 s to start PyTorch and load the weights
+in each decode child, so the first clips of a video of any length start within about half a
+minute of its planning where two CPUs are free for it (500 frames are 20 s of 25-fps footage, 8 s
+at 60 fps). Further on the doubling keeps that start-up at 3-8% of a segment's work (a 2-hour
+25-fps video: 48 segments, most of them about 2 minutes on one CPU, all running at once on a
+cluster with the CPUs). Videos under two first segments (40 s at 25 fps)
 keep the single pass; so do files that cannot seek (`VideoPlan.seekable`), videos whose header
 gives no frame rate, and prompted videos (their prompts are placed on the whole clip list).
 
@@ -45,7 +48,7 @@ from pipeline.decode.media import open_video
 from pipeline.errors import DecodeError
 from pipeline.shots import _STEP, SHOT_THRESHOLD, SpanScores, cut_times, score_span
 
-#: Frames of the first segment (a multiple of TransNetV2's 50-frame step); see the module docstring.
+#: Frames of each of the first two segments (a multiple of TransNetV2's 50-frame step); see the module docstring.
 SEGMENT_FIRST_FRAMES = 500
 #: Frames of the longest segment (a multiple of the step).
 SEGMENT_MAX_FRAMES = 4000
@@ -72,10 +75,11 @@ def plan_segments(num_frames: float | None, fps: float | None, *, min_seconds: f
         raise ValueError(f"segment lengths must be positive multiples of {_STEP} frames, got {first} and {most}")
     if not fps or not num_frames or num_frames < 2 * first or first / fps < 2 * min_seconds:
         return []
-    edges, size = [0], first
-    while num_frames - (edges[-1] + size) >= first:
-        edges.append(edges[-1] + size)
-        size = min(most, size * 2)
+    edges, sizes = [0], [first, first]  # two of the first size: the first clips need both (see `ClipRelease`)
+    while num_frames - (edges[-1] + sizes[0]) >= first:
+        edges.append(edges[-1] + sizes.pop(0))
+        if not sizes:
+            sizes.append(min(most, (edges[-1] - edges[-2]) * 2))
     ends = [*edges[1:], int(num_frames)]
     return [Segment(i, start / fps, None if i == len(edges) - 1 else end / fps, start, end - start)
             for i, (start, end) in enumerate(zip(edges, ends))]

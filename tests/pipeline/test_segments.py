@@ -67,7 +67,7 @@ def test_segments_scored_apart_give_the_single_pass_cuts_and_scores(seam_video):
 def test_segment_rule():
     segments = plan_segments(180_000, 25.0)  # a 2-hour video at 25 fps
     sizes = [s.frames for s in segments]
-    assert sizes[:4] == [500, 1000, 2000, 4000] and max(sizes) < 4000 + 500 and sum(sizes) == 180_000
+    assert sizes[:5] == [500, 500, 1000, 2000, 4000] and max(sizes) < 4000 + 500 and sum(sizes) == 180_000
     assert all(s.first_frame % 50 == 0 for s in segments) and segments[-1].end_s is None
     assert [s.end_s for s in segments[:-1]] == [s.start_s for s in segments[1:]]
     assert plan_segments(999, 25.0) == []  # under two first segments: one pass
@@ -105,14 +105,14 @@ def _release(segments, duration: float, clip_seconds: float = 30.0) -> ClipRelea
 
 
 def test_clips_leave_in_order_with_one_grid_and_shot_boundaries_at_seams():
-    fps, n = 10.0, 2000  # 200 s; segments of 5, 10, 20, 40 s, then 125 s
+    fps, n = 10.0, 2000  # 200 s; seams at 5, 10, 20, 40, 80, 120 and 160 s
     segments = plan_segments(n, fps, first=50, most=400)
     scores = np.full(n, 0.05, dtype=np.float32)
-    # 150: a seam's first frame; 347: 0.3 s before a seam; 754: 0.4 s after one; 1502: 0.5 s after 1497
-    cut_frames = [23, 150, 347, 500, 754, 1497, 1502]
+    # 200: a seam's first frame; 397: 0.3 s before a seam; 804: 0.4 s after one; 1502: 0.5 s after 1497
+    cut_frames = [23, 200, 397, 500, 804, 1497, 1502]
     for f in cut_frames:
         scores[f - 1] = 0.9  # the frame before a cut scores high: the cut is the next frame
-    assert [s.first_frame for s in segments][:6] == [0, 50, 150, 350, 750, 1150]
+    assert [s.first_frame for s in segments] == [0, 50, 100, 200, 400, 800, 1200, 1600]
     release = _release(segments, duration=200.0)
     released: list = []
     per_segment = []
@@ -129,11 +129,11 @@ def test_clips_leave_in_order_with_one_grid_and_shot_boundaries_at_seams():
     assert released[-1].shared_time is None and released[-1].ts_end == 200.0 and released[-1].k_stop == 200
     assert sum(len(c.grid_times) for c in released) == 200
     ends = {round(c.ts_end, 6): c.boundary for c in released}
-    assert ends[15.0] == "shot"  # a cut on the seam's first frame
-    assert ends[5.0] == "window" and ends[115.0] == "window" and 35.0 not in ends  # plain seams; one moved to a cut
+    assert ends[20.0] == "shot"  # a cut on the seam's first frame
+    assert ends[5.0] == "window" and ends[120.0] == "window" and 40.0 not in ends  # plain seams; one moved to a cut
     assert ends[2.3] == "shot" and ends[50.0] == "shot" and ends[149.7] == "shot"
     assert 150.2 not in ends  # 0.5 s after the cut before it: dropped by the same rule as in one pass
-    assert ends[34.7] == "shot" and ends[75.4] == "shot"  # cuts near a seam end their clips, as in one pass
+    assert ends[39.7] == "shot" and ends[80.4] == "shot"  # cuts near a seam end their clips, as in one pass
     assert all(c.ts_end - c.ts_start <= 30.0 + 1.0 for c in released)
     # Only window edges differ from one pass: the shot boundaries are the same.
     one_pass = split_clips(200.0, release.cut_times, 30.0)
@@ -148,10 +148,11 @@ def test_a_short_last_segment_joins_the_clip_before_it():
     scores = np.full(1005, 0.05, dtype=np.float32)
     release = _release(segments, duration=100.0)
     spans = _spans(scores, segments, fps)
-    truncated = SpanScores(times=np.arange(150, 155) / fps, scores=scores[150:155], ended=True)
+    truncated = SpanScores(times=np.arange(100, 105) / fps, scores=scores[100:105], ended=True)
     clips = release.add(spans[0]) + release.add(spans[1]) + release.add(truncated)
-    assert release.done and clips[-1].ts_end == pytest.approx(15.5) and clips[-1].boundary == "end"
-    assert release.duration == pytest.approx(15.5) and "truncated" in "; ".join(release.notes)
+    assert release.done and clips[-1].ts_end == pytest.approx(10.5) and clips[-1].boundary == "end"
+    assert clips[-1].ts_start == 5.0 and release.duration == pytest.approx(10.5)
+    assert "truncated" in "; ".join(release.notes)
     assert [c.clip_index for c in clips] == list(range(len(clips)))
 
 
@@ -233,8 +234,8 @@ def test_a_segment_that_fails_after_clips_left_fails_the_rest_as_one_clip():
     metas = [json.loads(r["video_json"]) for r in rows]
     assert metas[-1]["num_clips"] == len(rows) and [r["clip_index"] for r in rows] == list(range(len(rows)))
     last = json.loads(rows[-1]["clip_json"])
-    assert (last["ts_start"], last["ts_end"], last["boundary"]) == (35.0, 200.0, "end")
-    assert "shot detection failed from 35.0 s" in rows[-1]["error"] and "decoder died" in rows[-1]["error"]
+    assert (last["ts_start"], last["ts_end"], last["boundary"]) == (20.0, 200.0, "end")
+    assert "shot detection failed from 20.0 s" in rows[-1]["error"] and "decoder died" in rows[-1]["error"]
     assert not any(r["error"] for r in rows[:-1])
 
     def nothing():
@@ -244,3 +245,14 @@ def test_a_segment_that_fails_after_clips_left_fails_the_rest_as_one_clip():
     (failed,) = _rows(nothing(), segments)
     assert failed["kind"] == "failed" and "cannot open" in failed["error"]
 
+
+
+def test_the_first_clip_of_a_long_video_leaves_with_its_first_two_segments():
+    """At the defaults (30-s clips, 25 fps) a first segment is one clip, held for the next segment's
+    first score: the rule makes the second segment as short as the first, so both finish together."""
+    n, fps = 180_000, 25.0
+    segments = plan_segments(n, fps)
+    release = ClipRelease(segments, rate=1.0, clip_seconds=30.0, min_seconds=1.0, interval=1 / fps, duration=7200.0)
+    spans = _spans(np.full(n, 0.05, dtype=np.float32), segments, fps)
+    assert segments[0].frames == segments[1].frames == 500
+    assert release.add(spans[0]) == [] and [c.clip_index for c in release.add(spans[1])] == [0]
