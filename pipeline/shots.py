@@ -30,22 +30,21 @@ and exits afterwards (`plan_video` retires it). A learned detector is expensive 
 GPU the model runs orders of magnitude faster and decoding dominates. ``--cuts none`` skips the
 pass: planning then reads only the container header and the first frame.
 
-Single pass against segments (`pipeline.segments`), measured 2026-12-08 on the same machine while
-other agents kept its load at 25-40 (every figure contended: CPU time per frame doubled), on a
-2-minute 640x360 25-fps video (60 s of testsrc2, then 60 s of mandelbrot: one cut)::
+Single pass against segments (`pipeline.segments`), 2026-12-08, on a 2-minute 640x360 25-fps
+video (60 s of testsrc2, then 60 s of mandelbrot: one cut), this 2-core machine at a load of 2-3::
 
-    python -m pipeline.shots bench2m.mp4               # one pass: 180 CPU-s, 5,408 CPU-s per video-hour
-    python -m pipeline.shots bench2m.mp4 --segmented   # 500/1,000/1,500 frames: 196 CPU-s, 5,877 per video-hour
+    python -m pipeline.shots bench2m.mp4               # one pass in this process: 128 s, 160 CPU-s
+    python -m pipeline.shots bench2m.mp4 --segmented   # 500/500/1,000/1,000 frames in turn: 73 s, 123 CPU-s
 
-The same cut; segments cost 9% more CPU (a PyTorch start and the weights per segment, and the
-frames around each edge decoded twice), which the first-two-segments rule keeps to a few percent
-on long videos. Decoding was 43 s of the 1,095 s pass (wall, contended; 1,279 s per video-hour):
-with a GPU that is planning's CPU cost, the model going to the GPU (`bench/gpu.sh`'s ``shots``
-section measures its frames/s there). Through Ray (`plan_rows` as the graph runs it, 2 CPUs, the
-same load, segments 500/500/1,000/1,000): the first clip row left planning 201 s after the start
-(the first two segments side by side, 500 frames each at this load's ~0.37 s a frame), all six by
-441 s, where the single pass releases every clip at its end, 1,095 s. On a 2-hour video the first
-clip comes as soon; the single pass would take 60 times longer.
+that is 4,815 and 3,693 CPU-s per video-hour (the pass in-process ran the model at 40 ms a frame,
+the segments' decode children at 16; not explained yet, so take the segments' figure, start-ups
+included, as planning's CPU cost on a CPU). The same cut. Decoding was 6.0 s and 4.5 s of it (181
+and 134 s per video-hour): with a GPU that is planning's CPU cost, the model going to the GPU
+(`bench/gpu.sh`'s ``shots`` section measures its frames/s there). Through Ray (`plan_rows` as the
+graph runs it, 2 CPUs): the first clip row left planning 30-40 s after the start (the first two
+segments side by side), all six by 75 s; one pass releases every clip at its end. Measured earlier
+the same day at a load of 25-40 (other agents): one pass 180 CPU-s and 1,095 s, the first clip row
+through Ray after 201 s. On a 2-hour video the first clip comes as soon; one pass takes 60 times longer.
 """
 
 from __future__ import annotations
