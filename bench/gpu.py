@@ -24,6 +24,8 @@ What it measures (bf16 on CUDA, flash-attention 2 when `flash_attn` imports, els
 * ``discovery`` (`bench.gpu_discovery`): SAM 2.1 tiny and large automatic mask generation, seconds
   per keyframe at 32 x 32 and 16 x 16 point grids (`discovery_{tiny,large}_s_per_keyframe[_coarse]`),
   GPU-seconds per video-hour when every keyframe is searched, and the "changed" schedule's check.
+* ``shots`` (`bench.gpu_shots`): TransNetV2, clip planning's shot detector, frames/s at batch 1
+  and 16 windows (`shots_model_frames_per_s_{b1,batched}`) and GPU-seconds per 25-fps video-hour.
 
 Random weights cost what the released ones cost (same shapes); `bench.gpu_models` says what is
 pinned so that random values do not change the work. Each section is guarded: one that fails
@@ -57,10 +59,12 @@ from bench.gpu_discovery import section_discovery
 from bench.gpu_loop import section_loop, start_video
 from bench.gpu_models import release, transformers_compat
 from bench.gpu_sections import referrer_section, section_sam2
+from bench.gpu_shots import section_shots
 
 #: Order matters: the budget skips from the end. The loop (the headline figure) comes before the
 #: 7B, and takes clips for at most `bench.gpu_loop.LOOP_MAX_S`, so that both usually fit.
 SECTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "shots": section_shots,  # short (about 20 s): first, so the budget never skips it
     "sam2": section_sam2,
     "lite2b": referrer_section("lite", "2B"),
     "full2b": referrer_section("full", "2B"),
@@ -71,7 +75,8 @@ SECTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 #: Seconds a section needs at the least (guesses for an H100: model build, warm-up, the first
 #: measurement); one that would start with less of the budget left is skipped rather than abandoned.
-MIN_REMAINING_S = {"sam2": 30.0, "lite2b": 30.0, "full2b": 30.0, "lite7b": 60.0, "loop": 45.0, "discovery": 30.0}
+MIN_REMAINING_S = {"sam2": 30.0, "lite2b": 30.0, "full2b": 30.0, "lite7b": 60.0, "loop": 45.0, "discovery": 30.0,
+                   "shots": 25.0}
 
 #: Modules that the GPU machine lacks: none of them may be imported along the bench's path.
 ABSENT_ON_DEVICE = ("ray", "av", "decord", "duckdb", "ffmpeg")

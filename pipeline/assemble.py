@@ -62,7 +62,20 @@ class VideoAssembly:
 
     @property
     def complete(self) -> bool:
-        return self.error is not None or len(self.clips) >= int(self.meta.get("num_clips") or 0)
+        """Failed, or every clip in. A long video's first clip rows leave planning before its clip count is
+        known (`pipeline.segments`): they say ``num_clips: null``, and the video waits for a row that says it."""
+        if self.error is not None:
+            return True
+        total = self.meta.get("num_clips")
+        return total is not None and len(self.clips) >= int(total)
+
+    def learn(self, meta: Mapping[str, Any]) -> bool:
+        """Take a row's `video_json`: the whole plan replaces a partial one (the duration, frame count,
+        note and clip count a segmented plan knows only at its end). True when the clip count became known."""
+        if meta.get("num_clips") is None or self.meta.get("num_clips") is not None:
+            return False
+        self.meta = dict(meta)
+        return True
 
     @property
     def duration_s(self) -> float:

@@ -253,26 +253,9 @@ def assign_grid(clips: Sequence[Clip], rate: float, duration_s: float) -> list[C
     return plans
 
 
-def plan_video(
-    uri: str,
-    *,
-    fps: float | None = 1.0,
-    num_frames: int | None = None,
-    max_frames: int | None = None,
-    clip_seconds: float = DEFAULT_CLIP_SECONDS,
-    cuts: str = "shot",
-    threshold: float = SHOT_THRESHOLD,
-    storage_options: dict | None = None,
-    timeout_s: float = 120.0,
-) -> VideoPlan:
-    """Probe `uri`, find its shot cuts (``cuts='shot'``) and plan its clips and sampling grid.
-
-    Two calls into a decode child: the header and the first frame (within `timeout_s`), then, with
-    ``cuts='shot'``, one pass over every frame at 48x27, which may take `timeout_s` plus
-    `SHOT_PASS_S_PER_FRAME` per frame (see `pipeline.shots` for what it costs per video-hour): a
-    fixed deadline would either kill the pass on a long video or never catch a hang on a short
-    one. A remote file is read through range requests either way.
-    """
+def check_plan_args(clip_seconds: float, cuts: str, fps: float | None, num_frames: int | None,
+                    max_frames: int | None, threshold: float, timeout_s: float) -> float:
+    """`clip_seconds` as a float, or ValueError naming the planning argument that is out of range."""
     clip_seconds = validate_clip_seconds(clip_seconds)
     if cuts not in CUT_MODES:
         raise ValueError(f"cuts must be one of {', '.join(CUT_MODES)}, got {cuts!r}")
@@ -287,17 +270,37 @@ def plan_video(
         raise ValueError(f"threshold must lie between 0 and 1, got {threshold}")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    return clip_seconds
 
-    header: _Header = call_isolated(_header_request, uri, storage_options, timeout_s=timeout_s, label=uri)
-    notes: list[str] = []
-    duration, num_frames_seen, cut_times = header.duration_s, header.num_frames, []
+
+def plan_video(
+    uri: str,
+    *,
+    fps: float | None = 1.0,
+    num_frames: int | None = None,
+    max_frames: int | None = None,
+    clip_seconds: float = DEFAULT_CLIP_SECONDS,
+    cuts: str = "shot",
+    threshold: float = SHOT_THRESHOLD,
+    storage_options: dict | None = None,
+    timeout_s: float = 120.0,
+    header: "_Header | None" = None,
+) -> VideoPlan:
+    """Probe `uri`, find its shot cuts (``cuts='shot'``) and plan its clips and sampling grid.
+
+    Two calls into a decode child: the header and the first frame (within `timeout_s`), then, with
+    ``cuts='shot'``, one pass over every frame at 48x27, which may take `timeout_s` plus
+    `SHOT_PASS_S_PER_FRAME` per frame (see `pipeline.shots` for what it costs per video-hour): a
+    fixed deadline would either kill the pass on a long video or never catch a hang on a short
+    one. A remote file is read through range requests either way. `header`: one `read_header` already got.
+    """
+    clip_seconds = check_plan_args(clip_seconds, cuts, fps, num_frames, max_frames, threshold, timeout_s)
+
+    header = header or read_header(uri, storage_options, timeout_s)
+    duration, num_frames_seen, notes = header_duration(header)
     interval = 1 / header.fps if header.fps else 0.0
     tolerance = max(0.5, 2 * interval)
-    if header.stream_end_s is not None and (duration is None or abs(header.stream_end_s - duration) > tolerance):
-        if duration is not None and duration > header.stream_end_s:
-            notes.append(f"the video stream ends at {header.stream_end_s:.1f} s, the header says {duration:.1f} s "
-                         "(a cut file, or longer audio): planned to the end of the video stream")
-        duration, num_frames_seen = header.stream_end_s, None  # the header's frame count is as stale
+    cut_times: list[float] = []
     shots_s = 0.0
     if cuts == "shot":
         frames = header.num_frames or (duration or 3600.0) * (header.fps or 30.0)
@@ -311,13 +314,7 @@ def plan_video(
             detail = f" (demuxer: {found.stream_error})" if found.stream_error else ""
             raise DecodeError(f"{uri}: no frame could be decoded{detail}")
         cut_times, num_frames_seen = found.cut_times, found.num_frames
-        end = (found.last_time or 0.0) + interval
-        if duration is None or abs(duration - end) > tolerance:
-            if duration is not None and duration > end:
-                notes.append(f"stream truncated after {end:.1f} s of {duration:.1f} s: planned the decodable part")
-            duration = end
-        if found.failed_packets:
-            notes.append(f"{found.failed_packets} damaged packets (their clips may fail)")
+        duration = pass_duration(duration, (found.last_time or 0.0) + interval, tolerance, found.failed_packets, notes)
     if duration is None:
         raise DecodeError(f"{uri}: the duration is unknown (no container header says it and no frame was indexed)")
     if header.duration_s is not None and duration - header.duration_s > tolerance:
@@ -351,6 +348,37 @@ class _Header:
     stream_start_s: float
     stream_end_s: float | None = None  # end of the last packet demuxed (`_probe_end`)
     seekable: bool = True
+
+
+def read_header(uri: str, storage_options: dict | None, timeout_s: float) -> _Header:
+    """The container header, checked against the stream's end (`_header_request`, in a decode child)."""
+    return call_isolated(_header_request, uri, storage_options, timeout_s=timeout_s, label=uri)
+
+
+def header_duration(header: _Header) -> tuple[float | None, int | None, list[str]]:
+    """(duration, frame count, notes) from the header and the end probe: the end of the video stream
+    wins over a header that disagrees (its frame count is then as stale)."""
+    notes: list[str] = []
+    duration, num_frames = header.duration_s, header.num_frames
+    interval = 1 / header.fps if header.fps else 0.0
+    if header.stream_end_s is not None and (duration is None or abs(header.stream_end_s - duration) > max(0.5, 2 * interval)):
+        if duration is not None and duration > header.stream_end_s:
+            notes.append(f"the video stream ends at {header.stream_end_s:.1f} s, the header says {duration:.1f} s "
+                         "(a cut file, or longer audio): planned to the end of the video stream")
+        duration, num_frames = header.stream_end_s, None
+    return duration, num_frames, notes
+
+
+def pass_duration(duration: float | None, end: float, tolerance: float, failed_packets: int, notes: list[str]) -> float:
+    """The duration once a pass over every frame ended at `end` (its last frame's time plus a frame):
+    the pass wins where they disagree (a truncated stream is noted), and damaged packets are noted."""
+    if duration is None or abs(duration - end) > tolerance:
+        if duration is not None and duration > end:
+            notes.append(f"stream truncated after {end:.1f} s of {duration:.1f} s: planned the decodable part")
+        duration = end
+    if failed_packets:
+        notes.append(f"{failed_packets} damaged packets (their clips may fail)")
+    return duration
 
 
 def _header_request(uri: str, storage_options: dict | None) -> _Header:

@@ -13,6 +13,7 @@ from typing import Any
 from actors.discovery_schedule import DISCOVERY_POLICIES
 from pipeline.clips import DEFAULT_CLIP_SECONDS, MAX_CLIP_SECONDS
 from pipeline.reid import DEFAULT_THRESHOLD, TINY_THRESHOLD
+from pipeline.segments import SEGMENT_FIRST_FRAMES, SEGMENT_MAX_FRAMES
 from pipeline.sizing import REFERRER_ROWS_PER_BATCH, Cluster, StageResources, check_placement, size_stages
 
 __all__ = ["DEFAULT_CLIP_SECONDS", "DISCOVERY_POLICIES", "MAX_CLIP_SECONDS", "IndexConfig"]
@@ -69,6 +70,10 @@ class IndexConfig:
     decode: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))
     track: StageResources = dataclasses.field(default_factory=StageResources)
     refer: StageResources = dataclasses.field(default_factory=lambda: StageResources(batch_size=REFERRER_ROWS_PER_BATCH))
+    #: A shot-pass segment task (`pipeline.segments`): a CPU, or a slice of a GPU beside the models.
+    shots: StageResources = dataclasses.field(default_factory=lambda: StageResources(num_cpus=1.0))
+    #: (first, longest) frames of a long video's shot-pass segments (`pipeline.segments.plan_segments`).
+    segment_frames: tuple[int, int] = (SEGMENT_FIRST_FRAMES, SEGMENT_MAX_FRAMES)
     #: Clips per referrer call: their prompts share batches (throughput); fewer finish videos sooner.
     clips_per_call: int = REFERRER_ROWS_PER_BATCH
     #: Sentence embedder of the captions and answers (`models.embedders`): "wordllama", a
@@ -142,7 +147,7 @@ class IndexConfig:
         stages cannot all be placed at once (the run would wait forever)."""
         sizing = size_stages(cluster, self.clips_per_call)
         check_placement(sizing, cluster)
-        self.decode, self.track, self.refer = sizing.decode, sizing.track, sizing.refer
+        self.decode, self.track, self.refer, self.shots = sizing.decode, sizing.track, sizing.refer, sizing.shots
 
     @staticmethod
     def parse_storage_options(text: str | None) -> dict[str, Any]:

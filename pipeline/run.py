@@ -107,14 +107,15 @@ class _Run:
                 self._report(force=True)  # one line per finished video, also when it waited for these
             return
         video = self.assemblies.get(video_id)
+        meta = loads(row.get("video_json"), {})
         if video is None:
-            meta = loads(row.get("video_json"), {})
             video = VideoAssembly(
                 video_id=video_id, uri=str(row["uri"]), run_id=self.run_id, size_bytes=int(row["size_bytes"]),
-                etag=row["etag"] or None, meta=meta,
+                etag=row["etag"] or None, meta={"num_clips": None, **meta} if meta.get("num_clips") is None else {},
             )
             self.assemblies[video_id] = video
-            self.clips_total += int(meta.get("num_clips") or 0)
+        if video.learn(meta):
+            self.clips_total += int(meta["num_clips"])
         if kind == "failed":
             video.error = str(row["error"]) or "failed"
         else:

@@ -17,6 +17,14 @@ wave (`pipeline.run`), so GPUs that joined are used from the next wave on (a wav
 `--commit-every` minutes). CPU-only clusters: one actor per stage, each given the largest node's
 cores less one kept for decoding (torch uses as many threads as its actor has CPUs).
 
+Shot detection (`pipeline.shots`, a long video's segments as tasks of their own: `pipeline.segments`)
+runs where it is cheap. With GPUs, each segment task asks for a CPU-sized decode slot and a
+`SHOTS_GPU_SHARE` slice of a GPU, so TransNetV2 runs batched on the GPU beside the tracker while the
+48x27 decode stays on the task's CPU: the model actors' GPU fractions are scaled down by
+`SHOTS_GPU_SLICE` to leave room for `SHOTS_GPU_SLICE / SHOTS_GPU_SHARE` (4) segment tasks per GPU.
+Planning's CPU cost is then the decode alone (about 1.2 ms a frame here, against 31 ms for the model
+on a CPU). Without GPUs the segment task asks for what a decode task does and runs the model on it.
+
 Decode tasks spend their time waiting on a decoder child process (`pipeline.decode.isolation`), so their
 CPU request is a scheduling token more than a measure of work: it is sized to what every placement
 of the actors leaves, and actors' requests shrink (down to a quarter CPU) before a plan is refused.
@@ -35,6 +43,12 @@ from typing import Any, Sequence
 #: `busy_share_referrer` of its stage loop) and `bench.pipeline`'s per-phase seconds on a GPU
 #: cluster (`phase_s_tracker_*`, `phase_s_referrer_*`) give the figures to put here.
 STAGE_GPU_COST = {"tracker": 1.0, "referrer": 1.0}
+#: A shot-detection task's slice of a GPU (Ray accounts fractions; the model holds ~0.4 GB there), and
+#: the part of every GPU kept for such tasks (the model actors share the rest).
+SHOTS_GPU_SHARE = 0.01
+SHOTS_GPU_SLICE = 0.04
+#: Heap of a shot-detection task's decode child (PyTorch and TransNetV2 on a CPU: ~0.9 GB, `pipeline.shots`).
+SHOTS_MEMORY_BYTES = 1 << 30
 #: The smallest CPU request of a model actor or a decode task: below it, sizing refuses the plan.
 MIN_CPUS = 0.25
 #: Clips per referrer call: its prompts share LLM batches across clips (`actors.referrer`).
@@ -95,6 +109,8 @@ class Sizing:
     decode: StageResources
     track: StageResources
     refer: StageResources
+    #: A shot-detection segment task (`pipeline.segments`): the decode's CPU, and a GPU slice when there are GPUs.
+    shots: StageResources = dataclasses.field(default_factory=lambda: StageResources(memory=SHOTS_MEMORY_BYTES))
 
 
 def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH,
@@ -104,7 +120,7 @@ def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH,
     gpu_nodes = [n for n in cluster.nodes if n.gpus >= 1]
     gpus = max(cluster.gpus, cluster.max_gpus or 0.0)
     if gpu_nodes or gpus >= 1:  # GPUs promised by `max_gpus` but none here yet: `check_placement` says so
-        share = gpu_shares(costs or STAGE_GPU_COST)
+        share = {k: v * (1 - SHOTS_GPU_SLICE) for k, v in gpu_shares(costs or STAGE_GPU_COST).items()}
         # Every GPU may hold one actor of each pool: keep a CPU per node for decoding beside them.
         room = min(((n.cpus - 1) / (2 * n.gpus) for n in gpu_nodes), default=1.0)
         per_actor = min(2.0, max(0.5, quarters(room)))
@@ -122,7 +138,18 @@ def size_stages(cluster: Cluster, clips_per_call: int = REFERRER_ROWS_PER_BATCH,
         track.num_cpus = refer.num_cpus = max(MIN_CPUS, track.num_cpus / 2)
         room = decode_room(cluster, track, refer)
     decode = StageResources(num_cpus=1.0 if room is None else room, memory=DECODE_MEMORY_BYTES)
-    return Sizing(decode=decode, track=track, refer=refer)
+    return Sizing(decode=decode, track=track, refer=refer, shots=shots_resources(gpu_nodes, track, decode.num_cpus))
+
+
+def shots_resources(gpu_nodes: Sequence[Node], track: StageResources, decode_cpus: float) -> StageResources:
+    """A shot-detection task's request: a GPU slice and the decode's CPU where every GPU node keeps
+    that CPU free with its GPUs full of model actors (two per GPU); else the decode's CPU alone (the
+    model then runs on it), so that the tasks never wait for a GPU node without CPUs to spare."""
+    free = min((n.cpus - 2 * n.gpus * track.num_cpus for n in gpu_nodes), default=0.0)
+    cpus = min(decode_cpus, quarters(max(0.0, free)))
+    if gpu_nodes and track.num_gpus and cpus >= MIN_CPUS:
+        return StageResources(num_cpus=cpus, num_gpus=SHOTS_GPU_SHARE, memory=SHOTS_MEMORY_BYTES)
+    return StageResources(num_cpus=decode_cpus, memory=SHOTS_MEMORY_BYTES)
 
 
 def frames_budget_bytes(track: StageResources) -> int:
@@ -242,11 +269,11 @@ def describe(sizing: Sizing) -> str:
     """One line for the run's log: what each stage asked for."""
     def one(name: str, s: StageResources) -> str:
         gpu = f", {s.num_gpus:g} GPU" if s.num_gpus else ""
-        pool = f", pool {s.concurrency[0]}-{s.concurrency[1]}" if name != "decode" else ""
+        pool = f", pool {s.concurrency[0]}-{s.concurrency[1]}" if name in ("tracker", "referrer") else ""
         return f"{name} {s.num_cpus:g} CPU{gpu}{pool}"
 
     return "resources: " + "; ".join(one(n, s) for n, s in (("decode", sizing.decode), ("tracker", sizing.track),
-                                                              ("referrer", sizing.refer)))
+                                                              ("referrer", sizing.refer), ("shots", sizing.shots)))
 
 
 def as_dict(sizing: Sizing) -> dict[str, Any]:

@@ -14,6 +14,7 @@ damaged stretch of one) never takes the job down.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -55,30 +56,176 @@ def video_row(video: Any, run_id: str, prompts_json: str, questions_json: str, c
 def plan_rows(row: dict[str, Any], *, cfg: IndexConfig) -> Iterator[dict[str, Any]]:
     """`flat_map` body: a `video` row becomes one row per clip (or one `failed` row); others pass.
 
-    The clips of a video that cannot seek are decoded here, by one pass over the file
-    (`walked_rows`), and leave with their frames, one row at a time (Ray Data streams a generator's
-    rows): decoded one task per clip, each would decode from the first frame.
+    A long video's shot pass runs as segment tasks (`pipeline.segments`) and its clip rows leave as
+    the segments finish, in order (Ray Data streams a generator's rows), so its first clips start
+    while the rest is still being scored. The clips of a video that cannot seek are decoded here, by
+    one pass over the file (`walked_rows`), and leave with their frames, one row at a time: decoded
+    one task per clip, each would decode from the first frame.
     """
-    rows, plan = _clip_rows(row, cfg)
+    if row["kind"] != "video":
+        yield row
+        return
+    started = time.perf_counter()
+    try:
+        header, segments = _segmenting(row, cfg)
+    except Exception:  # noqa: BLE001 - one pass reads the header again and says what failed
+        header, segments = None, []
+    if segments:
+        yield from streamed_rows(row, cfg, header, segments, segment_scores(row["uri"], segments, cfg), started)
+        return
+    rows, plan = _clip_rows(row, cfg, header, started)
     if plan is not None and not plan.seekable:
         yield from walked_rows(rows, plan, cfg)
     else:
         yield from rows
 
 
-def _clip_rows(row: dict[str, Any], cfg: IndexConfig) -> tuple[list[dict[str, Any]], Any]:
-    """(rows, plan): the clip rows of a `video` row and its `VideoPlan`; ([row], None) for any other row."""
-    if row["kind"] != "video":
-        return [row], None
+def _segmenting(row: dict[str, Any], cfg: IndexConfig) -> tuple[Any, list]:
+    """(header, segments): the container header, and the segments of the shot pass ([] for one pass)."""
+    if cfg.cuts != "shot" or row.get("prompts_json"):
+        return None, []
+    from pipeline.clips import MIN_CLIP_SECONDS, header_duration, read_header
+    from pipeline.segments import plan_segments
+
+    header = read_header(row["uri"], cfg.storage_options, cfg.decode_timeout_s)
+    if not header.seekable or not header.fps:
+        return header, []
+    duration, frames, _ = header_duration(header)
+    frames = frames or (duration or 0.0) * header.fps
+    min_seconds = max(MIN_CLIP_SECONDS, 1 / cfg.fps) if cfg.num_frames is None and cfg.fps else MIN_CLIP_SECONDS
+    return header, plan_segments(frames, header.fps, min_seconds=min_seconds, first=cfg.segment_frames[0],
+                                 most=cfg.segment_frames[1])
+
+
+def segment_scores(uri: str, segments: list, cfg: IndexConfig) -> Iterator[Any]:
+    """The segments' scores in order: Ray tasks submitted at once (each asks for `cfg.shots`), or, outside
+    Ray, one after the other here. Tasks not waited for are cancelled when the caller stops early."""
+    from pipeline.clips import SHOT_PASS_S_PER_FRAME
+    from pipeline.segments import score_segment
+
+    import ray
+
+    # A guard against hangs, as for the single pass; the last segment's count is the header's, so twice it.
+    timeouts = [cfg.decode_timeout_s + SHOT_PASS_S_PER_FRAME * (s.frames * (1 if s.end_s else 2) + 150)
+                for s in segments]
+
+    if not ray.is_initialized():
+        for s, timeout in zip(segments, timeouts):
+            yield score_segment(uri, s.start_s, s.end_s, cfg.storage_options, timeout)
+        return
+    args = {"num_cpus": cfg.shots.num_cpus, "num_gpus": cfg.shots.num_gpus, "max_retries": cfg.task_retries}
+    if cfg.shots.memory:
+        args["memory"] = cfg.shots.memory
+    task = _remote(score_segment).options(**args)
+    refs = [task.remote(uri, s.start_s, s.end_s, cfg.storage_options, t) for s, t in zip(segments, timeouts)]
+    try:
+        for ref in refs:
+            yield ray.get(ref)
+    finally:
+        for ref in refs:
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - finished already
+                pass
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(fn: Any) -> Any:
+    """`fn` as a Ray remote function, made once per worker (each `ray.remote` call exports it again)."""
+    import ray
+
+    return ray.remote(fn)
+
+
+def streamed_rows(row: dict[str, Any], cfg: IndexConfig, header: Any, segments: list, scores: Iterator[Any],
+                  started: float) -> Iterator[dict[str, Any]]:
+    """The clip rows of a segmented video, each batch as soon as `pipeline.segments.ClipRelease` frees it.
+
+    Rows before the last segment is in carry ``num_clips: null`` in `video_json` (the driver waits for
+    a row that says it); the rows released with the last segment carry the whole plan (duration,
+    frames, clips, note). A segment that fails after clips have left fails the rest of the video as
+    one clip (a damaged stretch fails its clip only); before that, the video fails as it would in one pass.
+    """
+    from pipeline.clips import MIN_CLIP_SECONDS, header_duration, sampling_rate
+    from pipeline.errors import DecodeError
+    from pipeline.segments import ClipRelease
+
+    duration, _, notes = header_duration(header)
+    rate, thinned, rate_note = sampling_rate(duration, fps=cfg.fps, num_frames=cfg.num_frames,
+                                             max_frames=cfg.max_frames, stream_fps=header.fps)
+    if rate_note:
+        notes.append(rate_note)
+    release = ClipRelease(segments, rate=rate, clip_seconds=cfg.clip_seconds, interval=1 / header.fps,
+                          min_seconds=max(MIN_CLIP_SECONDS, 1 / rate), duration=duration)
+    meta = {"duration_s": duration, "fps": header.fps, "width": header.width, "height": header.height,
+            "num_frames": None, "sampled_fps": rate, "thinned": thinned, "num_clips": None, "prompted": False,
+            "note": ""}
+    probe_s = time.perf_counter() - started
+    spent = 0.0  # shot-pass seconds (the segment tasks' decode + model) not yet spread over released rows
+    failure = None
+    try:
+        for got in scores:
+            spent += sum(got.timings.values())
+            clips = release.add(got)
+            if release.done:
+                meta = {**meta, "duration_s": release.duration, "num_frames": release.num_frames,
+                        "num_clips": release.num_clips, "note": "; ".join(notes + release.notes)}
+            if clips:
+                yield from _stream_batch(row, clips, meta, spent, probe_s, first_note=release.done)
+                spent = probe_s = 0.0
+            if release.done:
+                return
+    except DecodeError as exc:
+        failure = str(exc) if str(exc).startswith(row["uri"]) else f"{row['uri']}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - one video's failure, not the job's
+        failure = f"planning {row['uri']}: {type(exc).__name__}: {exc}"
+    kept, rest = release.fail()
+    if not kept:
+        yield {**row, "kind": "failed", "error": failure or "planning ended early"}
+        return
+    meta = {**meta, "num_clips": release.num_clips, "note": "; ".join(notes)}
+    yield from _stream_batch(row, kept, meta, spent, probe_s, first_note=False)
+    if rest is not None:
+        yield {**row, "kind": "clip", "clip_index": rest.clip_index, "video_json": json.dumps(meta), "discover": "",
+               "clip_json": json.dumps({"ts_start": rest.ts_start, "ts_end": rest.ts_end, "boundary": rest.boundary,
+                                        "grid": [], "shared": False}),
+               "error": f"shot detection failed from {rest.ts_start:.1f} s: {failure}"}
+
+
+def _stream_batch(row: dict[str, Any], clips: list, meta: dict[str, Any], shots_s: float, probe_s: float,
+                  first_note: bool) -> Iterator[dict[str, Any]]:
+    """Rows of released clips; the planning seconds since the last batch are spread over them (the
+    driver sums them), and with the last segment the plan's note rides on the first (`_clip_row`)."""
+    share = {f"{PHASE_PREFIX}decode_shots": shots_s / len(clips), f"{PHASE_PREFIX}decode_probe": probe_s / len(clips)}
+    video_json = json.dumps(meta)
+    for n, clip in enumerate(clips):
+        yield {**_clip_row(row, clip, video_json, "keyframes", []), **share,
+               "note": meta["note"] if first_note and n == 0 else ""}
+
+
+def _clip_row(row: dict[str, Any], clip: Any, video_json: str, discover: str, prompts: list) -> dict[str, Any]:
+    shared = clip.shared_time is not None
+    grid = list(clip.grid_times) + ([clip.shared_time] if shared else [])
+    return {
+        **row, "kind": "clip", "clip_index": clip.clip_index, "video_json": video_json,
+        "clip_json": json.dumps({"ts_start": clip.ts_start, "ts_end": clip.ts_end, "boundary": clip.boundary,
+                                 "grid": grid, "shared": shared}),
+        "discover": discover, "prompts_json": json.dumps(prompts) if prompts else "",
+    }
+
+
+def _clip_rows(row: dict[str, Any], cfg: IndexConfig, header: Any = None, started: float | None = None
+               ) -> tuple[list[dict[str, Any]], Any]:
+    """(rows, plan): the clip rows of a `video` row and its `VideoPlan` (None when it failed)."""
     from pipeline.clips import plan_video
     from pipeline.errors import DecodeError
 
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     try:
         plan = plan_video(
             row["uri"], fps=cfg.fps, num_frames=cfg.num_frames, max_frames=cfg.max_frames,
             clip_seconds=cfg.clip_seconds, cuts=cfg.cuts, storage_options=cfg.storage_options,
-            timeout_s=cfg.decode_timeout_s,
+            timeout_s=cfg.decode_timeout_s, header=header,
         )
     except DecodeError as exc:
         return [{**row, "kind": "failed", "error": str(exc)}], None
@@ -97,20 +244,14 @@ def _clip_rows(row: dict[str, Any], cfg: IndexConfig) -> tuple[list[dict[str, An
     # A video's planning cost, spread over its clips so that the driver's sums come out right.
     share = {f"{PHASE_PREFIX}decode_shots": plan.shots_s / max(1, len(plan.clips)),
              f"{PHASE_PREFIX}decode_probe": (time.perf_counter() - started - plan.shots_s) / max(1, len(plan.clips))}
+    video_json = json.dumps(meta)
     rows = []
     for clip in plan.clips:
-        shared = clip.shared_time is not None
-        grid = list(clip.grid_times) + ([clip.shared_time] if shared else [])
         # Unprompted: discovery on keyframes. Prompted: nothing before the first prompt; after its
         # clip, discovery on each clip's first frame proposes continuations for linking.
         discover = "keyframes" if not prompted else "first" if clip.clip_index > first_prompted else "none"
-        prompts = by_clip.get(clip.clip_index, [])
         rows.append({
-            **row, **share, "kind": "clip", "clip_index": clip.clip_index, "video_json": json.dumps(meta),
-            "clip_json": json.dumps({"ts_start": clip.ts_start, "ts_end": clip.ts_end, "boundary": clip.boundary,
-                                     "grid": grid, "shared": shared}),
-            "discover": discover,
-            "prompts_json": json.dumps(prompts) if prompts else "",
+            **_clip_row(row, clip, video_json, discover, by_clip.get(clip.clip_index, [])), **share,
             # The plan's note (a header that under-reports, a stream that cannot seek) rides on the first
             # clip: a clip's note is what reaches the videos row of an ok video (`pipeline.assemble`).
             "note": (plan.note or "") if clip.clip_index == 0 else "",

@@ -28,6 +28,8 @@ FIGURES = [
     *(f"discovery_{size}_{key}" for size in ("tiny", "large")
       for key in ("s_per_keyframe", "s_per_keyframe_coarse", "s_per_video_hour_every")),
     "discovery_check_s_per_keyframe",
+    "shots_model_frames_per_s_b1", "shots_model_frames_per_s_batched", "shots_gpu_s_per_video_hour",
+    "shots_b1_peak_gpu_mib", "shots_batched_peak_gpu_mib",
 ]
 #: Figures that are 0 on CPU (nothing to measure) but must still be numbers.
 MAY_BE_ZERO = re.compile(r".*(peak_gpu_mib|params_b|busy_share_decode)$")

@@ -9,7 +9,8 @@ import itertools
 import pytest
 
 from pipeline.config import IndexConfig
-from pipeline.sizing import Cluster, PlacementError, check_placement, decode_cpus, gpu_shares, nodes, size_stages
+from pipeline.sizing import (SHOTS_GPU_SHARE, SHOTS_GPU_SLICE, Cluster, PlacementError, check_placement, decode_cpus,
+                             gpu_shares, nodes, size_stages)
 
 
 def placements_always_leave_room(cluster: Cluster) -> bool:
@@ -37,14 +38,14 @@ def placements_always_leave_room(cluster: Cluster) -> bool:
         ([(16, 0)], 7.0, 0.0, (1, 1), 1.0),  # a big CPU box: the model actors share its cores
         ([(1, 0), (1, 0)], 0.5, 0.0, (1, 1), 0.5),  # two 1-CPU nodes: the actors may take half of each
         ([(4, 0)] * 4, 1.0, 0.0, (1, 1), 1.0),
-        ([(8, 0), (16, 1)], 2.0, 0.5, (1, 1), 1.0),  # CPU-only head + one GPU worker
-        ([(16, 1)], 2.0, 0.5, (1, 1), 1.0),  # one GPU shared by both models
-        ([(16, 2)], 2.0, 0.5, (1, 3), 1.0),  # two GPUs: either pool may take three of the four halves
-        ([(8, 0)] + [(16, 1)] * 8, 2.0, 0.5, (1, 15), 1.0),  # CPU head + 8 GPU workers
-        ([(2, 1)], 0.5, 0.5, (1, 1), 1.0),  # a small GPU box still leaves a CPU for decoding
-        ([(1, 1)], 0.25, 0.5, (1, 1), 0.5),  # a GPU with one CPU: shrunk, not refused
-        ([(16, 8)], 0.75, 0.5, (1, 15), 1.0),  # 8 GPUs, 16 CPUs: 16 actors at most, one CPU kept for decoding
-        ([(96, 8)], 2.0, 0.5, (1, 15), 1.0),
+        ([(8, 0), (16, 1)], 2.0, 0.48, (1, 1), 1.0),  # CPU-only head + one GPU worker
+        ([(16, 1)], 2.0, 0.48, (1, 1), 1.0),  # one GPU shared by both models
+        ([(16, 2)], 2.0, 0.48, (1, 3), 1.0),  # two GPUs: either pool may take three of the four halves
+        ([(8, 0)] + [(16, 1)] * 8, 2.0, 0.48, (1, 15), 1.0),  # CPU head + 8 GPU workers
+        ([(2, 1)], 0.5, 0.48, (1, 1), 1.0),  # a small GPU box still leaves a CPU for decoding
+        ([(1, 1)], 0.25, 0.48, (1, 1), 0.5),  # a GPU with one CPU: shrunk, not refused
+        ([(16, 8)], 0.75, 0.48, (1, 15), 1.0),  # 8 GPUs, 16 CPUs: 16 actors at most, one CPU kept for decoding
+        ([(96, 8)], 2.0, 0.48, (1, 15), 1.0),
     ],
 )
 def test_described_clusters(spec, cpus, gpus, pool, decode):
@@ -59,7 +60,7 @@ def test_described_clusters(spec, cpus, gpus, pool, decode):
 
 def test_on_one_gpu_both_models_share_it():
     s = size_stages(Cluster(nodes([(16, 1)])))
-    assert s.track.num_gpus + s.refer.num_gpus == 1.0
+    assert s.track.num_gpus + s.refer.num_gpus == pytest.approx(1.0 - SHOTS_GPU_SLICE)
 
 
 def test_gpu_fractions_follow_the_stages_costs():
@@ -68,7 +69,7 @@ def test_gpu_fractions_follow_the_stages_costs():
     assert gpu_shares({"tracker": 1.0, "referrer": 99.0}) == {"tracker": 0.25, "referrer": 0.75}  # a quarter at least
     cluster = Cluster(nodes([(16, 2)]))
     s = size_stages(cluster, costs={"tracker": 3.0, "referrer": 1.0})
-    assert (s.track.num_gpus, s.refer.num_gpus) == (0.75, 0.25)
+    assert (s.track.num_gpus, s.refer.num_gpus) == pytest.approx((0.72, 0.24))  # 3:1 of what shot detection leaves
     # Each pool may take every GPU slot the other's one actor leaves: 1.75 / 0.75 and 1.25 / 0.25.
     assert (s.track.concurrency, s.refer.concurrency) == ((1, 2), (1, 5))
     check_placement(s, cluster)
@@ -113,8 +114,8 @@ def test_gpus_promised_but_none_present_are_refused_naming_the_stage():
     and the plan is refused at once instead of waiting for a node that may never come."""
     cluster = Cluster(nodes([(8, 0)]), max_gpus=4)
     s = size_stages(cluster)
-    assert s.track.num_gpus == 0.5 and s.track.concurrency == (1, 7)
-    with pytest.raises(PlacementError, match=r"the tracker actor needs 0\.5 GPU but no node has one.*--max-gpus"):
+    assert s.track.num_gpus == 0.48 and s.track.concurrency == (1, 7)
+    with pytest.raises(PlacementError, match=r"the tracker actor needs 0\.48 GPU but no node has one.*--max-gpus"):
         check_placement(s, cluster)
 
 
@@ -136,7 +137,8 @@ def test_the_index_command_refuses_a_cluster_it_cannot_run_on(tmp_path, monkeypa
 def test_fit_resources_applies_the_sizing_and_checks_it():
     cfg = IndexConfig(source="s", output="o")
     cfg.fit_resources(Cluster(nodes([(16, 2)])))
-    assert cfg.track.concurrency == (1, 3) and cfg.refer.num_gpus == 0.5
+    assert cfg.track.concurrency == (1, 3) and cfg.refer.num_gpus == 0.48
+    assert cfg.shots.num_gpus == SHOTS_GPU_SHARE
     with pytest.raises(PlacementError):
         cfg.fit_resources(Cluster(nodes([(0.5, 0)])))
 
@@ -153,3 +155,29 @@ def test_clips_per_call_sets_the_referrer_batch_and_decoding_declares_its_heap()
     assert cfg.decode.memory and cfg.decode.memory >= 128 * 2**20  # also keeps decoding out of planning's task
     with pytest.raises(ValueError, match="--clips-per-call"):
         IndexConfig(source="s", output="o", clips_per_call=0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "cpus", "gpus"),
+    [
+        ([(2, 0)], 1.0, 0.0),  # no GPU: the model runs on the segment task's CPU
+        ([(16, 0)] * 4, 1.0, 0.0),
+        ([(16, 1)], 1.0, SHOTS_GPU_SHARE),  # a GPU: TransNetV2 beside the models, the decode on a CPU
+        ([(8, 0), (16, 1)], 1.0, SHOTS_GPU_SHARE),
+        ([(16, 8)], 1.0, SHOTS_GPU_SHARE),
+        ([(1, 1)], 0.5, SHOTS_GPU_SHARE),  # a GPU with one CPU: the decode slot shrinks with the actors'
+        ([(64, 0), (1, 1)], 1.0, 0.0),  # the GPU node's CPU is the actors': shot detection stays on the CPU nodes
+    ],
+)
+def test_shot_detection_runs_on_a_gpu_slice_where_the_cluster_has_one(spec, cpus, gpus):
+    """Segment tasks ask for a slice of a GPU where the GPU nodes keep a CPU for their decode beside
+    full pools; the model actors leave that slice on every GPU, so the tasks are placed beside them."""
+    cluster = Cluster(nodes(spec))
+    s = size_stages(cluster)
+    assert (s.shots.num_cpus, s.shots.num_gpus) == (cpus, gpus) and s.shots.memory
+    if gpus:
+        for node in cluster.nodes:
+            if node.gpus:  # every GPU full of model actors still holds the shot tasks' slices and CPUs
+                assert node.gpus * (s.track.num_gpus + s.refer.num_gpus) + node.gpus * SHOTS_GPU_SLICE <= node.gpus + 1e-9
+                assert node.cpus - 2 * node.gpus * s.track.num_cpus >= s.shots.num_cpus
+        assert SHOTS_GPU_SLICE / SHOTS_GPU_SHARE >= 4  # segment tasks per GPU at once
