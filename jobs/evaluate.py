@@ -25,8 +25,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", required=True, metavar="FILE",
                         help="ground truth: a YTVIS JSON file; a MOTS <video>.txt or a folder of them; a CVAT for "
                              "video 1.1 .xml or a folder of them (boxes: compared with the index's boxes)")
-    parser.add_argument("--format", required=True, choices=GT_FORMATS,
-                        help="the ground truth's format (as `export --format` names it)")
+    parser.add_argument("--format", default=None, choices=GT_FORMATS,
+                        help="the ground truth's format (as `export --format` names it); default: from its name "
+                             "(.json ytvis, .txt mots, .xml cvat; for a folder, its files')")
     parser.add_argument("--video", metavar="ID|URI", action="append", default=None,
                         help="only this video (repeat for more); ground-truth videos outside the selection are "
                              "left out")

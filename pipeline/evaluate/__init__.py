@@ -12,7 +12,7 @@ from pipeline.export.selection import select_videos
 from pipeline.store import TableStore
 
 
-def score(output: str, gt_path: str, fmt: str, storage_options: Mapping[str, Any] | None = None,
+def score(output: str, gt_path: str, fmt: str | None, storage_options: Mapping[str, Any] | None = None,
           videos: Sequence[str] | None = None) -> dict[str, Any]:
     """{"videos": [per-video rows], "overall": row}; rows hold `FIELDS` and frame/track counts."""
     gt_videos = read_ground_truth(gt_path, fmt, dict(storage_options or {}))

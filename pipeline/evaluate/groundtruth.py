@@ -49,7 +49,28 @@ class GtVideo:
     boxes: bool = False  # objects are COCO boxes [x, y, w, h] (CVAT tracks), not RLE masks
 
 
-def read_ground_truth(path: str, fmt: str, storage_options: dict[str, Any] | None = None) -> list[GtVideo]:
+#: What a ground truth's name says its format is, when `--format` is not given.
+SUFFIX_FORMATS = {".json": "ytvis", ".txt": "mots", ".xml": "cvat"}
+
+
+def guess_format(path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The format a ground truth's name (or, for a folder, its files' names) says; ExportError when it
+    says none or several, asking for `--format`."""
+    source = Target(path, storage_options)
+    with source.guard("reading the ground truth"):
+        if not source.fs.exists(source.root):
+            raise ExportError(f"ground truth {path!r}: no such file or folder")
+        names = source.fs.ls(source.root, detail=False) if source.fs.isdir(source.root) else [source.root]
+    found = {SUFFIX_FORMATS[s] for s in (posixpath.splitext(str(n))[1].lower() for n in names) if s in SUFFIX_FORMATS}
+    if len(found) != 1:
+        said = f"holds {', '.join(sorted(found))} files" if found else "has no .json, .txt or .xml name"
+        raise ExportError(f"ground truth {path!r} {said}: give its format with --format {'|'.join(GT_FORMATS)}")
+    return found.pop()
+
+
+def read_ground_truth(path: str, fmt: str | None, storage_options: dict[str, Any] | None = None) -> list[GtVideo]:
+    """Every video of a ground-truth file or folder; `fmt` None: `guess_format`."""
+    fmt = fmt or guess_format(path, storage_options)
     if fmt not in GT_FORMATS:
         raise ExportError(f"unknown ground-truth format {fmt!r}: use one of {', '.join(GT_FORMATS)}")
     source = Target(path, storage_options)

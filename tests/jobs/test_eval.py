@@ -19,10 +19,12 @@ from index_builders import rle_of
 from jobs.cli import main as cli
 
 
-def run_eval(index: Any, gt: Path | str, fmt: str, capsys: pytest.CaptureFixture[str],
+def run_eval(index: Any, gt: Path | str, fmt: str | None, capsys: pytest.CaptureFixture[str],
              *extra: str) -> tuple[int, Any, str]:
+    """`eval` with JSON scores; `fmt` None leaves the format to the ground truth's name."""
     capsys.readouterr()
-    code = cli(["eval", *index.cli(), "--gt", str(gt), "--format", fmt, "--scores-format", "json", *extra])
+    given = ["--format", fmt] if fmt else []
+    code = cli(["eval", *index.cli(), "--gt", str(gt), *given, "--scores-format", "json", *extra])
     out, err = capsys.readouterr()
     return code, json.loads(out) if code == 0 else None, err
 
@@ -31,7 +33,7 @@ def run_eval(index: Any, gt: Path | str, fmt: str, capsys: pytest.CaptureFixture
 def test_an_export_scores_perfectly_against_itself(local_index: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    fmt: str, out: str) -> None:
     assert cli(["export", *local_index.cli(), "--format", fmt, "--out", str(tmp_path / out)]) == 0
-    code, scores, err = run_eval(local_index, tmp_path / out, fmt, capsys)
+    code, scores, err = run_eval(local_index, tmp_path / out, None, capsys)  # the format told by the names
     assert code == 0, err
     assert len(scores["videos"]) == 2 and scores["overall"]["frames"] == 20
     for row in [*scores["videos"], scores["overall"]]:
@@ -100,13 +102,14 @@ def test_table_output(local_index: Any, tmp_path: Path, capsys: pytest.CaptureFi
     ("gt.json", json.dumps({"videos": [{"id": 1, "file_names": [f"b/{k}.jpg" for k in range(11)]}],
                             "annotations": []}), "ytvis", "beyond the index's 10 sampled frames"),
     ("gt.json", '{"videos": []}', "ytvis", "needs top-level 'videos' and 'annotations'"),
+    ("gt.dat", "1 2001 2 120 160 abc\n", None, "has no .json, .txt or .xml name: give its format with --format"),
     ("gt.json", json.dumps({"videos": [{"id": 1, "file_names": ["b/0.jpg"], "length": 1}],
                             "annotations": [{"video_id": 1, "segmentations": [None, None]}]}),
      "ytvis", "annotations[0]: 'segmentations' must list one entry"),
 ])
 def test_bad_ground_truth_exits_2_naming_file_and_problem(local_index: Any, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str], name: str, text: str,
-                                                          fmt: str, words: str) -> None:
+                                                          fmt: str | None, words: str) -> None:
     (tmp_path / name).write_text(text)
     code, _, err = run_eval(local_index, tmp_path / name, fmt, capsys)
     assert code == 2 and words in err and name in err
