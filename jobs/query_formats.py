@@ -261,7 +261,7 @@ def write_video(result: VideoResult, fmt: str, out: TextIO) -> None:
         ("clips", clips, ["clip_index", "ts_start", "ts_end", "boundary", "status", "num_sampled", "object_ids",
                           "error"]),
         ("objects", objects, ["object_id", "source", "label", "first_ts", "last_ts", "num_frames", "clips",
-                              "spans", *(["merged_from"] if any(o["merged_from"] for o in objects) else [])]),
+                              "spans", *(["merged_from"] if any(o.get("merged_from") for o in objects) else [])]),
         ("timeline", _timeline_rows(doc), ["clip", "ts_start", "ts_end", "object_ids", "text"]),
     )  # fmt: skip
     for title, rows, columns in sections:
