@@ -11,7 +11,7 @@ demo: setup
 	$(VENV)/bin/pixelrefer demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(PY) -m bench.flops
