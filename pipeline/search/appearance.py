@@ -182,8 +182,8 @@ class AppearanceIndex:
         where = " AND ".join(parts)
         k = max(64, CANDIDATES_PER_OBJECT * top)
         while True:
-            query = {"column": "vector", "q": np.asarray(vector, np.float32), "k": k, "metric": "cosine", "nprobes": NPROBES,
-                     "refine_factor": REFINE_FACTOR}
+            query = {"column": "vector", "q": np.asarray(vector, np.float32), "k": k, "metric": "cosine",
+                     "nprobes": NPROBES, "refine_factor": REFINE_FACTOR}
             found = self.dataset.to_table(nearest=query, filter=where, prefilter=True,
                                           columns=["video_id", "run_id", "object_id", "clip_index", "_distance"],
                                           disable_scoring_autoprojection=True)
