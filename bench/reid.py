@@ -1,6 +1,7 @@
 """What re-identification costs, and how well its threshold separates objects with real weights.
 
     python -m bench.reid cost [--model tiny] [--clips 16] [--objects 4] [--frames 8]
+    python -m bench.reid similar [--tracklets 200000] [--dim 1152] [--queries 5]
     python -m bench.reid pairs OUTPUT LABELS.csv
 
 `cost`: the three places re-identification adds work, each measured alone on this machine.
@@ -12,6 +13,13 @@
     and come back every clip) with re-identification against without: seconds per video-hour;
   * storage: bytes of the `tracklets` vectors per million objects, for the model's tower width
     (Parquet, as written) and as float32 in memory, plus an exact `--similar-to` over them (DuckDB).
+`similar`: `--similar-to` through the search folder's appearance dataset (`pipeline.search.appearance`)
+  at a larger size: `tracklets` random unit vectors (8 objects a video, 2 tracklets an object)
+  written in the dataset's layout and indexed as a sync does (IVF_PQ from `ANN_MIN_ROWS` rows);
+  times the training, `AppearanceIndex.nearest_objects` (the part that replaces the exact
+  statement; the CLI adds the asked object's lookup in DuckDB) and the exact DuckDB statement over
+  the same vectors in Parquet, with the share of the exact top 10 objects the index returns
+  (random vectors are the worst case for IVF_PQ).
 `pairs`: for an index of a labelled clip set made with real weights (any `--reid`), LABELS.csv
   names the identity of tracklets (`video_id,clip_index,track_id,identity`); prints the cosine of
   same-identity and different-identity tracklet pairs (percentiles) and, for candidate thresholds,
@@ -208,6 +216,73 @@ def pairs(output: str, labels_csv: str, storage_options: dict[str, Any] | None =
             "same_cosine": spread(same), "different_cosine": spread(diff), "thresholds": table}
 
 
+#: The narrower re-ranking the `similar` bench also measures (`--like`'s; the appearance index's own
+#: is `pipeline.search.appearance.REFINE`).
+NARROW_REFINE = 4
+
+
+def _objects(found: Any) -> set[tuple[str, int]]:
+    return set(zip(found.column("video_id").to_pylist(), found.column("object_id").to_pylist()))
+
+
+def similar_cost(tracklets: int, dim: int, queries: int = 5) -> dict[str, Any]:
+    """`--similar-to` through the appearance dataset against exact DuckDB at `tracklets` (see `similar`)."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.search.appearance import SCALAR, AppearanceIndex
+    from pipeline.search.index import _lance, _maintain
+
+    rng = np.random.default_rng(5)
+    n = int(tracklets)
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(n)
+    table = pa.table({
+        "video_id": pa.array([f"v{i // 16:07d}" for i in ids]), "run_id": pa.array(["r"] * n),
+        "commit": pa.array(["r/0"] * n), "object_id": pa.array((ids // 2 % 8).astype(np.int32)),
+        "clip_index": pa.array((ids % 2).astype(np.int32)), "track_id": pa.array((ids // 2 % 8).astype(np.int32)),
+        "model": pa.array(["m"] * n), "dim": pa.array(np.full(n, dim, np.int32)), "label": pa.array(["person"] * n),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)})
+    result: dict[str, Any] = {"tracklets": n, "dim": dim, "objects": n // 2}
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        dataset = _lance().write_dataset(table, os.path.join(folder, "appearance.lance"))
+        result["write_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result["ann"] = _maintain(dataset, n, dim, None, None, scalar=SCALAR, text=False) is not None
+        result["index_s"] = time.perf_counter() - started
+        looks = AppearanceIndex(_lance().dataset(os.path.join(folder, "appearance.lance")), {"dim": dim})
+        path = os.path.join(folder, "t.parquet")
+        pq.write_table(table.drop_columns(["vector"]).append_column(
+            "vector", pa.array(list(vectors), type=pa.list_(pa.float32()))), path)
+        con = duckdb.connect()
+        index_s, exact_s, recall, narrow_s, narrow_recall = [], [], [], [], []
+        for q in range(queries):
+            query = vectors[q * 9973 % n]
+            started = time.perf_counter()
+            found = looks.nearest_objects(query, "m", 10, exclude=("v-none", -1))
+            index_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            exact = con.execute(
+                f"SELECT video_id, object_id, max(array_cosine_similarity(CAST(vector AS FLOAT[{dim}]), "
+                f"CAST($q AS FLOAT[{dim}]))) AS s FROM read_parquet('{path}') GROUP BY ALL ORDER BY s DESC LIMIT 10",
+                {"q": query.tolist()}).fetchall()
+            exact_s.append(time.perf_counter() - started)
+            truth = {(v, o) for v, o, _ in exact}
+            recall.append(len(_objects(found) & truth) / 10)
+            started = time.perf_counter()
+            narrow = looks.nearest_objects(query, "m", 10, exclude=("v-none", -1), refine_factor=NARROW_REFINE)
+            narrow_s.append(time.perf_counter() - started)
+            narrow_recall.append(len(_objects(narrow) & truth) / 10)
+    result.update({"similar_to_index_s": float(np.median(index_s)), "similar_to_exact_s": float(np.median(exact_s)),
+                   "recall_at_10": float(np.mean(recall)), "queries": queries,
+                   f"similar_to_index_s_refine_{NARROW_REFINE}": float(np.median(narrow_s)),
+                   f"recall_at_10_refine_{NARROW_REFINE}": float(np.mean(narrow_recall))})
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reid", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -219,12 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--dim", type=int, default=1152,
                       help="tower width for the storage numbers (1152: PixelRefer's VL3-SigLIP-NaViT)")
     cost.add_argument("--similar-objects", type=int, default=20_000)
+    similar = sub.add_parser("similar")
+    similar.add_argument("--tracklets", type=int, default=200_000)
+    similar.add_argument("--dim", type=int, default=1152)
+    similar.add_argument("--queries", type=int, default=5)
     labelled = sub.add_parser("pairs")
     labelled.add_argument("output")
     labelled.add_argument("labels")
     args = parser.parse_args(argv)
     if args.mode == "pairs":
         result = pairs(args.output, args.labels)
+    elif args.mode == "similar":
+        result = similar_cost(args.tracklets, args.dim, args.queries)
     else:
         result = {"referrer": referrer_cost(args.model, args.clips, args.objects, args.frames),
                   "driver": driver_cost(args.dim),

@@ -54,12 +54,13 @@ def update_search(output: str, storage_options: Mapping[str, Any], *, rebuild: b
                   progress: Callable[[str], None] | None = None) -> None:
     """Bring the search index (`pipeline.search.index`) up to date with the committed tables; on a
     store it cannot live on, say so: `--like` then ranks every vector."""
-    from pipeline.search.index import SearchIndexUnsupported, sync
+    from pipeline.search.appearance import sync_search
+    from pipeline.search.index import SearchIndexUnsupported
     from pipeline.storage_errors import redact_url
 
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        result = sync(output, storage_options, rebuild=rebuild, progress=progress)
+        result = sync_search(output, storage_options, rebuild=rebuild, progress=progress)
     except SearchIndexUnsupported as exc:
         progress(f"note: {exc}; --like ranks every vector of {redact_url(output)}")
         return
@@ -68,6 +69,10 @@ def update_search(output: str, storage_options: Mapping[str, Any], *, rebuild: b
     else:
         progress(f"search index: {result.rows} passages (+{result.added}, -{result.removed}), "
                  f"{'ANN' if result.ann else 'exact'} vector search, in {result.seconds:.1f} s")
+    looks = result.then
+    if looks is not None and not looks.up_to_date:
+        progress(f"search index: {looks.rows} appearance vectors (+{looks.added}, -{looks.removed}), "
+                 f"{'ANN' if looks.ann else 'exact'} --similar-to, in {looks.seconds:.1f} s")
 
 
 def _open_index(output: str, storage_options: Mapping[str, Any]) -> Any:

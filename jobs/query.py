@@ -113,7 +113,8 @@ def _query(args: argparse.Namespace) -> None:
             print(note, file=sys.stderr)
         writer = WRITERS[args.format]
         if similar is not None:
-            writer(search_similar(index, similar, args.top, label=args.label), out)
+            writer(search_similar(index, similar, args.top, label=args.label, exact=args.exact,
+                                  note=lambda line: print(line, file=sys.stderr)), out)
         elif args.like is not None:
             writer(search_like(index, args.like, args.top, video=args.video, label=args.label,
                                embedder=args.embedder, exact=args.exact,

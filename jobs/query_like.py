@@ -76,7 +76,8 @@ def add_like_arguments(parser: argparse.ArgumentParser) -> None:
                              "--video narrows it to one video")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K", help=f"--like, --similar-to: results (default {DEFAULT_TOP})")
     parser.add_argument("--exact", action="store_true",
-                        help="--like: rank every stored vector instead of using the search index (slow at scale)")
+                        help="--like, --similar-to: rank every stored vector instead of using the search index "
+                             "(slow at scale)")
     parser.add_argument("--embedder", metavar="E", default=None,
                         help="--like: the embedder that made the index's vectors, when it is not wordllama "
                              "(a model folder or hub id)")
@@ -261,13 +262,17 @@ def search_like(index: "Index", text: str, top: int = DEFAULT_TOP, *, video: str
     return index.sql(sql, {name: value for name, value in params.items() if name in _CANDIDATE_PARAMS})
 
 
+def index_commits(index: "Index") -> list[str]:
+    """The `runs` table's commits as sorted `commit_key`s: what a current search index has seen."""
+    return sorted(commit_key(r["run_id"], r["commit_index"]) for r in
+                  index._internal("SELECT DISTINCT run_id, commit_index FROM runs").to_pylist())
+
+
 def open_search(index: "Index", note: Callable[[str], None] | None = None) -> SearchIndex | None:
     """OUTPUT's search index when it has seen every commit of the `runs` table, else None (and a
     note when there is one to bring up to date, or it is stored where Lance cannot read it)."""
-    commits = sorted(commit_key(r["run_id"], r["commit_index"]) for r in
-                     index._internal("SELECT DISTINCT run_id, commit_index FROM runs").to_pylist())
     location = index.location
-    search, why = SearchIndex.open(location.url, location.storage_options, commits)
+    search, why = SearchIndex.open(location.url, location.storage_options, index_commits(index))
     if search is None and note is not None and why is not None:
         note(f"note: {why}; ranking every vector instead (slower on large indexes): "
              f"`pixelrefer embed {location.url}` brings it up to date")
@@ -277,8 +282,10 @@ def open_search(index: "Index", note: Callable[[str], None] | None = None) -> Se
 def check_like_arguments(args: argparse.Namespace) -> None:
     """--like replaces --sql and --text; --video narrows it (in the other modes it is a mode of its own)."""
     if args.like is None:
-        if args.embedder is not None or args.exact:
-            raise UsageError(f"{'--embedder' if args.embedder is not None else '--exact'} goes with --like")
+        if args.embedder is not None:
+            raise UsageError("--embedder goes with --like")
+        if args.exact and getattr(args, "similar_to", None) is None:
+            raise UsageError("--exact goes with --like or --similar-to")
         return
     if args.sql is not None or args.text is not None:
         raise UsageError("--like cannot be combined with --sql or --text")

@@ -7,14 +7,17 @@ latest ok run of every video counts with its best tracklet, the way `--like` cou
 its best passage, so an object seen once from the same side ranks high even if it turned later.
 Only vectors of the same referrer and width are compared: another model's features are another space.
 
-Exact: one read-only DuckDB statement (`array_cosine_similarity` over FLOAT[dim]) over every vector,
-as DESIGN.md asks until a bench shows the need for an ANN index (`bench/reid.py` times it).
+Through the search index beside the data (`pipeline.search.appearance`, the folder `--like` reads)
+when it has seen every commit and holds vectors of the asked object's width: exact below
+`ANN_MIN_ROWS` tracklets, IVF_PQ re-ranked on the exact vectors above. Otherwise (no index, one
+behind the tables, another width) exactly: one read-only DuckDB statement (`array_cosine_similarity`
+over FLOAT[dim]) over every vector, with a one-line note as `--like` gives (`bench/reid.py` times both).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +27,7 @@ from pipeline.reid import mean_vector
 
 if TYPE_CHECKING:
     from jobs.query_sql import Index
+    from pipeline.search.appearance import AppearanceIndex
 
 
 class NoAppearance(QueryError):
@@ -69,14 +73,26 @@ def similar_sql(dim: int, *, label: bool) -> str:
     LIMIT $top"""
 
 
-def search_similar(index: "Index", ref: str, top: int, label: str | None = None) -> pa.Table:
-    """The `top` objects most like `ref` ("VIDEO_ID:OBJECT_ID"), over the latest ok run of every video."""
+#: The rows the search index found, completed from the tables (the exact statement's columns).
+CANDIDATES_SQL = """
+    SELECT b.video_id, l.uri, b.object_id, o.label, o.first_ts, o.last_ts, CAST(b.similarity AS FLOAT) AS similarity,
+           b.best_clip, b.tracklets
+    FROM pr_similar b JOIN latest_videos l ON b.video_id = l.video_id AND b.run_id = l.run_id
+    JOIN objects o ON o.video_id = b.video_id AND o.run_id = b.run_id AND o.object_id = b.object_id
+    ORDER BY b.similarity DESC, b.video_id, b.object_id"""
+
+
+def search_similar(index: "Index", ref: str, top: int, label: str | None = None, *, exact: bool = False,
+                   note: Callable[[str], None] | None = None) -> pa.Table:
+    """The `top` objects most like `ref` ("VIDEO_ID:OBJECT_ID"), over the latest ok run of every video;
+    through the search index when it is current (not with `exact`), `note` told why not when it exists."""
     if top < 1:
         raise UsageError("--top must be at least 1")
     if label is not None and not label.strip():
         raise UsageError("--label needs a label, e.g. --label person")
     video_ref, object_id = parse_ref(ref)
-    have = index.sql("SELECT count(*) AS n FROM tracklets WHERE vector IS NOT NULL").column("n")[0].as_py()
+    have = index.sql("SELECT count(*) AS n FROM (SELECT 1 FROM tracklets WHERE vector IS NOT NULL LIMIT 1)"
+                     ).column("n")[0].as_py()
     if not have:
         raise NoAppearance(
             f"OUTPUT {index.location.url} has no appearance vectors (indexed before re-identification existed, or "
@@ -85,8 +101,8 @@ def search_similar(index: "Index", ref: str, top: int, label: str | None = None)
     videos = index.sql(
         "SELECT video_id, run_id FROM latest_videos WHERE video_id = $v OR starts_with(video_id, $v) ORDER BY video_id",
         {"v": video_ref}).to_pylist()
-    exact = [v for v in videos if v["video_id"] == video_ref]
-    videos = exact or videos
+    same = [v for v in videos if v["video_id"] == video_ref]
+    videos = same or videos
     if len(videos) != 1:
         what = "no indexed video" if not videos else f"{len(videos)} videos"
         raise UsageError(f"--similar-to {ref}: {what} with id {video_ref!r} (ids as `pixelrefer query OUTPUT` "
@@ -110,7 +126,27 @@ def search_similar(index: "Index", ref: str, top: int, label: str | None = None)
                         [float(r["num_frames"] or 1) for r in looks if r["model"] == model])
     if query is None:
         raise QueryError(f"--similar-to {ref}: object {object_id}'s appearance vectors are all zero")
+    looks_index = None if exact else _open_appearance(index, dim, note)
+    if looks_index is not None:
+        found = looks_index.nearest_objects(query, model, int(top), exclude=(video["video_id"], object_id), label=label)
+        index.con.register("pr_similar", found)
+        return index.sql(CANDIDATES_SQL)
     params = {"qv": query.tolist(), "model": model, "vid": video["video_id"], "oid": object_id, "top": int(top)}
     if label is not None:
         params["label"] = label
     return index.sql(similar_sql(dim, label=label is not None), params)
+
+
+def _open_appearance(index: "Index", dim: int, note: Callable[[str], None] | None) -> "AppearanceIndex | None":
+    """The appearance dataset when it has seen every commit and holds vectors `dim` wide."""
+    from jobs.query_like import index_commits
+    from pipeline.search.appearance import AppearanceIndex
+
+    location = index.location
+    looks, why = AppearanceIndex.open(location.url, location.storage_options, index_commits(index))
+    if looks is not None and looks.state.get("dim") != dim:
+        looks, why = None, None  # another referrer's width: not in the index by design
+    if looks is None and note is not None and why is not None:
+        note(f"note: {why}; ranking every appearance vector instead (slower on large indexes): "
+             f"`pixelrefer embed {location.url}` brings it up to date")
+    return looks

@@ -105,12 +105,13 @@ class SearchLocation:
     options: dict[str, str]
 
     @classmethod
-    def of(cls, output: str, storage_options: Mapping[str, Any] | None = None) -> "SearchLocation":
+    def of(cls, output: str, storage_options: Mapping[str, Any] | None = None,
+           dataset: str = DATASET) -> "SearchLocation":
         """Local folders and S3 (s3fs's options translated to Lance's); other stores raise, since
         their fsspec options have no faithful translation, and `--like` then ranks exactly."""
         fs, root = filesystem(output, storage_options)
         try:
-            return cls(rust_url(fs, posixpath.join(root, SEARCH_FOLDER, DATASET)),
+            return cls(rust_url(fs, posixpath.join(root, SEARCH_FOLDER, dataset)),
                        object_store_options(fs, storage_options))
         except UnsupportedStore as exc:
             raise SearchIndexUnsupported(f"no search index: {exc}") from exc
@@ -135,15 +136,16 @@ def _commit_keys(keys: Iterable[tuple[str, int]]) -> list[str]:
     return sorted(commit_key(run_id, commit_index) for run_id, commit_index in keys)
 
 
-def _state_path(output: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+def _state_path(output: str, storage_options: Mapping[str, Any] | None, name: str = STATE) -> tuple[Any, str]:
     fs, root = filesystem(output, storage_options)
-    return fs, posixpath.join(root, SEARCH_FOLDER, STATE)
+    return fs, posixpath.join(root, SEARCH_FOLDER, name)
 
 
-def read_state(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def read_state(output: str, storage_options: Mapping[str, Any] | None = None,
+               name: str = STATE) -> dict[str, Any] | None:
     """What the last sync wrote (None: never synced, unreadable, or written for another layout of
     the dataset, `LAYOUT_VERSION`: the next sync rebuilds it)."""
-    fs, path = _state_path(output, storage_options)
+    fs, path = _state_path(output, storage_options, name)
     try:
         raw = fs.cat_file(path)
     except FileNotFoundError:
@@ -191,6 +193,7 @@ class SyncResult:
     up_to_date: bool = False
     seconds: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
+    then: Any = None
 
 
 def passages(embeddings: pa.Table, labels: Mapping[tuple[str, str, int], str], dim: int, commit: str) -> pa.Table:
@@ -222,14 +225,16 @@ def _labels(store: TableStore, runs: Iterable[str]) -> dict[tuple[str, str, int]
 
 
 def sync(output: str, storage_options: Mapping[str, Any] | None = None, *, rebuild: bool = False,
-         progress: Callable[[str], None] | None = None) -> SyncResult:
+         progress: Callable[[str], None] | None = None, then: Callable[..., Any] | None = None) -> SyncResult:
     """Bring OUTPUT's search index up to date with its committed tables (see the module docstring).
 
     The new passages stream from Parquet into Lance in batches, so a rebuild over millions of
     vectors holds one batch at a time, not the table. Lance's own errors (it does its own I/O)
-    become `SearchIndexError` naming OUTPUT, without credentials."""
+    become `SearchIndexError` naming OUTPUT, without credentials. `then(store, rebuild, progress)`
+    runs after, under the same claim (another dataset of the folder, `pipeline.search.appearance`);
+    what it returns is the result's `then`."""
     try:
-        return _sync(output, storage_options, rebuild=rebuild, progress=progress)
+        return _sync(output, storage_options, rebuild=rebuild, progress=progress, then=then)
     except OutputError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
@@ -239,14 +244,17 @@ def sync(output: str, storage_options: Mapping[str, Any] | None = None, *, rebui
 
 
 def _sync(output: str, storage_options: Mapping[str, Any] | None, *, rebuild: bool,
-          progress: Callable[[str], None] | None) -> SyncResult:
+          progress: Callable[[str], None] | None, then: Callable[..., Any] | None = None) -> SyncResult:
     from pipeline.store.claims import SyncLock
 
     options = dict(storage_options or {})
     location = SearchLocation.of(output, options)
     store = TableStore(output, options)
     with SyncLock(store, wait_s=SYNC_WAIT_S):
-        return _sync_locked(store, location, rebuild=rebuild, progress=progress)
+        result = _sync_locked(store, location, rebuild=rebuild, progress=progress)
+        if then is not None:
+            result.then = then(store, rebuild, progress)
+        return result
 
 
 #: How long a sync waits for another one of the same OUTPUT to finish.
@@ -321,12 +329,13 @@ def _sync_locked(store: TableStore, location: SearchLocation, *, rebuild: bool,
     return result
 
 
-def _write_state(output: str, options: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+def _write_state(output: str, options: Mapping[str, Any], state: Mapping[str, Any], name: str = STATE) -> None:
     """Write the state whole: a temporary sibling renamed over it on local folders (one PUT on S3
     is atomic already), so a reader never finds half a state."""
-    fs, path = _state_path(output, options)
+    fs, path = _state_path(output, options, name)
     data = json.dumps(state).encode()
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)  # a sync that found nothing to write yet
         tmp = f"{path}.tmp-{os.getpid()}"
         fs.pipe_file(tmp, data)
         os.replace(tmp, path)
@@ -352,7 +361,8 @@ def _feed_readable(store: TableStore, version: int) -> bool:
         return False
 
 
-def _stale_clauses(videos: pa.Table, commits: list[str], current: Mapping[str, str]) -> list[str]:
+def _stale_clauses(videos: pa.Table, commits: list[str], current: Mapping[str, str],
+                   run_column: str = "text_run_id") -> list[str]:
     """Deletes for passages the new commits made stale: every other (video, run) of a source they
     indexed ok or recorded as removed. Only those sources can have changed their latest run, so
     a sync reads the new commits' `videos` rows rather than scanning the index."""
@@ -372,7 +382,7 @@ def _stale_clauses(videos: pa.Table, commits: list[str], current: Mapping[str, s
         clause = _in("video_id", ids)
         if keep:
             video, run = keep[0]
-            clause += f" AND NOT (video_id = {_quote(video)} AND text_run_id = {_quote(run)})"
+            clause += f" AND NOT (video_id = {_quote(video)} AND {run_column} = {_quote(run)})"
         clauses.append(f"({clause})")
     return clauses
 
@@ -432,15 +442,16 @@ class _NewPassages:
                 yield from passages(table, labels, self.kind[1], commit).to_batches()
 
 
-def _remove_dataset(output: str, options: Mapping[str, Any]) -> None:
+def _remove_dataset(output: str, options: Mapping[str, Any], dataset: str = DATASET) -> None:
     fs, root = filesystem(output, options)
-    path = posixpath.join(root, SEARCH_FOLDER, DATASET)
+    path = posixpath.join(root, SEARCH_FOLDER, dataset)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
 def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None] | None,
-              ann_rows: int | None) -> int | None:
+              ann_rows: int | None, scalar: Mapping[str, str] = SCALAR_INDEXES, text: bool = True,
+              what: str = "passages") -> int | None:
     """Keep every index covering every row. Returns the passages the vector index was trained on
     (None: no ANN index yet).
 
@@ -452,9 +463,9 @@ def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None]
     indexes = {i.field_names[0]: i for i in dataset.describe_indices()}
     if len(dataset.get_fragments()) > COMPACT_AFTER_FRAGMENTS:
         dataset.optimize.compact_files()
-    if rows and "text" not in indexes:
+    if text and rows and "text" not in indexes:
         dataset.create_scalar_index("text", "INVERTED", **FTS_OPTIONS)
-    for column, kind in SCALAR_INDEXES.items():  # what --video / --label filter on, before the search
+    for column, kind in scalar.items():  # what --video / --label filter on, before the search
         if rows and column not in indexes:
             dataset.create_scalar_index(column, kind)
     if "vector" in indexes and ann_rows is None:
@@ -462,7 +473,7 @@ def _maintain(dataset: Any, rows: int, dim: int, progress: Callable[[str], None]
     train = rows >= ANN_MIN_ROWS and ("vector" not in indexes or rows >= ANN_RETRAIN_GROWTH * (ann_rows or rows))
     if train:
         if progress:
-            progress(f"search index: training the vector index over {rows} passages")
+            progress(f"search index: training the vector index over {rows} {what}")
         dataset.create_index("vector", index_type="IVF_PQ", metric="cosine", replace=True,
                              num_partitions=max(1, rows // ROWS_PER_PARTITION), num_sub_vectors=sub_vectors(dim))
         ann_rows = rows

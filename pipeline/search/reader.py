@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.search.index import (COLUMNS, SearchIndexUnsupported, SearchLocation, _lance, _quote, read_state)
+from pipeline.search.index import (COLUMNS, DATASET, STATE, SearchIndexUnsupported, SearchLocation, _lance, _quote,
+                                   read_state)
 from pipeline.storage_errors import redact
 
 
@@ -18,6 +19,27 @@ from pipeline.storage_errors import redact
 #: recall on random vectors, the worst case, goes from 0.29 at 32 to 0.73 at 128 (`bench.search`).
 NPROBES = 128
 REFINE_FACTOR = 4
+
+
+def open_current(output: str, storage_options: Mapping[str, Any] | None, commits: list[str],
+                 dataset: str = DATASET, state_name: str = STATE) -> tuple[Any, dict[str, Any], str | None]:
+    """A dataset of the search folder and its state when its sync has seen exactly `commits` (the
+    `runs` table's); else None and why (None too where there can be none: a store Lance cannot use)."""
+    try:
+        location = SearchLocation.of(output, storage_options, dataset)
+    except SearchIndexUnsupported:
+        return None, {}, None
+    state = read_state(output, storage_options, state_name)
+    if state is None:
+        return None, {}, "OUTPUT has no search index"
+    behind = len(set(commits) - set(state.get("commits") or []))
+    if state.get("commits") != commits:
+        return None, {}, (f"the search index is behind the tables by {behind} commit(s)" if behind
+                          else "the search index does not match the tables")
+    try:
+        return _lance().dataset(location.uri, storage_options=location.options), state, None
+    except (ValueError, OSError) as exc:
+        return None, {}, f"the search index cannot be opened ({redact(str(exc), storage_options)})"
 
 
 class SearchIndex:
@@ -32,21 +54,8 @@ class SearchIndex:
              commits: list[str]) -> tuple["SearchIndex | None", str | None]:
         """The index when it has seen exactly `commits` (the `runs` table's); else None and why
         (None too where there can be none: a store the search index cannot live on)."""
-        try:
-            location = SearchLocation.of(output, storage_options)
-        except SearchIndexUnsupported:
-            return None, None
-        state = read_state(output, storage_options)
-        if state is None:
-            return None, "OUTPUT has no search index"
-        behind = len(set(commits) - set(state.get("commits") or []))
-        if state.get("commits") != commits:
-            return None, (f"the search index is behind the tables by {behind} commit(s)" if behind
-                          else "the search index does not match the tables")
-        try:
-            return cls(_lance().dataset(location.uri, storage_options=location.options), state), None
-        except (ValueError, OSError) as exc:
-            return None, f"the search index cannot be opened ({redact(str(exc), storage_options)})"
+        dataset, state, why = open_current(output, storage_options, commits)
+        return (cls(dataset, state) if dataset is not None else None), why
 
     @staticmethod
     def where(video_id: str | None = None, label: str | None = None) -> str | None:

@@ -1,4 +1,4 @@
-"""The search index kept up to date beside an index run, off the stream's hot path.
+"""The search index (passages, appearance vectors) kept up to date beside an index run, off the hot path.
 
 A sync after each commit reads only that commit's vectors, but once the passages have grown 4x
 the IVF lists are trained again (about a minute at a million passages): done on the driver's
@@ -18,7 +18,8 @@ import threading
 from typing import Any, Callable, Mapping
 
 from pipeline import storage_errors
-from pipeline.search.index import SearchIndexUnsupported, sync
+from pipeline.search.appearance import sync_search
+from pipeline.search.index import SearchIndexUnsupported
 from pipeline.storage_errors import redact_url
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def update_search_index(output: str, storage_options: Mapping[str, Any] | None,
                         progress: Callable[[str], None]) -> None:
     """One sync, its failures logged (see the module docstring)."""
     try:
-        result = sync(output, storage_options, progress=progress)
+        result = sync_search(output, storage_options, progress=progress)
     except SearchIndexUnsupported as exc:
         log.info("no search index for %s: %s", redact_url(output), exc)
         return
@@ -38,6 +39,9 @@ def update_search_index(output: str, storage_options: Mapping[str, Any] | None,
         return
     if result.added or result.removed:
         progress(f"search index: {result.rows} passages (+{result.added}, -{result.removed}) in {result.seconds:.1f} s")
+    looks = result.then
+    if looks is not None and (looks.added or looks.removed):
+        progress(f"search index: {looks.rows} appearance vectors (+{looks.added}, -{looks.removed})")
 
 
 class BackgroundSync:

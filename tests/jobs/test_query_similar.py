@@ -122,3 +122,83 @@ def test_the_threshold_bench_reports_same_and_different_identity_cosines(similar
     assert result["same_cosine"]["p1"] > 0.99 > result["different_cosine"]["p99"]
     by_threshold = {row["threshold"]: row for row in result["thresholds"]}
     assert by_threshold[0.95] == {"threshold": 0.95, "same_merged": 1.0, "different_merged": 0.0}
+
+
+@pytest.fixture
+def synced_copy(similar_index, tmp_path) -> dict:
+    """A private copy of the index with its search folder synced (the appearance dataset included)."""
+    import shutil
+
+    from pipeline.search.appearance import sync_search
+
+    output = str(tmp_path / "index")
+    shutil.copytree(similar_index["output"], output)
+    result = sync_search(output)
+    assert result.then.rows == 10 and not result.then.ann
+    return {"output": output, "ids": similar_index["ids"]}
+
+
+def _ranked(run_query, output: str, *args: str) -> tuple[list[tuple], str]:
+    code, out, err = run_query(output, *args, "--format", "json")
+    assert code == 0, err
+    return [(r["video_id"], r["object_id"], r["label"], r["best_clip"], r["tracklets"], round(r["similarity"], 5))
+            for r in json.loads(out)], err
+
+
+def _through_index(monkeypatch) -> list[int]:
+    """Counts the queries answered by the appearance dataset (so a test knows which path ranked)."""
+    from pipeline.search.appearance import AppearanceIndex
+
+    calls: list[int] = []
+    real = AppearanceIndex.nearest_objects
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AppearanceIndex, "nearest_objects", counted)
+    return calls
+
+
+def test_the_search_index_ranks_as_the_exact_statement(synced_copy, run_query, monkeypatch):
+    ids, output = synced_copy["ids"], synced_copy["output"]
+    calls = _through_index(monkeypatch)
+    for ref, extra in ((f"{ids['a']}:1", ()), (f"{ids['a']}:2", ("--top", "2")), (f"{ids['b']}:2", ()),
+                       (f"{ids['a']}:1", ("--label", "truck"))):
+        indexed, err = _ranked(run_query, output, "--similar-to", ref, *extra)
+        assert "note" not in err
+        exact, _ = _ranked(run_query, output, "--similar-to", ref, *extra, "--exact")
+        assert indexed == exact and indexed
+    assert len(calls) == 4
+    assert _ranked(run_query, output, "--similar-to", f"{ids['a']}:1")[0][0][:2] == (ids["b"], 2)
+
+
+def test_a_stale_index_falls_back_to_the_exact_ranking_until_synced(synced_copy, run_query, monkeypatch):
+    from pipeline.search.appearance import sync_search
+
+    ids, output = synced_copy["ids"], synced_copy["output"]
+    exact, _ = _ranked(run_query, output, "--similar-to", f"{ids['a']}:1", "--exact")
+    store = TableStore(output)
+    row = store.read("runs").to_pylist()[0]
+    store.append("runs", to_table("runs", [{**row, "commit_index": 9}]), commit=f"{row['run_id']}/9")
+    calls = _through_index(monkeypatch)
+    stale, err = _ranked(run_query, output, "--similar-to", f"{ids['a']}:1")
+    assert stale == exact and not calls
+    assert "behind the tables by 1 commit" in err and "pixelrefer embed" in err
+    assert not sync_search(output).then.up_to_date
+    again, err = _ranked(run_query, output, "--similar-to", f"{ids['a']}:1")
+    assert again == exact and calls and "note" not in err
+
+
+def test_a_rebuild_or_a_lost_state_leaves_it_usable(synced_copy, run_query, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.search.appearance import STATE, sync_search
+
+    ids, output = synced_copy["ids"], synced_copy["output"]
+    exact, _ = _ranked(run_query, output, "--similar-to", f"{ids['b']}:2", "--exact")
+    assert sync_search(output, rebuild=True).then.rows == 10
+    (Path(output) / "_search" / STATE).unlink()
+    assert sync_search(output).then.rows == 10  # no state: rebuilt, not appended twice
+    calls = _through_index(monkeypatch)
+    assert _ranked(run_query, output, "--similar-to", f"{ids['b']}:2")[0] == exact and calls
