@@ -71,8 +71,9 @@ class SearchIndex:
                 nprobes: int = NPROBES) -> pa.Table:
         """The `k` passages nearest `vector` by cosine, with `similarity` (1 - cosine distance):
         IVF_PQ candidates re-ranked on their exact vectors when the index exists, exact otherwise."""
+        # metric named: without an index Lance's flat search would use L2, and 1 - L2 is no cosine
         query = {"column": "vector", "q": np.asarray(vector, np.float32), "k": int(k), "nprobes": int(nprobes),
-                 "refine_factor": REFINE_FACTOR}
+                 "refine_factor": REFINE_FACTOR, "metric": "cosine"}
         table = self.dataset.to_table(nearest=query, columns=[*COLUMNS, "_distance"], filter=where, prefilter=True,
                                       disable_scoring_autoprojection=True)
         similarity = pc.subtract(pa.scalar(1.0, pa.float32()), table.column("_distance"))

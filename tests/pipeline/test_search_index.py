@@ -104,6 +104,11 @@ def test_nearest_and_bm25_rank_and_filter_inside_the_index(output: tuple[Any, st
     near = search.nearest(unit(2), 3).to_pylist()
     assert [r["text"] for r in near][0] == "dog chasing ladders" and near[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert [r["similarity"] for r in near] == sorted((r["similarity"] for r in near), reverse=True)
+    # below the ANN threshold too, `similarity` is the cosine (Lance's flat search defaults to L2)
+    stored = {r["text"]: np.asarray(r["vector"]) for r in search.dataset.to_table(columns=["text", "vector"]).to_pylist()}
+    for r in near:
+        v = stored[r["text"]]
+        assert r["similarity"] == pytest.approx(float(v @ unit(2) / np.linalg.norm(v)), abs=1e-5)
     assert [r["text"] for r in search.nearest(unit(2), 3, SearchIndex.where("b")).to_pylist()] == ["cat on a sofa"]
     assert [r["text"] for r in search.nearest(unit(2), 3, SearchIndex.where(label=" Man ")).to_pylist()] == ["man carrying a ladder"]
     words = search.bm25("the LADDER", 10).to_pylist()  # stop word dropped, case folded, plural stemmed
