@@ -9,8 +9,22 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import statistics
+import time
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
+
+
+def median_s(step: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `repeats` calls after one untimed warm-up call (file metadata, the page
+    cache, lazy imports): the latency a user sees on the second query, not the first."""
+    step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times), 4)
 
 
 def cpu_model() -> str:

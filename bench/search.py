@@ -42,9 +42,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from bench.machine import describe
+from bench.machine import describe, median_s
 
 import numpy as np
 import pyarrow as pa
@@ -152,16 +152,6 @@ def write_index(root: Path, n: int, seed: int = 0, vectors: str = "wordllama", r
             "embeddings_mb": round(embeddings / 2**20, 1)}
 
 
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: file metadata and the OS page cache
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 4)
-
-
 def _exact_best(root: Path, queries: list[np.ndarray]) -> list[dict[tuple[str, int], float]]:
     """Every object's exact best cosine to each query (its best passage), in numpy over all vectors."""
     from pipeline.store import TableStore
@@ -234,13 +224,13 @@ def measure(root: Path, repeats: int, vectors: str) -> dict[str, Any]:
         sql, params = like_sql(dim, bm25=True, video=False, label=False), like_params(vector, name, terms, 10)
         dense_sql, dense_params = like_sql(dim, bm25=False, video=False, label=False), like_params(vector, name, [], 10)
         figures.update({
-            "like_s": _median_s(lambda: search_like(index, QUERY, 10), repeats),
-            "like_label_s": _median_s(lambda: search_like(index, QUERY, 10, label=LABEL), repeats),
-            "like_video_s": _median_s(lambda: search_like(index, QUERY, 10, video="video-0000042"), repeats),
-            "like_exact_s": _median_s(lambda: search_like(index, QUERY, 10, exact=True), max(1, repeats // 2)),
-            "exact_sql_s": _median_s(lambda: index.sql(sql, params), max(1, repeats // 2)),
-            "dense_sql_s": _median_s(lambda: index.sql(dense_sql, dense_params), max(1, repeats // 2)),
-            "bm25_s": _median_s(lambda: index.search(QUERY, 10), max(1, repeats // 2)),
+            "like_s": median_s(lambda: search_like(index, QUERY, 10), repeats),
+            "like_label_s": median_s(lambda: search_like(index, QUERY, 10, label=LABEL), repeats),
+            "like_video_s": median_s(lambda: search_like(index, QUERY, 10, video="video-0000042"), repeats),
+            "like_exact_s": median_s(lambda: search_like(index, QUERY, 10, exact=True), max(1, repeats // 2)),
+            "exact_sql_s": median_s(lambda: index.sql(sql, params), max(1, repeats // 2)),
+            "dense_sql_s": median_s(lambda: index.sql(dense_sql, dense_params), max(1, repeats // 2)),
+            "bm25_s": median_s(lambda: index.search(QUERY, 10), max(1, repeats // 2)),
         })
         fast = search_like(index, QUERY, 10).to_pylist()
         exact = search_like(index, QUERY, 10, exact=True).to_pylist()

@@ -38,23 +38,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.machine import describe
+from bench.machine import describe, median_s
 
 LONG_SECONDS = 7200
 CLIP_SECONDS = 30
 SEEN_SECONDS = 600
 WIDTH, HEIGHT = 1280, 720
 LONG_RUN = "run-bench-long"
-
-
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 4)
 
 
 def write_long_video(root: Path, objects: int, seed: int = 0) -> dict[str, Any]:
@@ -151,9 +141,9 @@ def measure_search(root: Path, passages: int, repeats: int) -> dict[str, Any]:
                 assert response.status_code == 200 and response.json()["mode"] == "like", response.text
             return run
 
-        figures.update(search_s=_median_s(get(), repeats), search_label_s=_median_s(get(label=LABEL), repeats),
-                       search_video_s=_median_s(get(video="video-0000042"), repeats),
-                       like_direct_s=_median_s(lambda: search_like(data.index, QUERY, 20), repeats))
+        figures.update(search_s=median_s(get(), repeats), search_label_s=median_s(get(label=LABEL), repeats),
+                       search_video_s=median_s(get(video="video-0000042"), repeats),
+                       like_direct_s=median_s(lambda: search_like(data.index, QUERY, 20), repeats))
     finally:
         data.close()
     return figures
@@ -195,9 +185,9 @@ def measure_long_video(root: Path, objects: int, repeats: int) -> dict[str, Any]
             builder.join()
             return took
 
-        figures["page_doc_s"] = _median_s(doc, repeats)
-        figures["page_doc_cached_s"] = _median_s(lambda: doc(cached=True), repeats)
-        figures["page_masks_s"] = _median_s(window, repeats)
+        figures["page_doc_s"] = median_s(doc, repeats)
+        figures["page_doc_cached_s"] = median_s(lambda: doc(cached=True), repeats)
+        figures["page_masks_s"] = median_s(window, repeats)
         both()
         figures["page_usable_s"] = round(statistics.median(both() for _ in range(repeats)), 4)
         figures.update(sizes)

@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from bench.machine import describe
+from bench.machine import describe, median_s
 from schemas.tables import to_table
 
 LABELS = ("person", "car", "dog", "bicycle", "bus", "cat", "truck", "bird", "bench", "zebra")
@@ -104,16 +103,6 @@ def write_legacy(root: Path, run: str, rows: dict[str, list[dict[str, Any]]]) ->
                        compression="zstd")
 
 
-def median_time(step: Callable[[], Any], repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 4)
-
-
 def delta_timings(output: str, video_id: str, repeats: int) -> dict[str, Any]:
     """Files per table and the query and start-up times over the Delta tables at `output`."""
     from jobs.query_like import like_params, like_sql
@@ -146,8 +135,8 @@ def delta_timings(output: str, video_id: str, repeats: int) -> dict[str, Any]:
         retry_counts(store_now, MODEL, TRACKER)
 
     return {"files": {t: len(store.files(t)) for t in PUBLISH_ORDER},
-            "label_s": median_time(label, repeats), "video_s": median_time(video, repeats),
-            "like_exact_s": median_time(like, repeats), "start_s": median_time(start, repeats)}
+            "label_s": median_s(label, repeats), "video_s": median_s(video, repeats),
+            "like_exact_s": median_s(like, repeats), "start_s": median_s(start, repeats)}
 
 
 def legacy_timings(root: Path, video_id: str, repeats: int) -> dict[str, Any]:
@@ -175,8 +164,8 @@ def legacy_timings(root: Path, video_id: str, repeats: int) -> dict[str, Any]:
         pads.dataset(root / "videos", format="parquet", partitioning="hive").to_table()
 
     files = {t: sum(1 for _ in (root / t).glob("*/*.parquet")) for t in ("videos", *CHILD_TABLES, "runs")}
-    return {"files": files, "label_s": median_time(label, repeats), "video_s": median_time(video, repeats),
-            "start_s": median_time(start, repeats)}
+    return {"files": files, "label_s": median_s(label, repeats), "video_s": median_s(video, repeats),
+            "start_s": median_s(start, repeats)}
 
 
 def checkpoint(work: Path, delta: Path, legacy: Path, commits: int, video_id: str, repeats: int) -> dict[str, Any]:
