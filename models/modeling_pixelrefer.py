@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .appearance import region_appearance
 from .config import PixelReferConfig
 from .generation import GenerationSettings, generate_with_transformers
 from .perf import PerfOptions
@@ -246,20 +247,6 @@ def _kmeans_loop(
     return centroids
 
 
-def masked_mean(feat: torch.Tensor, mask_grid: np.ndarray) -> torch.Tensor:
-    """Mean (C,) float32 of features (gh, gw, C) over the cells where the mask grid is > 0, the
-    features resized bilinearly to the grid first when smart_resize changed the crop (as
-    `RegionEncoder.masked_tokens`). A weighted sum rather than gathering the cells: gathering from
-    the permuted features cost ~45 ms a mask at width 1152 on CPU, this ~1.7 ms (same values)."""
-    x = feat.float()
-    grid = torch.from_numpy(np.ascontiguousarray(mask_grid)).to(device=x.device)
-    if tuple(x.shape[:2]) != tuple(grid.shape):
-        x = F.interpolate(x.permute(2, 0, 1).unsqueeze(0), size=tuple(grid.shape), mode="bilinear",
-                          align_corners=False)[0].permute(1, 2, 0)
-    inside = (grid > 0).to(x.dtype)
-    return torch.einsum("hwc,hw->c", x, inside) / inside.sum().clamp(min=1.0)
-
-
 class RegionEncoder(nn.Module):
     """Upstream's ``MaskExtractor``: SAOT pooling (+ Lite's OCI) and ``feat_linear``.
 
@@ -339,7 +326,7 @@ class SequenceEmbeds:
     inputs_embeds: torch.Tensor  # (L', D)
     region_tokens: torch.Tensor  # (R, D)
     #: Per mask of the sequence (prompt order), the mean tower feature inside it (float32, CPU):
-    #: `region_appearance`, what re-identification compares.
+    #: `models.appearance.region_appearance`, what re-identification compares.
     appearance: torch.Tensor | None = None
 
 
@@ -567,33 +554,6 @@ class PixelReferModel(nn.Module):
                 results[i] = fused[j]
         return results  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def region_appearance(
-        self,
-        sequences: Sequence[SequenceInput],
-        crop_feats: Sequence[Sequence[torch.Tensor]],
-        region_keys: Sequence[Sequence[tuple[Hashable, Hashable | None, Hashable | None]]],
-    ) -> list[torch.Tensor]:
-        """Per sequence, (R_i, C) float32 CPU: each mask's mean tower feature over the cells inside it.
-
-        The crop's features *before* the position embedding and k-means: position would make an object
-        that moved look like another, and k-means draws from a generator; a plain mean inside the mask
-        is what the region tokens are pooled from, so re-identification costs no extra tower call.
-        A crop shared by several sequences is averaged once.
-        """
-        done: dict[Hashable, torch.Tensor] = {}
-        out = []
-        for seq, feats, keys in zip(sequences, crop_feats, region_keys):
-            rows = []
-            for region, feat, key in zip(seq.regions, feats, keys):
-                vec = done.get(key[0])
-                if vec is None:
-                    vec = done[key[0]] = masked_mean(feat, region.crop.mask_grid)
-                rows.append(vec)
-            width = feats[0].shape[-1] if len(feats) else self.config.vision.hidden_size
-            out.append(torch.stack(rows).cpu() if rows else torch.zeros(0, width))
-        return out
-
     # -- LLM inputs --------------------------------------------------------------------------------
     @torch.no_grad()
     def build_embeds(
@@ -636,7 +596,7 @@ class PixelReferModel(nn.Module):
             )
 
         with maybe(times, "appearance"):
-            appearance = self.region_appearance(sequences, crop_feats, plan.region_keys)
+            appearance = region_appearance(sequences, crop_feats, plan.region_keys, self.config.vision.hidden_size)
 
         frame_tokens = keep = None
         if frames is not None:

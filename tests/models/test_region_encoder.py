@@ -138,7 +138,7 @@ def test_frame_difference_compression(tiny_full):
 def test_masked_mean_is_the_mean_of_the_masked_tokens(lite, feat_hw):
     """Re-identification's appearance (`masked_mean`) averages exactly the cells the region tokens are
     pooled from, also when the features must be resized to the mask grid first."""
-    from models.modeling_pixelrefer import masked_mean
+    from models.appearance import masked_mean
 
     gen = torch.Generator().manual_seed(0)
     feat = torch.randn(*feat_hw, 16, generator=gen)
