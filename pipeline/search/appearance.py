@@ -18,8 +18,8 @@ synced); `--similar-to` for another width ranks exactly.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -44,25 +44,15 @@ REFINE = 32
 CANDIDATES_PER_OBJECT = 8
 
 
-@dataclass
-class AppearanceSync:
-    rows: int = 0
-    added: int = 0
-    removed: int = 0
-    ann: bool = False
-    up_to_date: bool = False
-    seconds: float = 0.0
-
-
 def sync_search(output: str, storage_options: Mapping[str, Any] | None = None, *, rebuild: bool = False,
                 progress: Callable[[str], None] | None = None) -> SyncResult:
     """The passages (`pipeline.search.index.sync`) and then the appearance vectors, under one claim;
-    the result's `then` is the `AppearanceSync`."""
+    the result's `then` is the appearance dataset's own `SyncResult`."""
     return sync(output, storage_options, rebuild=rebuild, progress=progress, then=sync_appearance)
 
 
 def sync_appearance(store: TableStore, rebuild: bool = False,
-                    progress: Callable[[str], None] | None = None) -> AppearanceSync:
+                    progress: Callable[[str], None] | None = None) -> SyncResult:
     """Bring the appearance dataset up to date (the caller holds the search folder's claim)."""
     lance = _lance()
     output, options = store.output, store.storage_options
@@ -78,7 +68,7 @@ def sync_appearance(store: TableStore, rebuild: bool = False,
         except ValueError:
             state = None
     if state is not None and dataset is not None and state.get("commits") == commits:
-        return AppearanceSync(rows=int(state.get("rows", 0)), ann=bool(state.get("ann")), up_to_date=True,
+        return SyncResult(rows=int(state.get("rows", 0)), ann=bool(state.get("ann")), up_to_date=True,
                               seconds=time.perf_counter() - started)
     videos = visible_videos(store, ["video_id", "uri", "status", "run_id", "commit_index", "indexed_at"], keys=keys)
     current = current_runs(videos)
@@ -86,7 +76,7 @@ def sync_appearance(store: TableStore, rebuild: bool = False,
     new_commits = [c for c in commits if c not in seen]
     if state is None:
         _remove_dataset(output, options, DATASET)
-    result = AppearanceSync()
+    result = SyncResult()
     before = 0
     if dataset is not None:
         before = dataset.count_rows()
@@ -99,7 +89,7 @@ def sync_appearance(store: TableStore, rebuild: bool = False,
     batches = iter(new)
     first = next(batches, None)
     if first is not None:
-        reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, batches))
+        reader = pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
         dataset = lance.write_dataset(reader, location.uri, mode="append" if dataset is not None else "create",
                                       storage_options=location.options)
     ann_rows = None
@@ -115,10 +105,6 @@ def sync_appearance(store: TableStore, rebuild: bool = False,
     result.seconds = time.perf_counter() - started
     return result
 
-
-def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    yield first
-    yield from rest
 
 
 class _NewTracklets:

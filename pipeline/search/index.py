@@ -33,6 +33,7 @@ it runs; a second waits for it. A state that cannot be read because the store fa
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -306,7 +307,7 @@ def _sync_locked(store: TableStore, location: SearchLocation, *, rebuild: bool,
     batches = iter(new)
     first = next(batches, None)
     if first is not None:
-        reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, batches))
+        reader = pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
         dataset = lance.write_dataset(reader, location.uri, mode="append" if dataset is not None else "create",
                                       storage_options=location.options)
     kind = new.kind
@@ -386,10 +387,6 @@ def _stale_clauses(videos: pa.Table, commits: list[str], current: Mapping[str, s
         clauses.append(f"({clause})")
     return clauses
 
-
-def _chain(first: pa.RecordBatch, rest: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
-    yield first
-    yield from rest
 
 
 class _NewPassages:
